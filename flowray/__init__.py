@@ -1,0 +1,46 @@
+"""flowray: Information Flow Routes (Ferrando & Voita, 2024) for HF causal LMs, from one prompt to a corpus.
+
+    import flowray
+    lm = flowray.load_model("smollm2")
+    ids = lm.tokenizer("When Mary and John went to the store, John gave a drink to", return_tensors="pt").input_ids
+    imp = flowray.edge_importances(lm, ids)          # one forward pass, every edge
+    route = flowray.extract_route(imp, tau=0.04)     # typed graph, JSON / networkx
+    flowray.plot_route(route, "route.png")
+
+Attributes load lazily, so ``import flowray.routes`` stays free of torch-heavy imports.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_model": "flowray.models.loading",
+    "LoadedModel": "flowray.models.loading",
+    "edge_importances": "flowray.api",
+    "EdgeImportances": "flowray.api",
+    "extract_route": "flowray.routes",
+    "route_masks": "flowray.routes",
+    "Route": "flowray.routes",
+    "RouteMasks": "flowray.routes",
+    "Node": "flowray.routes",
+    "Edge": "flowray.routes",
+    "NodeKind": "flowray.routes",
+    "EdgeKind": "flowray.routes",
+    "plot_route": "flowray.plots",
+    "FlowrayError": "flowray.errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'flowray' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

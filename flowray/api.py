@@ -1,0 +1,219 @@
+"""``edge_importances``: one forward pass -> every edge's importance, for a plain HF model or a LoadedModel."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flowray.capture import LayerActivations, capture_layers
+from flowray.errors import InputError
+from flowray.importance import DEFAULT_ELEMENT_BUDGET, attention_node, direct_node
+from flowray.models.base import Adapter
+from flowray.models.families import adapter_for
+from flowray.models.loading import LoadedModel
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class EdgeImportances:
+    """Every edge importance of one sequence. ``L`` layers, ``H`` heads, ``T`` tokens; float32 numpy.
+
+    Sequential blocks (GPT-2, OPT, Llama): the attention node ``x^{lA}_pos`` has parts
+    ``attn[l, :, pos, :pos+1]`` (sub-edges, head x source) and ``attn_residual[l, pos]``; the block node
+    ``x^l_pos`` has parts ``ffn[l, pos]`` and ``ffn_residual[l, pos]``.
+    Parallel blocks (GPT-NeoX): one node ``x^l_pos`` with parts ``attn``, ``attn_residual`` and ``ffn``;
+    ``ffn_residual`` is None. The parts of every node sum to 1 (or are all 0 when no part is close).
+    """
+
+    attn: np.ndarray  # [L, H, T, T]  (layer, head, pos, source j); 0 for j > pos
+    attn_residual: np.ndarray  # [L, T]
+    ffn: np.ndarray  # [L, T]
+    ffn_residual: np.ndarray | None  # [L, T], None for parallel blocks
+    token_ids: np.ndarray  # [T] int64
+    tokens: list[str]  # [T] decoded one by one ("" entries when no tokenizer was given)
+    predicted_ids: np.ndarray  # [T] the model's top next-token id at each position
+    model_name: str = ""
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def parallel(self) -> bool:
+        return self.ffn_residual is None
+
+    @property
+    def n_layers(self) -> int:
+        return self.attn.shape[0]
+
+    @property
+    def n_heads(self) -> int:
+        return self.attn.shape[1]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.attn.shape[2]
+
+    def head_importance(self) -> np.ndarray:
+        """``[T, L, H]``: per prediction, each head's summed sub-edge importance ``sum_j e^h_{pos,j}``."""
+        return self.attn.sum(axis=3).transpose(2, 0, 1)
+
+    def component_importance(self) -> np.ndarray:
+        """``[T, L*H + L]``: the paper's section 4 vector (heads layer-major, then one FFN per layer)."""
+        T = self.n_tokens
+        heads = self.head_importance().reshape(T, -1)
+        return np.concatenate([heads, self.ffn.T], axis=1)
+
+    # --- persistence: the documented array format (see README "Array format") -------------------
+    def save(self, path: str | Path) -> Path:
+        """Write a ``.npz`` with the arrays above plus a JSON ``meta`` string."""
+        path = Path(path)
+        arrays = {
+            "attn": self.attn,
+            "attn_residual": self.attn_residual,
+            "ffn": self.ffn,
+            "token_ids": self.token_ids,
+            "predicted_ids": self.predicted_ids,
+            "tokens": np.array(self.tokens, dtype=object).astype(str),
+        }
+        if self.ffn_residual is not None:
+            arrays["ffn_residual"] = self.ffn_residual
+        meta = {"format_version": FORMAT_VERSION, "model": self.model_name, "parallel": self.parallel, **self.meta}
+        arrays["meta"] = np.array(json.dumps(meta))
+        with open(path, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> EdgeImportances:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            return cls(
+                attn=z["attn"],
+                attn_residual=z["attn_residual"],
+                ffn=z["ffn"],
+                ffn_residual=z["ffn_residual"] if "ffn_residual" in z.files else None,
+                token_ids=z["token_ids"],
+                tokens=[str(t) for t in z["tokens"]],
+                predicted_ids=z["predicted_ids"],
+                model_name=meta.pop("model", ""),
+                meta={k: v for k, v in meta.items() if k not in ("format_version", "parallel")},
+            )
+
+
+def _unpack(model) -> tuple[torch.nn.Module, Adapter, object, str]:
+    if isinstance(model, LoadedModel):
+        return model.model, model.adapter, model.tokenizer, model.name
+    return model, adapter_for(model), None, getattr(model.config, "name_or_path", "") or ""
+
+
+def check_input_ids(input_ids, adapter: Adapter, vocab_size: int | None) -> torch.Tensor:
+    """Validate a ``[1, T]`` id tensor; InputError says what arrived and what is expected."""
+    if not isinstance(input_ids, torch.Tensor):
+        input_ids = torch.as_tensor(np.asarray(input_ids))
+    if input_ids.dim() == 1:
+        raise InputError(
+            f"input_ids must have shape [1, T]; got shape {tuple(input_ids.shape)} (use input_ids[None])"
+        )
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise InputError(f"input_ids must have shape [1, T] (one sequence); got shape {tuple(input_ids.shape)}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise InputError(f"input_ids must be integer token ids; got dtype {input_ids.dtype}")
+    T = input_ids.shape[1]
+    if T == 0:
+        raise InputError("input_ids is empty; need at least one token")
+    limit = adapter.shape.max_positions
+    if limit is not None and T > limit:
+        raise InputError(
+            f"sequence of {T} tokens is longer than the model's context of {limit} tokens; truncate it "
+            f"(CLI: --max-tokens {limit})"
+        )
+    if vocab_size is not None and (int(input_ids.max()) >= vocab_size or int(input_ids.min()) < 0):
+        raise InputError(f"token ids must lie in [0, {vocab_size}); got ids in [{int(input_ids.min())}, {int(input_ids.max())}]")
+    return input_ids.long()
+
+
+def decode_tokens(tokenizer, ids: list[int]) -> list[str]:
+    if tokenizer is None:
+        return ["" for _ in ids]
+    return [tokenizer.decode([i]) for i in ids]
+
+
+@torch.no_grad()
+def edge_importances(
+    model,
+    input_ids,
+    *,
+    tokenizer=None,
+    chunk_size: int | None = None,
+    element_budget: int = DEFAULT_ELEMENT_BUDGET,
+) -> EdgeImportances:
+    """Every edge importance of one sequence in one forward pass.
+
+    Args:
+        model: a ``transformers`` causal LM of a supported family, or a ``flowray.LoadedModel``.
+        input_ids: ``[1, T]`` token ids.
+        tokenizer: optional, to fill ``tokens`` (a LoadedModel brings its own).
+        chunk_size: query positions processed at once; peak extra memory beyond the outputs is about
+            ``H * chunk_size * T`` floats per work tensor. None: as large as ``element_budget`` allows.
+    """
+    hf_model, adapter, own_tokenizer, name = _unpack(model)
+    tokenizer = tokenizer if tokenizer is not None else own_tokenizer
+    if chunk_size is not None and chunk_size < 1:
+        raise InputError(f"chunk_size must be a positive number of positions; got {chunk_size!r}")
+    vocab = getattr(hf_model.config, "vocab_size", None)
+    ids = check_input_ids(input_ids, adapter, vocab)
+    device = next(hf_model.parameters()).device
+    ids = ids.to(device)
+    s = adapter.shape
+    T = ids.shape[1]
+    attn = torch.zeros(s.n_layers, s.n_heads, T, T, dtype=torch.float32)
+    attn_residual = torch.zeros(s.n_layers, T)
+    ffn = torch.zeros(s.n_layers, T)
+    ffn_residual = None if s.parallel else torch.zeros(s.n_layers, T)
+    layers = adapter.layers()
+
+    def consume(rec: LayerActivations) -> None:
+        l = rec.layer
+        w_o, _bias = adapter.output_projection(layers[l])  # the bias is in the node, in no edge
+        w_o = w_o.detach().float()  # [H, dh, d]
+        x = rec.inputs[0].float()  # [T, d]
+        attn_out = rec.attn_out[0].float()  # [T, d]
+        out = rec.outputs[0].float()  # [T, d]
+        values = rec.values[0].float()  # [H_kv, T, dh]
+        probs = rec.probs[0].float()  # [H, T, T]
+        if s.parallel:
+            ffn_vec = out - x - attn_out  # [T, d]
+            node = attention_node(
+                out, torch.stack([x, ffn_vec]), probs, values, w_o,
+                chunk_size=chunk_size, element_budget=element_budget,
+            )
+            attn[l] = node.attn.cpu()
+            attn_residual[l], ffn[l] = node.direct.cpu()
+        else:
+            mid = x + attn_out  # [T, d]  x^{lA}
+            node = attention_node(
+                mid, x[None], probs, values, w_o, chunk_size=chunk_size, element_budget=element_budget
+            )
+            attn[l] = node.attn.cpu()
+            attn_residual[l] = node.direct[0].cpu()
+            block = direct_node(out, torch.stack([mid, out - mid]))
+            ffn_residual[l], ffn[l] = block.direct.cpu()
+
+    with capture_layers(hf_model, adapter, consume):
+        logits = hf_model(input_ids=ids, use_cache=False).logits  # [1, T, V]
+    predicted = logits[0].argmax(-1).cpu().numpy()
+    del logits
+    id_list = ids[0].tolist()
+    return EdgeImportances(
+        attn=attn.numpy(),
+        attn_residual=attn_residual.numpy(),
+        ffn=ffn.numpy(),
+        ffn_residual=None if ffn_residual is None else ffn_residual.numpy(),
+        token_ids=np.asarray(id_list, dtype=np.int64),
+        tokens=decode_tokens(tokenizer, id_list),
+        predicted_ids=predicted.astype(np.int64),
+        model_name=name,
+    )

@@ -1,0 +1,243 @@
+"""Edge importances by ALTI proximity (paper section 2.1). Tensors in, tensors out; no model in sight.
+
+A node ``y`` is a sum of parts ``z_k``; ``prox(z, y) = max(||y||_1 - ||y - z||_1, 0)`` and
+``importance(z_k, y) = prox(z_k, y) / sum_i prox(z_i, y)`` (0 for every part when all proximities are 0).
+
+Attention sub-edges are ``z = a * F`` with ``a = alpha^h_{pos,j}`` and ``F = f^h(x_j)``, the head's value
+at ``j`` (value bias included) times its slice of W_O. There are ``H * T^2 / 2`` of them per layer, each of
+dimension ``d``; materialising them (the official implementation) costs ``T^2 * H * d`` memory. We never do.
+
+The trick. With ``s = sign(y)`` (``sign(0) := +1``) every coordinate satisfies, exactly,
+
+    |y_d - a F_d| = |y_d| - a s_d F_d + 2 * relu(a s_d F_d - |y_d|)
+
+so ``prox(aF, y) = relu(a (s . F) - 2 * sum_d relu(a s_d F_d - |y_d|))``. The first term is a matrix
+product, and ``s . F = (s W_O^h) . v_j`` even costs ``d_head`` instead of ``d`` per pair. The correction
+term is non-zero only on coordinates where ``a |F_d| > |y_d|``; all of them lie among the
+``n = #{d : |y_d| < a * max|F|}`` smallest coordinates of ``|y|``, so we sort ``|y|`` once per position and
+sum the correction over those ``n`` coordinates only (a ragged gather). Pairs with ``a * s.F <= 0`` need no
+correction at all (their proximity is 0). The result is exact, not an approximation: the tests compare it
+with a materialising float64 reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Elements (not bytes) of the per-chunk [H, C, T] work tensors and of one ragged correction batch.
+DEFAULT_ELEMENT_BUDGET = 1 << 22
+# Above this many crossing candidates a pair's proximity is computed directly over all d coordinates:
+# a contiguous row beats that many scattered gathers (measured on SmolLM2, bench/importance_speed.py).
+DEFAULT_DENSE_RANK = 64
+# Query positions per chunk when the caller sets none (SmolLM2 at 512 tokens: 4 chunks per layer).
+DEFAULT_CHUNK = 128
+
+
+@dataclass(frozen=True)
+class NodeImportances:
+    """Importances of one node type's parts for every position of one layer."""
+
+    attn: torch.Tensor | None  # [H, T, T]  sub-edge (head h, pos, source j); 0 for j > pos
+    direct: torch.Tensor  # [K, T]  the direct parts (residual, FFN, ...) in the order given
+
+
+def proximity(parts: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``prox(z, y)`` for parts ``[K, T, d]`` of nodes ``[T, d]`` -> ``[K, T]``."""
+    y_norm = y.abs().sum(-1)  # [T]
+    return (y_norm - (y - parts).abs().sum(-1)).clamp_min(0)
+
+
+def head_outputs(values: torch.Tensor, w_o: torch.Tensor) -> torch.Tensor:
+    """``f^h(x_j)`` for every head and source: values ``[H_kv, T, dh]``, W_O ``[H, dh, d]`` -> ``[H, T, d]``."""
+    H, dh, d = w_o.shape
+    H_kv, T, _ = values.shape
+    v = values.repeat_interleave(H // H_kv, dim=0)  # [H, T, dh]; query head h reads kv head h // group
+    return torch.bmm(v, w_o)  # [H, T, d]
+
+
+def sub_edge_proximity(
+    y: torch.Tensor,
+    probs: torch.Tensor,
+    values: torch.Tensor,
+    w_o: torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+    element_budget: int = DEFAULT_ELEMENT_BUDGET,
+    dense_rank: int = DEFAULT_DENSE_RANK,
+) -> torch.Tensor:
+    """Proximity of every attention sub-edge ``alpha^h_{pos,j} f^h(x_j)`` to its node ``y_pos``.
+
+    Args:
+        y: ``[T, d]`` the attention node ``x^{lA}`` (or ``x^l`` for parallel blocks), float32.
+        probs: ``[H, T, T]`` attention weights ``alpha[h, pos, j]``; entries with ``j > pos`` are ignored.
+        values: ``[H_kv, T, dh]`` value vectors (value bias included); H must be a multiple of H_kv.
+        w_o: ``[H, dh, d]`` each head's slice of the output projection.
+        chunk_size: query positions per chunk (peak extra memory ~ ``H * chunk_size * T`` floats);
+            None picks the largest chunk within ``element_budget``.
+        dense_rank: pairs with more crossing candidates than this get a direct ``O(d)`` L1 distance
+            instead of the ragged correction (same result; a speed knob only).
+    Returns:
+        ``[H, T, T]`` proximities, zero for ``j > pos``.
+    """
+    H, T, _ = probs.shape
+    d = y.shape[-1]
+    if values.shape[0] == 0 or H % values.shape[0]:
+        raise ValueError(f"query heads H={H} must be a multiple of kv heads H_kv={values.shape[0]}")
+    if chunk_size is None:
+        # chunks skip the zero upper triangle; more than a few per layer only adds Python overhead
+        chunk_size = max(1, min(DEFAULT_CHUNK, element_budget // max(1, H * T)))
+    group = H // values.shape[0]
+
+    F = head_outputs(values, w_o)  # [H, T, d]
+    F_max = F.abs().amax(-1)  # [H, T]   max_d |F_hj|, bounds which coordinates can cross
+    s = torch.where(y >= 0, 1.0, -1.0).to(y.dtype)  # [T, d]
+    G = torch.einsum("pd,hed->hpe", s, w_o)  # [H, T, dh]  s_p W_O^h^T, so s_p . F_hj = G_hp . v_j
+    v_t = values.repeat_interleave(group, dim=0).transpose(1, 2)  # [H, dh, T]
+    # only the dense_rank + 1 smallest |y| coordinates matter: pairs reaching beyond go the dense way
+    width = min(dense_rank + 1, d)
+    small_abs_y, order = torch.topk(y.abs(), width, dim=-1, largest=False, sorted=True)  # [T, width]
+    small_y = torch.gather(y, 1, order)  # [T, width]  y at those coordinates, ascending |y|
+    max_n = min(dense_rank, d)  # ragged pairs have 1 <= n <= max_n crossing candidates
+
+    out = torch.zeros(H, T, T, dtype=y.dtype, device=y.device)
+    causal = torch.ones(T, T, dtype=torch.bool, device=y.device).tril_()  # [pos, j]
+    for p0 in range(0, T, chunk_size):
+        p1 = min(T, p0 + chunk_size)
+        C = p1 - p0
+        # positions p0..p1-1 only read sources j < p1: the chunk is [H, C, p1], not [H, C, T]
+        a = probs[:, p0:p1, :p1] * causal[p0:p1, :p1]  # [H, C, J] with J = p1
+        lin = a * torch.bmm(G[:, p0:p1], v_t[:, :, :p1])  # [H, C, J]  a * (s . F)
+        thr = a * F_max[:, None, :p1]  # [H, C, J]  only coordinates with |y_d| < thr can cross
+        prox = lin.clamp_min(0)  # exact for every pair with no crossing candidate
+        # lin <= 0 means prox 0 whatever the correction; thr <= min|y| means no coordinate can cross
+        cand = (lin > 0) & (thr > small_abs_y[p0:p1, 0][None, :, None])
+        flat = torch.nonzero(cand.view(-1)).squeeze(1)  # [Q] into the [H, C, J] chunk
+        if flat.numel():
+            a_q, thr_q, lin_q = a.view(-1)[flat], thr.view(-1)[flat], lin.view(-1)[flat]
+            h_q = torch.div(flat, C * p1, rounding_mode="floor")
+            p_q = torch.div(flat, p1, rounding_mode="floor") % C + p0  # absolute position
+            j_q = flat % p1
+            if width > max_n:  # thr > u_{max_n}: more than max_n candidates -> direct L1 over all d
+                dense = thr_q > small_abs_y[p_q, max_n]
+            else:
+                dense = torch.zeros_like(cand.view(-1)[flat])
+            new = torch.empty_like(lin_q)
+            if bool(dense.any()):
+                yd = y[p_q[dense]]  # [Qd, d]
+                dist = (yd - a_q[dense, None] * F[h_q[dense], j_q[dense]]).abs().sum(-1)  # [Qd]
+                new[dense] = (yd.abs().sum(-1) - dist).clamp_min(0)
+            sp = ~dense
+            n = _count_below(small_abs_y, p_q[sp], thr_q[sp], max_n)  # [Qs] exact, in [1, max_n]
+            corr = _ragged_correction(n, a_q[sp], h_q[sp], p_q[sp], j_q[sp], F, small_y, order, element_budget)
+            new[sp] = (lin_q[sp] - 2 * corr).clamp_min(0)
+            prox.view(-1)[flat] = new
+        out[:, p0:p1, :p1] = prox
+    return out
+
+
+def _count_below(sorted_rows: torch.Tensor, rows: torch.Tensor, thr: torch.Tensor, hi_bound: int) -> torch.Tensor:
+    """``#{r : sorted_rows[row, r] < thr}`` per query, known to lie in ``[1, hi_bound]``: binary search.
+
+    sorted_rows ``[T, W]`` ascending with ``W > hi_bound - 1``; rows, thr ``[Q]``. Returns int64 ``[Q]``.
+    """
+    width = sorted_rows.shape[1]
+    flat = sorted_rows.reshape(-1)
+    base = rows * width
+    lo = torch.ones_like(rows)  # invariant: sorted_rows[row, :lo] < thr
+    hi = torch.full_like(rows, hi_bound)  # invariant: sorted_rows[row, hi:] >= thr (or hi == width)
+    for _ in range(max(1, hi_bound).bit_length()):
+        active = lo < hi
+        mid = torch.div(lo + hi, 2, rounding_mode="floor").clamp_max(width - 1)
+        below = flat[base + mid] < thr
+        lo = torch.where(active & below, mid + 1, lo)
+        hi = torch.where(active & ~below, mid, hi)
+    return lo
+
+
+def _ragged_correction(
+    counts: torch.Tensor,
+    a: torch.Tensor,
+    h: torch.Tensor,
+    p: torch.Tensor,
+    j: torch.Tensor,
+    F: torch.Tensor,
+    sorted_y: torch.Tensor,
+    order: torch.Tensor,
+    element_budget: int,
+) -> torch.Tensor:
+    """``sum_{r < n} relu(a s_d F_d - |y_d|)`` over the ``n`` smallest-|y| coordinates ``d = order[p, r]``.
+
+    counts, a, h, p, j: ``[Q]`` one entry per pair (``p`` absolute position); F: ``[H, T, d]``;
+    sorted_y, order: ``[T, W]`` (y and its coordinate ids in ascending-|y| order, ``W >= max n``).
+    Returns ``[Q]``.
+    """
+    Q = counts.numel()
+    corr = torch.zeros(Q, dtype=a.dtype, device=a.device)
+    if Q == 0:
+        return corr
+    T, width = order.shape
+    d = F.shape[-1]
+    ends = torch.cumsum(counts, 0)  # [Q]
+    # batches of consecutive pairs holding about element_budget coordinates (plus at most one pair's n)
+    if int(ends[-1]) <= element_budget:
+        bounds = [Q]
+    else:
+        batch_of = torch.div(ends - 1, element_budget, rounding_mode="floor")  # [Q], non-decreasing
+        bounds = torch.cumsum(torch.unique_consecutive(batch_of, return_counts=True)[1], 0).tolist()
+    sorted_flat, order_flat, F_flat = sorted_y.reshape(-1), order.reshape(-1), F.reshape(-1)
+    start = 0
+    for stop in bounds:
+        c = counts[start:stop]  # [q]
+        first = torch.cumsum(c, 0) - c  # [q] where each pair's run starts
+        E = int(first[-1] + c[-1])
+        # element e of pair q sits at rank e - first[q] of row p[q] of the sorted arrays
+        row = torch.repeat_interleave(p[start:stop] * width - first, c)  # [E]
+        idx = torch.arange(E, device=c.device) + row  # [E] into sorted_y / order, flattened
+        y_e = sorted_flat[idx]  # [E]
+        f_base = torch.repeat_interleave((h[start:stop] * F.shape[1] + j[start:stop]) * d, c)  # [E]
+        aF = torch.repeat_interleave(a[start:stop], c) * F_flat[f_base + order_flat[idx]]  # [E]
+        diff = aF - y_e
+        term = torch.where(y_e >= 0, diff, -diff).clamp_min_(0)  # relu(s (aF - y)) = relu(a s F - |y|)
+        corr[start:stop] = torch.segment_reduce(term, "sum", lengths=c)
+        start = stop
+    return corr
+
+
+def normalise(sub_prox: torch.Tensor | None, direct_prox: torch.Tensor) -> NodeImportances:
+    """Divide each node's proximities by their sum; nodes whose parts all have proximity 0 get all 0.
+
+    sub_prox: ``[H, T, T]`` or None; direct_prox: ``[K, T]``.
+    """
+    total = direct_prox.sum(0)  # [T]
+    if sub_prox is not None:
+        total = total + sub_prox.sum(dim=(0, 2))
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    scale = torch.where(total > 0, 1.0 / safe, torch.zeros_like(total))  # [T]
+    attn = None if sub_prox is None else sub_prox * scale[None, :, None]
+    return NodeImportances(attn=attn, direct=direct_prox * scale[None, :])
+
+
+def attention_node(
+    y: torch.Tensor,
+    direct_parts: torch.Tensor,
+    probs: torch.Tensor,
+    values: torch.Tensor,
+    w_o: torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+    element_budget: int = DEFAULT_ELEMENT_BUDGET,
+) -> NodeImportances:
+    """Importances for nodes made of attention sub-edges plus direct parts.
+
+    y ``[T, d]``; direct_parts ``[K, T, d]`` (residual; for parallel blocks also the FFN output);
+    probs ``[H, T, T]``; values ``[H_kv, T, dh]``; w_o ``[H, dh, d]``.
+    """
+    sub = sub_edge_proximity(y, probs, values, w_o, chunk_size=chunk_size, element_budget=element_budget)
+    return normalise(sub, proximity(direct_parts, y))
+
+
+def direct_node(y: torch.Tensor, direct_parts: torch.Tensor) -> NodeImportances:
+    """Importances for nodes made only of direct parts ``[K, T, d]`` (e.g. residual + FFN)."""
+    return normalise(None, proximity(direct_parts, y))

@@ -1,0 +1,132 @@
+"""The adapter contract: the only place (with its subclasses) that knows HF module names.
+
+An adapter maps flowray's canonical pieces onto a HF causal LM:
+
+- ``layers()``: the decoder blocks, bottom to top;
+- ``attention(layer)``: the self-attention module; under eager attention it returns
+  ``(attn_output, attn_weights)`` with ``attn_output`` already projected by W_O (incl. its bias);
+- ``value_module(layer)`` + ``values_from(output)``: where the per-head value vectors
+  (after the block's own norm, including the value bias) come out;
+- ``output_projection(layer)``: W_O split per head, ``[H, d_head, d_model]``, and its bias;
+- ``head_output_module(layer)``: the module whose *input* is the concatenation of the heads' outputs
+  (W_O itself), used by the interventions in ``flowray.baselines``;
+- ``is_parallel``: GPT-NeoX style ``x + attn(ln1(x)) + mlp(ln2(x))`` blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from flowray.errors import UnsupportedArchitectureError
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The dimensions the importance maths needs, read from the HF config."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_model: int
+    parallel: bool  # one node per layer (attention and FFN read the same input)
+    max_positions: int | None  # None: no hard limit known
+
+    @property
+    def kv_group(self) -> int:
+        """Query heads per key/value head (1 without grouped-query attention)."""
+        return self.n_heads // self.n_kv_heads
+
+
+class Adapter:
+    """Base class; subclasses set ``family``/``model_types`` and implement the module lookups."""
+
+    family: ClassVar[str] = ""
+    model_types: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+        self.check_config(self.config)
+        self.shape = self.read_shape(self.config)
+        n_layers = len(self.layers())
+        if n_layers != self.shape.n_layers:
+            raise UnsupportedArchitectureError(
+                f"{self.family}: config says {self.shape.n_layers} layers but the model has {n_layers} "
+                "decoder blocks; flowray cannot tell which blocks belong to the residual stream"
+            )
+
+    # --- config ----------------------------------------------------------------------------------
+    @classmethod
+    def check_config(cls, config) -> None:
+        """Raise UnsupportedArchitectureError for config settings this adapter cannot decompose."""
+
+    @classmethod
+    def read_shape(cls, config) -> ModelShape:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # --- modules ---------------------------------------------------------------------------------
+    def layers(self) -> list[nn.Module]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def attention(self, layer: nn.Module) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def value_module(self, layer: nn.Module) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def values_from(self, output: torch.Tensor) -> torch.Tensor:
+        """Value vectors from ``value_module``'s output ``[B, T, *]`` -> ``[B, T, H_kv, d_head]``."""
+        B, T, _ = output.shape
+        return output.view(B, T, self.shape.n_kv_heads, self.shape.head_dim)
+
+    def head_output_module(self, layer: nn.Module) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def output_projection(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """W_O per head ``[H, d_head, d_model]`` and its bias ``[d_model]`` (or None)."""
+        lin = self.head_output_module(layer)
+        s = self.shape
+        # nn.Linear stores [d_model, H * d_head]; x @ W.T, so per head rows of W.T
+        w = lin.weight.T.reshape(s.n_heads, s.head_dim, s.d_model)  # [H, dh, d]
+        return w, lin.bias
+
+    def is_parallel(self) -> bool:
+        return self.shape.parallel
+
+    # --- embedding side (SVD of W_OV onto the vocabulary, logit metrics) --------------------------
+    def final_norm(self) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def unembedding(self) -> torch.Tensor:
+        """``[vocab, d_model]`` rows that turn the final-normed residual into logits."""
+        return self.model.get_output_embeddings().weight
+
+    def value_weight(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """W_V per kv head ``[H_kv, d_model, d_head]`` and bias ``[H_kv, d_head]`` (or None)."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def attention_norm(self, layer: nn.Module) -> nn.Module:  # pragma: no cover - abstract
+        """The norm the attention reads through (its gamma is folded into W_OV for the SVD)."""
+        raise NotImplementedError
+
+    # --- helpers ---------------------------------------------------------------------------------
+    @staticmethod
+    def _max_positions(config, *names: str) -> int | None:
+        for name in names:
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+
+def linear_value_weight(lin: nn.Linear, n_kv: int, head_dim: int):
+    """Split an ``nn.Linear`` value projection into ``[H_kv, d_model, d_head]`` + bias ``[H_kv, d_head]``."""
+    d_model = lin.weight.shape[1]
+    w = lin.weight.T.reshape(d_model, n_kv, head_dim).permute(1, 0, 2)  # [H_kv, d, dh]
+    b = None if lin.bias is None else lin.bias.view(n_kv, head_dim)
+    return w, b

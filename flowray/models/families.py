@@ -1,0 +1,262 @@
+"""One adapter per architecture family. Each knows its HF module names; nothing else in flowray does."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from flowray.errors import UnsupportedArchitectureError
+from flowray.models.base import Adapter, ModelShape, linear_value_weight
+
+
+def _refuse(family: str, problems: list[str]) -> None:
+    if problems:
+        raise UnsupportedArchitectureError(
+            f"{family}: flowray cannot decompose this config exactly: " + "; ".join(problems)
+        )
+
+
+class LlamaAdapter(Adapter):
+    """Llama 2/3, Mistral, Qwen2, SmolLM2: pre-RMSNorm, rotary, grouped-query attention."""
+
+    family = "llama"
+    model_types = ("llama", "mistral", "qwen2")
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        problems = []
+        if getattr(config, "attn_logit_softcapping", None):
+            problems.append(f"attn_logit_softcapping={config.attn_logit_softcapping!r} is not supported")
+        n_heads, n_kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
+        if n_kv is not None and n_heads % n_kv:
+            problems.append(f"num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}")
+        _refuse(cls.family, problems)
+
+    @classmethod
+    def read_shape(cls, config) -> ModelShape:
+        n_heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+        return ModelShape(
+            n_layers=config.num_hidden_layers,
+            n_heads=n_heads,
+            n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
+            head_dim=head_dim,
+            d_model=config.hidden_size,
+            parallel=False,
+            max_positions=cls._max_positions(config, "max_position_embeddings"),
+        )
+
+    def layers(self):
+        return list(self.model.model.layers)
+
+    def attention(self, layer):
+        return layer.self_attn
+
+    def value_module(self, layer):
+        return layer.self_attn.v_proj
+
+    def head_output_module(self, layer):
+        return layer.self_attn.o_proj
+
+    def value_weight(self, layer):
+        return linear_value_weight(layer.self_attn.v_proj, self.shape.n_kv_heads, self.shape.head_dim)
+
+    def attention_norm(self, layer):
+        return layer.input_layernorm
+
+    def final_norm(self):
+        return self.model.model.norm
+
+
+class GPT2Adapter(Adapter):
+    """GPT-2: pre-LayerNorm, fused Conv1D qkv, biases everywhere."""
+
+    family = "gpt2"
+    model_types = ("gpt2",)
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        problems = []
+        if getattr(config, "add_cross_attention", False):
+            problems.append("add_cross_attention=True (cross-attention blocks are not part of the route graph)")
+        _refuse(cls.family, problems)
+
+    @classmethod
+    def read_shape(cls, config) -> ModelShape:
+        return ModelShape(
+            n_layers=config.n_layer,
+            n_heads=config.n_head,
+            n_kv_heads=config.n_head,
+            head_dim=config.n_embd // config.n_head,
+            d_model=config.n_embd,
+            parallel=False,
+            max_positions=cls._max_positions(config, "n_positions", "max_position_embeddings"),
+        )
+
+    def layers(self):
+        return list(self.model.transformer.h)
+
+    def attention(self, layer):
+        return layer.attn
+
+    def value_module(self, layer):
+        return layer.attn.c_attn
+
+    def values_from(self, output):
+        B, T, _ = output.shape
+        d = self.shape.d_model
+        # c_attn emits [q | k | v] along the last dim, each [H * dh]
+        return output[..., 2 * d : 3 * d].reshape(B, T, self.shape.n_heads, self.shape.head_dim)
+
+    def head_output_module(self, layer):
+        return layer.attn.c_proj
+
+    def output_projection(self, layer):
+        s = self.shape
+        conv = layer.attn.c_proj  # Conv1D stores [in = H*dh, out = d]: y = x @ W + b
+        return conv.weight.reshape(s.n_heads, s.head_dim, s.d_model), conv.bias
+
+    def value_weight(self, layer):
+        s = self.shape
+        conv = layer.attn.c_attn  # [d, 3d]
+        w = conv.weight[:, 2 * s.d_model :].reshape(s.d_model, s.n_heads, s.head_dim).permute(1, 0, 2)
+        b = conv.bias[2 * s.d_model :].view(s.n_heads, s.head_dim)
+        return w, b
+
+    def attention_norm(self, layer):
+        return layer.ln_1
+
+    def final_norm(self):
+        return self.model.transformer.ln_f
+
+
+class OPTAdapter(Adapter):
+    """OPT with pre-LayerNorm (125m, 1.3b and larger; not the post-LN 350m)."""
+
+    family = "opt"
+    model_types = ("opt",)
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        problems = []
+        if not getattr(config, "do_layer_norm_before", True):
+            problems.append(
+                "do_layer_norm_before=False (post-LayerNorm, e.g. opt-350m): the residual stream is "
+                "renormalised after every block, so a node is not a sum of its edges"
+            )
+        _refuse(cls.family, problems)
+
+    @classmethod
+    def read_shape(cls, config) -> ModelShape:
+        return ModelShape(
+            n_layers=config.num_hidden_layers,
+            n_heads=config.num_attention_heads,
+            n_kv_heads=config.num_attention_heads,
+            head_dim=config.hidden_size // config.num_attention_heads,
+            d_model=config.hidden_size,
+            parallel=False,
+            max_positions=cls._max_positions(config, "max_position_embeddings"),
+        )
+
+    def layers(self):
+        return list(self.model.model.decoder.layers)
+
+    def attention(self, layer):
+        return layer.self_attn
+
+    def value_module(self, layer):
+        return layer.self_attn.v_proj
+
+    def head_output_module(self, layer):
+        return layer.self_attn.out_proj
+
+    def value_weight(self, layer):
+        return linear_value_weight(layer.self_attn.v_proj, self.shape.n_kv_heads, self.shape.head_dim)
+
+    def attention_norm(self, layer):
+        return layer.self_attn_layer_norm
+
+    def final_norm(self):
+        return self.model.model.decoder.final_layer_norm
+
+    def unembedding(self):
+        # opt-350m-style project_out maps d_model -> word_embed_proj_dim before the tied unembedding
+        w = self.model.get_output_embeddings().weight  # [V, d_proj]
+        proj = getattr(self.model.model.decoder, "project_out", None)
+        if proj is not None:
+            w = w @ proj.weight  # [V, d_proj] @ [d_proj, d] -> [V, d]
+        return w
+
+
+class GPTNeoXAdapter(Adapter):
+    """GPT-NeoX / Pythia: fused per-head qkv, parallel attention + MLP when use_parallel_residual."""
+
+    family = "gpt_neox"
+    model_types = ("gpt_neox",)
+
+    @classmethod
+    def read_shape(cls, config) -> ModelShape:
+        return ModelShape(
+            n_layers=config.num_hidden_layers,
+            n_heads=config.num_attention_heads,
+            n_kv_heads=config.num_attention_heads,
+            head_dim=config.hidden_size // config.num_attention_heads,
+            d_model=config.hidden_size,
+            parallel=bool(getattr(config, "use_parallel_residual", True)),
+            max_positions=cls._max_positions(config, "max_position_embeddings"),
+        )
+
+    def layers(self):
+        return list(self.model.gpt_neox.layers)
+
+    def attention(self, layer):
+        return layer.attention
+
+    def value_module(self, layer):
+        return layer.attention.query_key_value
+
+    def values_from(self, output):
+        B, T, _ = output.shape
+        s = self.shape
+        # query_key_value is laid out per head: [H, (q | k | v) * dh]
+        return output.view(B, T, s.n_heads, 3 * s.head_dim)[..., 2 * s.head_dim :]
+
+    def head_output_module(self, layer):
+        return layer.attention.dense
+
+    def value_weight(self, layer):
+        s = self.shape
+        lin = layer.attention.query_key_value  # weight [H * 3 * dh, d]
+        w = lin.weight.view(s.n_heads, 3, s.head_dim, s.d_model)[:, 2].transpose(1, 2)  # [H, d, dh]
+        b = None if lin.bias is None else lin.bias.view(s.n_heads, 3, s.head_dim)[:, 2]
+        return w, b
+
+    def attention_norm(self, layer):
+        return layer.input_layernorm
+
+    def final_norm(self):
+        return self.model.gpt_neox.final_layer_norm
+
+
+FAMILIES: tuple[type[Adapter], ...] = (LlamaAdapter, GPT2Adapter, OPTAdapter, GPTNeoXAdapter)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for fam in FAMILIES for t in fam.model_types)
+
+
+def adapter_class_for(config) -> type[Adapter]:
+    """The adapter class for a HF config (checked before any weight is loaded)."""
+    model_type = getattr(config, "model_type", None)
+    for fam in FAMILIES:
+        if model_type in fam.model_types:
+            fam.check_config(config)
+            return fam
+    families = ", ".join(f"{fam.family} ({', '.join(fam.model_types)})" for fam in FAMILIES)
+    raise UnsupportedArchitectureError(
+        f"model type {model_type!r} has no flowray adapter; supported families: {families}"
+    )
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter for a loaded HF causal LM, or UnsupportedArchitectureError naming what is supported."""
+    return adapter_class_for(getattr(model, "config", None))(model)

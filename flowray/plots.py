@@ -1,0 +1,143 @@
+"""matplotlib figures. Each function takes data (and optionally an Axes) and returns the Figure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from flowray.routes import EdgeKind, NodeKind, Route
+
+
+def _pyplot():
+    import matplotlib
+
+    if matplotlib.get_backend().lower() not in ("agg", "svg", "pdf") and not _has_display():
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _has_display() -> bool:
+    import os
+
+    return bool(os.environ.get("DISPLAY") or os.environ.get("MPLBACKEND"))
+
+
+def _level(node, parallel: bool) -> float:
+    """Vertical coordinate: embed 0; sequential block l: attn 2l+1, block 2l+2; parallel block l: l+1."""
+    if node.kind is NodeKind.EMBED:
+        return 0.0
+    if parallel:
+        return node.layer + 1.0
+    return 2.0 * node.layer + (1.0 if node.kind is NodeKind.ATTN else 2.0)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Save as PNG or SVG (by suffix); anything else is an error before matplotlib guesses."""
+    from flowray.errors import InputError
+
+    path = Path(path)
+    if path.suffix.lower() not in (".png", ".svg"):
+        raise InputError(f"figure path must end in .png or .svg; got {str(path)!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150 if path.suffix.lower() == ".png" else None, bbox_inches="tight")
+    return path
+
+
+def plot_route(route: Route, path: str | Path | None = None, ax=None, *, max_width: float = 6.0):
+    """Draw a route like the paper's figure 1.
+
+    Tokens run along the bottom, layers upwards; grey verticals are the residual streams; attention edges
+    join streams with a width proportional to their importance (hover-free: the strongest heads of the
+    widest edges are written beside them); FFNs are squares on the stream, darker when more important.
+    """
+    plt = _pyplot()
+    from matplotlib.collections import LineCollection
+
+    T = route.position + 1  # later tokens cannot be on the route
+    L = route.n_layers
+    parallel = route.parallel
+    top_level = float(L if parallel else 2 * L)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * T + 2), max(5.0, 0.24 * top_level + 2)))
+    else:
+        fig = ax.figure
+    xs = np.arange(T)
+    # residual streams of every token, as a faint background
+    ax.vlines(xs, 0, top_level, colors="#e4e4e4", linewidth=1.0, zorder=0)
+    if not parallel:
+        for l in range(L):  # light band marking each block
+            ax.axhspan(2 * l + 0.5, 2 * l + 2.5, color="#f6f6f6" if l % 2 else "white", zorder=-1, lw=0)
+
+    att_segs, att_w, res_segs, res_w = [], [], [], []
+    ffn_pts, ffn_imp = [], []
+    labels = []
+    for e in route.edges:
+        y0, y1 = _level(e.source, parallel), _level(e.target, parallel)
+        if e.kind is EdgeKind.FFN:
+            ffn_pts.append((e.target.position + 0.18, (y0 + y1) / 2))
+            ffn_imp.append(e.importance)
+        elif e.kind is EdgeKind.RESIDUAL:
+            res_segs.append([(e.source.position, y0), (e.target.position, y1)])
+            res_w.append(e.importance)
+        else:
+            att_segs.append([(e.source.position, y0), (e.target.position, y1)])
+            att_w.append(e.importance)
+            if e.importance >= 0.15 and e.source.position != e.target.position:
+                heads = ",".join(str(h.head) for h in e.heads[:3])
+                labels.append((e.target.position - 0.1, y1 - 0.15, f"L{e.target.layer}H{heads}"))
+    if res_segs:
+        ax.add_collection(LineCollection(res_segs, linewidths=0.6 + max_width * 0.6 * np.asarray(res_w),
+                                         colors="#6f6f6f", zorder=2, capstyle="round"))
+    if att_segs:
+        w = np.asarray(att_w)
+        colors = plt.get_cmap("Blues")(0.45 + 0.55 * np.clip(w / max(w.max(), 1e-9), 0, 1))
+        ax.add_collection(LineCollection(att_segs, linewidths=0.5 + max_width * w, colors=colors,
+                                         zorder=3, alpha=0.9, capstyle="round"))
+    if ffn_pts:
+        pts = np.asarray(ffn_pts)
+        ax.scatter(pts[:, 0], pts[:, 1], marker="s", s=26 + 60 * np.asarray(ffn_imp),
+                   c=np.asarray(ffn_imp), cmap="Oranges", vmin=-0.2, vmax=1.0, edgecolors="#8a4b08",
+                   linewidths=0.5, zorder=4)
+    node_xy = np.asarray([(n.position, _level(n, parallel)) for n in route.nodes])
+    if len(node_xy):
+        ax.scatter(node_xy[:, 0], node_xy[:, 1], s=9, c="#1f1f1f", zorder=5)
+    for x, y, text in labels[:40]:  # only the widest edges get head labels
+        ax.text(x, y, text, fontsize=6, ha="right", va="top", color="#08306b", zorder=6)
+
+    ax.set_xlim(-0.7, T - 0.3)
+    ax.set_ylim(-0.6, top_level + 0.8)
+    ax.set_xticks(xs)
+    ax.set_xticklabels([repr(t)[1:-1] if t else str(i) for i, t in enumerate(route.tokens[:T])],
+                       rotation=60, ha="right", fontsize=8)
+    ax.get_xticklabels()[-1].set_fontweight("bold")
+    step = max(1, L // 10)
+    layer_ticks = list(range(0, L, step))
+    ax.set_yticks([0.0] + [(l + 1.0) if parallel else 2.0 * l + 2.0 for l in layer_ticks])
+    ax.set_yticklabels(["emb"] + [f"L{l}" for l in layer_ticks], fontsize=8)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    predicted = route.prediction.get("token")
+    title = f"Information flow route, tau = {route.tau:g}, position {route.position}"
+    if predicted is not None:
+        title += f" -> predicts {predicted!r}"
+    if route.model:
+        title = f"{route.model}: " + title
+    ax.set_title(title, fontsize=10)
+    from matplotlib.lines import Line2D
+
+    ax.legend(
+        handles=[
+            Line2D([0], [0], color=plt.get_cmap("Blues")(0.8), lw=3, label="attention edge (width = importance)"),
+            Line2D([0], [0], color="#6f6f6f", lw=2, label="residual edge"),
+            Line2D([0], [0], marker="s", color="w", markerfacecolor="#f5a25d", markeredgecolor="#8a4b08",
+                   markersize=8, label="FFN edge"),
+        ],
+        loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False,
+    )
+    fig.tight_layout()
+    if path is not None:
+        save_figure(fig, path)
+    return fig
