@@ -135,6 +135,28 @@ def check_input_ids(input_ids, adapter: Adapter, vocab_size: int | None) -> torc
     return input_ids.long()
 
 
+def encode_text(tokenizer, text: str, *, max_tokens: int | None = None, context: int | None = None) -> torch.Tensor:
+    """``[1, T]`` ids of ``text``; InputError for empty text or text longer than the model's context.
+
+    ``max_tokens`` keeps the first ``max_tokens`` tokens (a cap on cost and the way past the context limit).
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise InputError(f"text is empty or only whitespace; got {text!r}; give at least one word")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise InputError(f"max_tokens must be a positive integer; got {max_tokens!r}")
+    ids = tokenizer(text, return_tensors="pt").input_ids  # [1, T]
+    if ids.shape[1] == 0:
+        raise InputError(f"text {text[:40]!r} encodes to no tokens")
+    if max_tokens is not None:
+        ids = ids[:, :max_tokens]
+    if context is not None and ids.shape[1] > context:
+        raise InputError(
+            f"text is {ids.shape[1]} tokens long, longer than the model's context of {context} tokens; "
+            f"pass --max-tokens {context} (or less) to keep its first tokens"
+        )
+    return ids
+
+
 def decode_tokens(tokenizer, ids: list[int]) -> list[str]:
     if tokenizer is None:
         return ["" for _ in ids]

@@ -172,15 +172,16 @@ class Route:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def to_networkx(self):
-        """A ``networkx.DiGraph`` (lower node -> upper node); node/edge attributes mirror the JSON."""
+        """A ``networkx.MultiDiGraph`` (lower node -> upper node, edge key = kind: a node pair can be joined
+        by both a residual and an attention/FFN edge); node and edge attributes mirror the JSON."""
         from flowray.errors import require
 
         nx = require("networkx", feature="Route.to_networkx")
-        g = nx.DiGraph(tau=self.tau, position=self.position, model=self.model)
+        g = nx.MultiDiGraph(tau=self.tau, position=self.position, model=self.model)
         for n in self.nodes:
             g.add_node(n, layer=n.layer, position=n.position, kind=n.kind.value, token=self.tokens[n.position])
         for e in self.edges:
-            g.add_edge(e.source, e.target, kind=e.kind.value, importance=e.importance,
+            g.add_edge(e.source, e.target, key=e.kind.value, kind=e.kind.value, importance=e.importance,
                        heads={h.head: h.importance for h in e.heads})
         return g
 

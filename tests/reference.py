@@ -159,3 +159,46 @@ def reference_importances(model, input_ids: torch.Tensor) -> dict:
         "ffn_residual": None if parallel else ffn_res,
         "decomposition_error": decomposition_error,
     }
+
+
+@torch.no_grad()
+def materialising_importances(model, input_ids: torch.Tensor, dtype=torch.float32) -> dict:
+    """The official implementation's algorithm, vectorised: per layer, materialise every sub-edge vector
+    as a ``[T, T, H, d]`` tensor and take l1 distances. Memory ~ T^2 * H * d; timed by bench/.
+
+    Uses flowray's capture (the activations are not what is being compared) and no chunking.
+    """
+    from flowray.capture import capture_all
+    from flowray.models import adapter_for
+
+    adapter = adapter_for(model)
+    records = capture_all(model, adapter, input_ids)
+    L, T = len(records), input_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    out = {"attn": [], "attn_residual": [], "ffn": [], "ffn_residual": []}
+    for rec, layer in zip(records, adapter.layers()):
+        w_o, _ = adapter.output_projection(layer)
+        H = w_o.shape[0]
+        x, attn_out, y_out = rec.inputs[0].to(dtype), rec.attn_out[0].to(dtype), rec.outputs[0].to(dtype)
+        v = rec.values[0].to(dtype).repeat_interleave(H // rec.values.shape[1], 0)  # [H, T, dh]
+        F = torch.bmm(v, w_o.to(dtype))  # [H, T, d]
+        A = rec.probs[0].to(dtype) * causal  # [H, pos, j]
+        Z = torch.einsum("hpj,hjd->pjhd", A, F)  # [T, T, H, d]  every sub-edge, materialised
+        y = x + attn_out
+        ny = y.abs().sum(-1)  # [T]
+        sub = (ny[:, None, None] - (y[:, None, None, :] - Z).abs().sum(-1)).clamp_min(0)  # [pos, j, H]
+        sub = sub * causal[:, :, None]
+        res = (ny - (y - x).abs().sum(-1)).clamp_min(0)
+        total = sub.sum((1, 2)) + res
+        scale = torch.where(total > 0, 1 / total.clamp_min(1e-30), torch.zeros_like(total))
+        out["attn"].append((sub * scale[:, None, None]).permute(2, 0, 1))
+        out["attn_residual"].append(res * scale)
+        f = y_out - y
+        pf = (y_out.abs().sum(-1) - (y_out - f).abs().sum(-1)).clamp_min(0)
+        pr = (y_out.abs().sum(-1) - (y_out - y).abs().sum(-1)).clamp_min(0)
+        t2 = pf + pr
+        s2 = torch.where(t2 > 0, 1 / t2.clamp_min(1e-30), torch.zeros_like(t2))
+        out["ffn"].append(pf * s2)
+        out["ffn_residual"].append(pr * s2)
+        del Z, sub
+    return {k: torch.stack(v).numpy() for k, v in out.items()}

@@ -141,7 +141,7 @@ def _resolve(spec: str) -> tuple[str, dict]:
 
 
 def _load_error(spec: str, exc: Exception) -> UnknownModelError:
-    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    first_line = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
     return UnknownModelError(
         f"could not load model {spec!r}: {first_line}. Without internet, use a local directory, a "
         ".gguf file or the alias 'smollm2'"
@@ -160,7 +160,9 @@ def load_model(
     ``trust_remote_code`` stays off unless asked for: custom code would also bypass the adapters.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # flowray shows its own progress; per-tensor bars are noise
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
     source, extra = _resolve(spec)

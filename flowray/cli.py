@@ -1,0 +1,247 @@
+"""The ``flowray`` command: argument parsing and logging setup only; the work happens in the library.
+
+Bad input (FlowrayError) prints one clear line and exits with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from flowray.errors import FlowrayError, InputError
+
+log = logging.getLogger("flowray")
+
+
+# --- shared options -------------------------------------------------------------------------------
+def _tau(value: str) -> float:
+    try:
+        tau = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"tau must be a number in (0, 1); got {value!r}") from None
+    if not 0 < tau < 1:
+        raise argparse.ArgumentTypeError(f"tau must lie strictly between 0 and 1 (paper: 0.01-0.04); got {value!r}")
+    return tau
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {value!r}")
+    return n
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2",
+                   help="alias 'smollm2' (packaged SmolLM2-135M), a HF model directory, a .gguf file or a hub id")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
+
+
+def _add_text_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="one text")
+    src.add_argument("--file", type=Path,
+                     help="several texts: a .txt file (one text per non-blank line) or .jsonl with a 'text' field")
+    p.add_argument("--max-tokens", type=_positive_int, default=None,
+                   help="keep only the first N tokens of each text (needed for texts longer than the context)")
+    p.add_argument("--chunk-size", type=_positive_int, default=None,
+                   help="query positions per chunk; bounds peak extra memory (~ heads x chunk x tokens floats)")
+
+
+def read_texts(path: Path) -> list[str]:
+    """Texts from a .txt (one per non-blank line) or .jsonl ('text' field) file."""
+    if not path.is_file():
+        raise InputError(f"text file {str(path)!r} does not exist; check the path")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix == ".jsonl":
+        texts = []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{n}: not valid JSON ({exc.msg}); expected one JSON object per line") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise InputError(f"{path}:{n}: expected an object with a string 'text' field; got {line[:60]!r}")
+            texts.append(record["text"])
+    else:
+        texts = [line for line in lines if line.strip()]
+    if not texts:
+        raise InputError(f"text file {str(path)!r} holds no texts; expected one text per non-blank line")
+    return texts
+
+
+def _check_texts(texts: list[str]) -> None:
+    """Reject empty texts before the (slow) model load."""
+    for i, text in enumerate(texts):
+        if not text.strip():
+            where = "" if len(texts) == 1 else f" (text {i})"
+            raise InputError(f"text{where} is empty or only whitespace; got {text!r}; give at least one word")
+
+
+def _progress(items, total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(items, total=total, desc=desc, unit="text", disable=total < 2, file=sys.stderr)
+
+
+def _load(args):
+    from flowray.models.loading import load_model
+
+    log.info("loading model %s", args.model)
+    return load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+
+
+def _importances_for(lm, text: str, args):
+    from flowray.api import edge_importances, encode_text
+
+    ids = encode_text(lm.tokenizer, text, max_tokens=args.max_tokens, context=lm.adapter.shape.max_positions)
+    return edge_importances(lm, ids, chunk_size=args.chunk_size)
+
+
+# --- flowray route --------------------------------------------------------------------------------
+def cmd_route(args) -> int:
+    from flowray.plots import plot_route, save_figure
+    from flowray.routes import check_position, extract_route
+
+    texts = [args.text] if args.text is not None else read_texts(args.file)
+    _check_texts(texts)
+    many = args.file is not None
+    if args.plot is not None and not many and args.plot.suffix.lower() not in (".png", ".svg"):
+        raise InputError(f"--plot must end in .png or .svg; got {str(args.plot)!r}")
+    lm = _load(args)
+    out_dir = args.out if many else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    if many and args.plot is not None:
+        args.plot.mkdir(parents=True, exist_ok=True)
+    for i, text in enumerate(_progress(texts, len(texts), "routes")):
+        imp = _importances_for(lm, text, args)
+        pos = check_position(args.position, imp.n_tokens)
+        route = extract_route(imp, tau=args.tau, position=pos, model=lm.name)
+        predicted = int(imp.predicted_ids[pos])
+        route = _with_prediction(route, predicted, lm.tokenizer.decode([predicted]))
+        json_path = (out_dir / f"{i:05d}.json") if many else args.out
+        route.save(json_path)
+        plot_path = None
+        if args.plot is not None:
+            plot_path = args.plot / f"{i:05d}.{args.plot_format}" if many else args.plot
+            fig = plot_route(route)
+            save_figure(fig, plot_path)
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+        if not many:
+            heads = sorted(route.heads())
+            print(f"position {pos} ({route.tokens[pos]!r}) predicts {route.prediction['token']!r}; "
+                  f"route at tau={args.tau:g}: {len(route.nodes)} nodes, {len(route.edges)} edges, "
+                  f"{len(heads)} heads")
+            print(f"route JSON: {json_path}" + (f"\nfigure: {plot_path}" if plot_path else ""))
+    if many:
+        print(f"{len(texts)} routes in {out_dir}" + (f", figures in {args.plot}" if args.plot else ""))
+    return 0
+
+
+def _with_prediction(route, token_id: int, token: str):
+    from dataclasses import replace
+
+    return replace(route, prediction={"token_id": token_id, "token": token})
+
+
+# --- flowray importances --------------------------------------------------------------------------
+def cmd_importances(args) -> int:
+    texts = [args.text] if args.text is not None else read_texts(args.file)
+    _check_texts(texts)
+    many = args.file is not None
+    if not many and args.out.suffix != ".npz":
+        raise InputError(f"--out must end in .npz (the documented array format); got {str(args.out)!r}")
+    lm = _load(args)
+    if many:
+        args.out.mkdir(parents=True, exist_ok=True)
+    for i, text in enumerate(_progress(texts, len(texts), "importances")):
+        imp = _importances_for(lm, text, args)
+        path = args.out / f"{i:05d}.npz" if many else args.out
+        imp.save(path)
+        if not many:
+            print(f"{imp.n_tokens} tokens, {imp.n_layers} layers x {imp.n_heads} heads -> {path}")
+    if many:
+        print(f"{len(texts)} importance files in {args.out}")
+    return 0
+
+
+# --- parser ---------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flowray", description="Information flow routes for HF causal LMs (Ferrando & Voita, 2024)."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("route", help="extract the information flow route of one prediction (JSON + figure)")
+    _add_model_args(p)
+    _add_text_args(p)
+    p.add_argument("--tau", type=_tau, default=0.04, help="edge importance threshold in (0, 1) (default 0.04)")
+    p.add_argument("--position", type=int, default=-1, help="prediction position (default -1: the last token)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="route JSON file (with --file: a directory, one NNNNN.json per text)")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="figure .png/.svg (with --file: a directory, one NNNNN.<format> per text)")
+    p.add_argument("--plot-format", choices=["png", "svg"], default="png", help="figure format with --file")
+    p.set_defaults(handler=cmd_route)
+
+    p = sub.add_parser("importances", help="write every edge importance of a text (.npz arrays)")
+    _add_model_args(p)
+    _add_text_args(p)
+    p.add_argument("--out", type=Path, required=True, help=".npz file (with --file: a directory of NNNNN.npz)")
+    p.set_defaults(handler=cmd_importances)
+
+    for register in _extra_commands():
+        register(sub)
+    return parser
+
+
+def _extra_commands():
+    """Subcommands owned by other modules (imported lazily so `flowray route` stays light)."""
+    registrars = []
+    for module, name in (("flowray.pipeline.cli", "register_cli"), ("flowray.compare", "register_cli")):
+        try:
+            mod = __import__(module, fromlist=[name])
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        registrars.append(getattr(mod, name))
+    return registrars
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("transformers", "urllib3", "filelock", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return int(args.handler(args) or 0)
+    except FlowrayError as exc:
+        print(f"flowray: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flowray: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny random models, the packaged SmolLM2 (loaded once), shared data location."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+SHARED_DATA = Path(os.environ.get("FLOWRAY_SHARED_DATA", REPO.parent / "shared" / "data"))
+sys.path.insert(0, str(TESTS))  # tiny_models, reference
+
+needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} not present")
+
+IOI_PROMPT = "When Mary and John went to the store, John gave a drink to"
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    import flowray
+
+    return flowray.load_model("smollm2", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2):
+    """A tiny random Llama saved as a local HF directory with SmolLM2's tokenizer (context 24 tokens)."""
+    import torch
+    import transformers as tf
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    cfg = tf.LlamaConfig(num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1, head_dim=8,
+                         hidden_size=24, intermediate_size=32, vocab_size=len(smollm2.tokenizer),
+                         max_position_embeddings=24)
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(cfg)
+    model.save_pretrained(path)
+    smollm2.tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,110 @@
+"""The CLI: the demo path on the packaged model, and a clear message + exit status 2 for each bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jsonschema
+import numpy as np
+import pytest
+
+from conftest import IOI_PROMPT
+from flowray.cli import main
+from flowray.routes import ROUTE_JSON_SCHEMA
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.slow
+def test_route_demo_writes_json_and_figures(tmp_path, capsys, smollm2):
+    out, png = tmp_path / "route.json", tmp_path / "route.png"
+    code, stdout, _ = _run(["route", "--model", "smollm2", "--text", IOI_PROMPT, "--tau", "0.04",
+                            "--out", str(out), "--plot", str(png)], capsys)
+    assert code == 0
+    assert "predicts ' Mary'" in stdout
+    data = json.loads(out.read_text())
+    jsonschema.Draft7Validator(ROUTE_JSON_SCHEMA).validate(data)
+    assert data["prediction"]["token"] == " Mary"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+@pytest.mark.slow
+def test_several_texts_from_a_file(tmp_path, capsys, tiny_model_dir):
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(json.dumps({"text": "one two three"}) + "\n\n" + json.dumps({"text": "four five"}) + "\n")
+    code, stdout, _ = _run(["route", "--model", str(tiny_model_dir), "--file", str(texts), "--out",
+                            str(tmp_path / "routes"), "--plot", str(tmp_path / "figs"), "--plot-format", "svg"], capsys)
+    assert code == 0 and "2 routes" in stdout
+    assert sorted(p.name for p in (tmp_path / "routes").iterdir()) == ["00000.json", "00001.json"]
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["00000.svg", "00001.svg"]
+    code, _, _ = _run(["importances", "--model", str(tiny_model_dir), "--file", str(texts), "--out",
+                       str(tmp_path / "imps")], capsys)
+    assert code == 0
+    with np.load(tmp_path / "imps" / "00001.npz") as z:
+        assert set(z.files) >= {"attn", "attn_residual", "ffn", "ffn_residual", "token_ids", "tokens", "meta"}
+        assert z["attn"].shape[0] == 2 and z["attn"].shape[2] == z["token_ids"].shape[0]
+
+
+BAD_INPUTS = [
+    (["route", "--text", "   ", "--out", "x.json"], "empty or only whitespace"),
+    (["route", "--text", "hi", "--tau", "0", "--out", "x.json"], "strictly between 0 and 1"),
+    (["route", "--text", "hi", "--tau", "1.5", "--out", "x.json"], "strictly between 0 and 1"),
+    (["route", "--text", "hi", "--tau", "abc", "--out", "x.json"], "tau must be a number"),
+    (["route", "--file", "does/not/exist.txt", "--out", "x"], "does not exist"),
+    (["route", "--model", "no such model!", "--text", "hi", "--out", "x.json"], "unknown model 'no such model!'"),
+    (["route", "--model", "./missing-dir/model.gguf", "--text", "hi", "--out", "x.json"], "does not exist"),
+    (["importances", "--text", "hi", "--out", "x.txt"], "must end in .npz"),
+    (["route", "--text", "hi", "--out", "x.json", "--plot", "x.jpg"], ".png or .svg"),
+    (["route", "--text", "hi", "--max-tokens", "0", "--out", "x.json"], "positive integer"),
+]
+
+
+def _exit_code(argv):
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse rejects some values itself (also with status 2)
+        return exc.code
+
+
+@pytest.mark.parametrize("argv,message", BAD_INPUTS)
+def test_bad_input_exits_2_with_a_clear_message(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert _exit_code(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra,message", [
+    (["--position", "40"], "position 40 is out of range for 4 tokens"),
+    (["--position", "-5"], "out of range"),
+])
+def test_bad_position(extra, message, capsys, tmp_path, tiny_model_dir):
+    argv = ["route", "--model", str(tiny_model_dir), "--text", "one two three four", "--out",
+            str(tmp_path / "r.json"), *extra]
+    assert _exit_code(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_text_longer_than_the_context_offers_max_tokens(capsys, tmp_path, tiny_model_dir):
+    long_text = " ".join(["word"] * 40)
+    argv = ["route", "--model", str(tiny_model_dir), "--text", long_text, "--out", str(tmp_path / "r.json")]
+    assert _exit_code(argv) == 2
+    assert "longer than the model's context of 24 tokens; pass --max-tokens 24" in capsys.readouterr().err
+    assert _exit_code(argv + ["--max-tokens", "24"]) == 0
+    assert len(json.loads((tmp_path / "r.json").read_text())["tokens"]) == 24
+
+
+def test_no_traceback_at_process_level(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "flowray.cli", "route", "--text", " ", "--out", "x.json"],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("flowray: error: text is empty")
+    assert "Traceback" not in proc.stderr
