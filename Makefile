@@ -20,9 +20,12 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# the main job on the embedded default (local Ray, packaged SmolLM2, corpora every Python install has),
+# then one route of the paper's IOI example; prints where the tables and figures are
 demo: setup
+	$(BIN)/flowray job run --config default --show-summary
 	$(BIN)/flowray route --model smollm2 --text "When Mary and John went to the store, John gave a drink to" \
-		--tau 0.04 --out out/route.json --plot out/route.png
+		--tau 0.04 --out runs/default/route.json --plot runs/default/route.png
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -21,6 +21,7 @@ _EXPORTS = {
     "LoadedModel": "flowray.models.loading",
     "edge_importances": "flowray.api",
     "EdgeImportances": "flowray.api",
+    "edge_importances_batch": "flowray.api",
     "extract_route": "flowray.routes",
     "route_masks": "flowray.routes",
     "Route": "flowray.routes",

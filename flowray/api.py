@@ -181,61 +181,98 @@ def edge_importances(
         chunk_size: query positions processed at once; peak extra memory beyond the outputs is about
             ``H * chunk_size * T`` floats per work tensor. None: as large as ``element_budget`` allows.
     """
+    return edge_importances_batch(
+        model, [input_ids], tokenizer=tokenizer, chunk_size=chunk_size, element_budget=element_budget
+    )[0]
+
+
+@torch.no_grad()
+def edge_importances_batch(
+    model,
+    sequences: list,
+    *,
+    tokenizer=None,
+    chunk_size: int | None = None,
+    element_budget: int = DEFAULT_ELEMENT_BUDGET,
+) -> list[EdgeImportances]:
+    """``edge_importances`` for several ``[1, T_i]`` sequences in one right-padded forward pass.
+
+    Right padding needs no attention mask: under causal attention, position ``p`` never reads a later
+    (padded) position, so every real position computes exactly what it would alone.
+    """
     hf_model, adapter, own_tokenizer, name = _unpack(model)
     tokenizer = tokenizer if tokenizer is not None else own_tokenizer
     if chunk_size is not None and chunk_size < 1:
         raise InputError(f"chunk_size must be a positive number of positions; got {chunk_size!r}")
+    if not sequences:
+        return []
     vocab = getattr(hf_model.config, "vocab_size", None)
-    ids = check_input_ids(input_ids, adapter, vocab)
+    seqs = [check_input_ids(ids, adapter, vocab)[0] for ids in sequences]  # [T_i] each
+    lengths = [int(t.shape[0]) for t in seqs]
     device = next(hf_model.parameters()).device
-    ids = ids.to(device)
+    batch = torch.zeros(len(seqs), max(lengths), dtype=torch.long)  # pad id 0: never read by real positions
+    for b, t in enumerate(seqs):
+        batch[b, : lengths[b]] = t
+    batch = batch.to(device)
     s = adapter.shape
-    T = ids.shape[1]
-    attn = torch.zeros(s.n_layers, s.n_heads, T, T, dtype=torch.float32)
-    attn_residual = torch.zeros(s.n_layers, T)
-    ffn = torch.zeros(s.n_layers, T)
-    ffn_residual = None if s.parallel else torch.zeros(s.n_layers, T)
+    results = [_Buffers(s.n_layers, s.n_heads, T, s.parallel) for T in lengths]
     layers = adapter.layers()
+    kernel = dict(chunk_size=chunk_size, element_budget=element_budget)
 
     def consume(rec: LayerActivations) -> None:
         l = rec.layer
         w_o, _bias = adapter.output_projection(layers[l])  # the bias is in the node, in no edge
         w_o = w_o.detach().float()  # [H, dh, d]
-        x = rec.inputs[0].float()  # [T, d]
-        attn_out = rec.attn_out[0].float()  # [T, d]
-        out = rec.outputs[0].float()  # [T, d]
-        values = rec.values[0].float()  # [H_kv, T, dh]
-        probs = rec.probs[0].float()  # [H, T, T]
-        if s.parallel:
-            ffn_vec = out - x - attn_out  # [T, d]
-            node = attention_node(
-                out, torch.stack([x, ffn_vec]), probs, values, w_o,
-                chunk_size=chunk_size, element_budget=element_budget,
-            )
-            attn[l] = node.attn.cpu()
-            attn_residual[l], ffn[l] = node.direct.cpu()
-        else:
-            mid = x + attn_out  # [T, d]  x^{lA}
-            node = attention_node(
-                mid, x[None], probs, values, w_o, chunk_size=chunk_size, element_budget=element_budget
-            )
-            attn[l] = node.attn.cpu()
-            attn_residual[l] = node.direct[0].cpu()
-            block = direct_node(out, torch.stack([mid, out - mid]))
-            ffn_residual[l], ffn[l] = block.direct.cpu()
+        for b, T in enumerate(lengths):
+            _layer_importances(rec, b, T, w_o, s.parallel, results[b], kernel)
 
     with capture_layers(hf_model, adapter, consume):
-        logits = hf_model(input_ids=ids, use_cache=False).logits  # [1, T, V]
-    predicted = logits[0].argmax(-1).cpu().numpy()
+        logits = hf_model(input_ids=batch, use_cache=False).logits  # [B, T_max, V]
+    predicted = logits.argmax(-1).cpu().numpy()  # [B, T_max]
     del logits
-    id_list = ids[0].tolist()
-    return EdgeImportances(
-        attn=attn.numpy(),
-        attn_residual=attn_residual.numpy(),
-        ffn=ffn.numpy(),
-        ffn_residual=None if ffn_residual is None else ffn_residual.numpy(),
-        token_ids=np.asarray(id_list, dtype=np.int64),
-        tokens=decode_tokens(tokenizer, id_list),
-        predicted_ids=predicted.astype(np.int64),
-        model_name=name,
-    )
+    out = []
+    for b, (t, buf) in enumerate(zip(seqs, results)):
+        id_list = t.tolist()
+        out.append(EdgeImportances(
+            attn=buf.attn.numpy(),
+            attn_residual=buf.attn_residual.numpy(),
+            ffn=buf.ffn.numpy(),
+            ffn_residual=None if buf.ffn_residual is None else buf.ffn_residual.numpy(),
+            token_ids=np.asarray(id_list, dtype=np.int64),
+            tokens=decode_tokens(tokenizer, id_list),
+            predicted_ids=predicted[b, : lengths[b]].astype(np.int64),
+            model_name=name,
+        ))
+    return out
+
+
+class _Buffers:
+    """Output arrays of one sequence, filled layer by layer."""
+
+    def __init__(self, L: int, H: int, T: int, parallel: bool):
+        self.attn = torch.zeros(L, H, T, T)
+        self.attn_residual = torch.zeros(L, T)
+        self.ffn = torch.zeros(L, T)
+        self.ffn_residual = None if parallel else torch.zeros(L, T)
+
+
+def _layer_importances(rec: LayerActivations, b: int, T: int, w_o, parallel: bool, buf: _Buffers, kernel) -> None:
+    """Importances of layer ``rec.layer`` for sequence ``b`` (its first ``T`` positions)."""
+    l = rec.layer
+    x = rec.inputs[b, :T].float()  # [T, d]
+    attn_out = rec.attn_out[b, :T].float()  # [T, d]
+    out = rec.outputs[b, :T].float()  # [T, d]
+    values = rec.values[b, :, :T].float()  # [H_kv, T, dh]
+    probs = rec.probs[b, :, :T, :T].float()  # [H, T, T]
+    if parallel:
+        ffn_vec = out - x - attn_out  # [T, d]
+        node = attention_node(out, torch.stack([x, ffn_vec]), probs, values, w_o, **kernel)
+        buf.attn[l] = node.attn.cpu()
+        buf.attn_residual[l], buf.ffn[l] = node.direct.cpu()
+    else:
+        mid = x + attn_out  # [T, d]  x^{lA}
+        node = attention_node(mid, x[None], probs, values, w_o, **kernel)
+        buf.attn[l] = node.attn.cpu()
+        buf.attn_residual[l] = node.direct[0].cpu()
+        block = direct_node(out, torch.stack([mid, out - mid]))
+        buf.ffn_residual[l], buf.ffn[l] = block.direct.cpu()

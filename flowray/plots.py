@@ -141,3 +141,85 @@ def plot_route(route: Route, path: str | Path | None = None, ax=None, *, max_wid
     if path is not None:
         save_figure(fig, path)
     return fig
+
+
+def _grid(df, value: str, n_layers: int, n_heads: int) -> np.ndarray:
+    """``[layer, head]`` matrix of ``value`` from a long table with layer/head columns."""
+    out = np.full((n_layers, n_heads), np.nan)
+    for layer, head, v in zip(df["layer"].to_list(), df["head"].to_list(), df[value].to_list()):
+        if head is not None:
+            out[layer, head] = v
+    return out
+
+
+def activation_map(head_activation, ffn_activation, component_importance, head_roles, *, domain: str, tau: float,
+                   n_layers: int, n_heads: int, ax=None):
+    """Paper figure 9a: head activation frequency at ``tau`` (layer x head) with previous-token heads
+    (yellow) and subword-merging heads (red) marked, and each layer's FFN importance beside it."""
+    import polars as pl
+
+    plt = _pyplot()
+    act = head_activation.filter((pl.col("domain") == domain) & ((pl.col("tau") - tau).abs() < 1e-9))
+    grid = _grid(act, "frequency", n_layers, n_heads)
+    ffn = component_importance.filter((pl.col("domain") == domain) & (pl.col("component") == "ffn")).sort("layer")
+    roles = head_roles.filter(pl.col("domain") == domain)
+    fig, (ax_h, ax_f) = plt.subplots(1, 2, figsize=(max(5.0, 0.45 * n_heads + 3.5), max(4.0, 0.22 * n_layers + 1.5)),
+                                     gridspec_kw={"width_ratios": [max(n_heads, 3), 2.2]}, sharey=True)
+    im = ax_h.imshow(grid, origin="lower", aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    for role, color in (("previous_token", "#ffd700"), ("subword_merging", "#e8222f")):
+        marked = roles.filter(pl.col("role") == role)
+        ax_h.scatter(marked["head"].to_list(), marked["layer"].to_list(), s=90, facecolors="none",
+                     edgecolors=color, linewidths=2.0, label=role.replace("_", "-") + " head")
+    ax_h.set_xlabel("head")
+    ax_h.set_ylabel("layer")
+    ax_h.set_xticks(range(n_heads))
+    ax_h.set_title(f"{domain}: head activation frequency (tau = {tau:g})", fontsize=10)
+    fig.colorbar(im, ax=ax_h, fraction=0.046, pad=0.02, label="share of predictions with the head in the route")
+    ax_h.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, fontsize=8, frameon=False)
+    ax_f.barh(ffn["layer"].to_list(), ffn["importance"].to_list(), color="#f5a25d", edgecolor="#8a4b08")
+    ax_f.set_xlabel("mean FFN importance")
+    ax_f.set_title("FFN", fontsize=10)
+    for side in ("top", "right"):
+        ax_f.spines[side].set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def domain_comparison(component_importance, specialisation, *, general: str, n_layers: int, n_heads: int):
+    """Paper figure 10: mean head importance (layer x head) per domain, general domain first; heads
+    specialised for a domain (high there, low in general) are outlined; FFN importance per layer below."""
+    import polars as pl
+
+    plt = _pyplot()
+    from matplotlib.colors import PowerNorm
+
+    domains = [general] + sorted(set(component_importance["domain"].to_list()) - {general})
+    heads = component_importance.filter(pl.col("component") == "head")
+    vmax = float(heads["importance"].max() or 1.0)
+    fig, axes = plt.subplots(2, len(domains), figsize=(max(6.0, 1.9 * len(domains)), 0.2 * n_layers + 4.5),
+                             gridspec_kw={"height_ratios": [3, 1]}, squeeze=False)
+    im = None
+    for col, domain in enumerate(domains):
+        ax = axes[0, col]
+        grid = _grid(heads.filter(pl.col("domain") == domain), "importance", n_layers, n_heads)
+        # square-root colour scale: a few dominant heads must not hide the rest
+        im = ax.imshow(grid, origin="lower", aspect="auto", cmap="magma", norm=PowerNorm(0.5, vmin=0, vmax=vmax))
+        spec = specialisation.filter((pl.col("domain") == domain) & pl.col("specialised"))
+        if spec.height:
+            ax.scatter(spec["head"].to_list(), spec["layer"].to_list(), s=70, facecolors="none",
+                       edgecolors="#00e5ff", linewidths=1.8)
+        ax.set_title(domain + (" (general)" if domain == general else ""), fontsize=9)
+        ax.set_xticks([])
+        if col == 0:
+            ax.set_ylabel("layer")
+        else:
+            ax.set_yticks([])
+        ffn = component_importance.filter((pl.col("domain") == domain) & (pl.col("component") == "ffn")).sort("layer")
+        axes[1, col].bar(ffn["layer"].to_list(), ffn["importance"].to_list(), color="#f5a25d", width=0.9)
+        axes[1, col].set_ylim(0, 1)
+        axes[1, col].set_xlabel("layer (FFN)", fontsize=8)
+        if col:
+            axes[1, col].set_yticks([])
+    fig.colorbar(im, ax=axes[0, :].tolist(), fraction=0.02, pad=0.01, label="mean head importance")
+    fig.suptitle("Average importance of heads and FFNs per domain; cyan: specialised for that domain", fontsize=10)
+    return fig

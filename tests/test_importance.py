@@ -165,3 +165,14 @@ def test_the_benchmarked_materialising_algorithm_matches_the_reference():
     got = materialising_importances(model, ids)
     for name in ("attn", "attn_residual", "ffn", "ffn_residual"):
         np.testing.assert_allclose(got[name], ref[name], atol=TOL, rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("case", ["gpt2", "mistral", "neox-parallel"])
+def test_batched_right_padded_pass_equals_single_passes(case):
+    model = tiny_model(case, seed=4)
+    seqs = [_ids(T, seed=T) for T in (5, 12, 1, 9)]
+    batch = flowray.api.edge_importances_batch(model, seqs)
+    for ids, got in zip(seqs, batch):
+        ref = reference_importances(model, ids)
+        _assert_close(got, ref)
+        np.testing.assert_array_equal(got.token_ids, ids[0].numpy())

@@ -148,6 +148,17 @@ def _load_error(spec: str, exc: Exception) -> UnknownModelError:
     )
 
 
+def load_tokenizer(spec: str = "smollm2", *, trust_remote_code: bool = False):
+    """Only the tokenizer of ``spec`` (the corpus job's driver needs it to prepare task prompts)."""
+    from transformers import AutoTokenizer
+
+    source, extra = _resolve(spec)
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+    except (OSError, ValueError) as exc:
+        raise _load_error(spec, exc) from exc
+
+
 def load_model(
     spec: str = "smollm2",
     *,

@@ -1,0 +1,58 @@
+"""``flowray job ...`` subcommands (registered by flowray.cli; heavy imports happen in the handlers)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _config(args):
+    from flowray.config import JobConfig, default_config_path
+
+    path = Path(args.config)
+    if not path.suffix and not path.exists():  # a shipped config by name: default, shared_data
+        path = default_config_path(args.config)
+    return JobConfig.from_yaml(path, overrides=args.set)
+
+
+def cmd_run(args) -> int:
+    from flowray.pipeline.job import run_job
+
+    config = _config(args)
+    result = run_job(config)
+    m = result.manifest
+    c = m["counts"]
+    print(f"\nrun {m['run_name']}: {c['texts_in']} texts, {c['predictions_written']} predictions, "
+          f"{c['error_rows']} error rows ({m['elapsed_s']} s)")
+    print(f"  tables : {result.run_uri}/tables/")
+    print(f"  figures: {', '.join(f'{result.run_uri}/{f}' for f in m['figures'])}")
+    print(f"  summary: {result.run_uri}/summary.md")
+    if args.show_summary:
+        from flowray.pipeline.storage import Storage
+
+        print("\n" + Storage(result.run_uri).read_bytes("summary.md").decode())
+    return 0
+
+
+def cmd_validate(args) -> int:
+    config = _config(args)
+    print(f"config OK: {len(config.corpora)} corpora ({', '.join(c.domain for c in config.corpora)}), "
+          f"content hash {config.content_hash()}")
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser("job", help="the corpus job on Ray (embedded local Ray or a cluster)")
+    sub = p.add_subparsers(dest="job_command", required=True)
+    for name, handler, text in (("run", cmd_run, "run or resume a job"),
+                                ("validate", cmd_validate, "check a job config without running it")):
+        q = sub.add_parser(name, help=text)
+        q.add_argument("--config", default="default",
+                       help="YAML job config, or a shipped one by name: default (embedded), shared_data")
+        q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a top-level config key, e.g. --set texts_per_domain=8 (repeatable)")
+        if name == "run":
+            q.add_argument("--show-summary", action="store_true", help="print summary.md at the end")
+        q.set_defaults(handler=handler)

@@ -1,0 +1,121 @@
+"""The corpus job: prepare shards -> Ray actor pool of model replicas -> reduce tables -> manifest.
+
+The same code runs on a laptop (``ray.init()`` starts an embedded local Ray) and under ``ray job submit``
+(``RAY_ADDRESS`` is set, so ``ray.init()`` joins the cluster; each actor asks for ``gpus_per_actor``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+from flowray.config import JobConfig
+from flowray.pipeline.prepare import prepare
+from flowray.pipeline.reduce import reduce_run
+from flowray.pipeline.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_uri: str
+    manifest: dict
+
+
+def run_job(config: JobConfig, *, crash_once: dict | None = None, ray_init: dict | None = None) -> RunResult:
+    """Run (or resume) the job described by ``config``; returns where it wrote and its manifest."""
+    from flowray.models.loading import load_tokenizer
+
+    started = time.time()
+    storage = Storage(f"{config.output.rstrip('/')}/{config.run_name}")
+    log.info("run directory: %s", storage.uri)
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    index = prepare(config, storage, tokenizer)  # every config/corpus error surfaces here, before Ray
+    storage.write_json("config.json", config.to_dict())
+    done = set(name.removesuffix(".json") for name in storage.list("done", ".json"))
+    pending = [s["shard_id"] for s in index["shards"] if s["shard_id"] not in done]
+    log.info("%d shards, %d already done, %d to process", len(index["shards"]), len(done), len(pending))
+    if pending:
+        _map_stage(config, storage, pending, index, crash_once=crash_once, ray_init=ray_init or {})
+    manifest = reduce_run(config, storage, index, started=started, resumed_shards=len(done))
+    return RunResult(run_uri=storage.uri, manifest=manifest)
+
+
+def _map_stage(config: JobConfig, storage: Storage, pending: list[str], index: dict, *, crash_once, ray_init) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(**ray_init)  # inside `ray job submit` or pointed at a cluster
+        else:
+            # embedded local Ray: enough logical CPUs for the pool even on a 2-core laptop
+            need = int(config.actors * max(config.cpus_per_actor, 1)) + 1
+            ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
+                     configure_logging=True, logging_level=logging.WARNING, **ray_init)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = sys.stderr.isatty()
+    storage_uri = storage.uri if not storage.is_local else os.path.abspath(storage.uri)
+    texts = {s["shard_id"]: s["texts"] for s in index["shards"]}
+    flow_kwargs = dict(
+        model=config.model, dtype=config.dtype, device=config.device, taus=config.tau,
+        max_tokens=config.max_tokens, truncate=config.truncate, batch_size=config.batch_size,
+        trust_remote_code=config.trust_remote_code,
+        torch_threads=max(1, int(config.cpus_per_actor)) if not config.gpus_per_actor else None,
+    )
+    from flowray.pipeline.worker import ShardWorker
+
+    ds = ray.data.from_items([{"shard_id": s} for s in pending], override_num_blocks=len(pending))
+    ds = ds.map_batches(
+        ShardWorker,
+        fn_constructor_kwargs=dict(run_uri=storage_uri, crash_once=crash_once, **flow_kwargs),
+        # a shard is a big unit of work: one in flight per actor, so no shard queues behind a busy replica
+        compute=ray.data.ActorPoolStrategy(min_size=config.min_actors or config.actors, max_size=config.actors,
+                                           max_tasks_in_flight_per_actor=1),
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=config.cpus_per_actor,
+        num_gpus=config.gpus_per_actor,
+    )
+    progress = _Progress(len(pending), sum(texts[s] for s in pending), config.progress_interval_s)
+    for row in ds.iter_rows():
+        progress.update(row)
+    progress.close()
+
+
+class _Progress:
+    """A tqdm bar in a terminal; a log line every ``interval`` seconds otherwise (``ray job logs``)."""
+
+    def __init__(self, shards: int, texts: int, interval: float):
+        self.shards, self.texts, self.interval = shards, texts, interval
+        self.done = self.done_texts = self.predictions = self.errors = 0
+        self.t0 = self.last = time.time()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=texts, unit="text", desc="flow routes", file=sys.stderr)
+
+    def update(self, row: dict) -> None:
+        self.done += 1
+        self.done_texts += int(row["texts"])
+        self.predictions += int(row["predictions"])
+        self.errors += int(row["errors"])
+        if self.bar is not None:
+            self.bar.update(int(row["texts"]))
+            self.bar.set_postfix(shards=f"{self.done}/{self.shards}", predictions=self.predictions, errors=self.errors)
+        now = time.time()
+        if self.bar is None and (now - self.last >= self.interval or self.done == self.shards):
+            self.last = now
+            rate = self.done_texts / max(now - self.t0, 1e-9)
+            eta = (self.texts - self.done_texts) / rate if rate else float("nan")
+            log.info("map: %d/%d shards, %d/%d texts, %d predictions, %d error rows, %.0f s elapsed, ETA %.0f s",
+                     self.done, self.shards, self.done_texts, self.texts, self.predictions, self.errors,
+                     now - self.t0, eta)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,92 @@
+"""A run directory on a local disk or in a bucket (``s3://``, ``gs://``) through ``pyarrow.fs``.
+
+Every file is written whole: locally to a temporary name then renamed (atomic on POSIX), in a bucket by a
+single PUT (objects appear whole or not at all). Readers therefore never see half a shard.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+
+@dataclass(frozen=True)
+class Storage:
+    """The root of a run: ``uri`` is a local path or a ``scheme://`` URI."""
+
+    uri: str
+
+    @property
+    def is_local(self) -> bool:
+        return "://" not in self.uri or self.uri.startswith("file://")
+
+    def _fs(self) -> tuple[pafs.FileSystem, str]:
+        if self.is_local:
+            return pafs.LocalFileSystem(), os.path.abspath(self.uri.removeprefix("file://"))
+        return pafs.FileSystem.from_uri(self.uri)
+
+    def path(self, rel: str) -> str:
+        """A path inside the run that pyarrow/polars readers understand (local path or full URI)."""
+        if self.is_local:
+            return os.path.join(self._fs()[1], rel)
+        return self.uri.rstrip("/") + "/" + rel
+
+    def child(self, rel: str) -> Storage:
+        return Storage(self.path(rel))
+
+    # --- writing ---------------------------------------------------------------------------------
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        fs, root = self._fs()
+        target = f"{root}/{rel}"
+        parent = target.rsplit("/", 1)[0]
+        fs.create_dir(parent, recursive=True)
+        if self.is_local:
+            tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+            with fs.open_output_stream(tmp) as fh:
+                fh.write(data)
+            fs.move(tmp, target)  # atomic rename
+        else:
+            with fs.open_output_stream(target) as fh:
+                fh.write(data)
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode("utf-8"))
+
+    def write_json(self, rel: str, obj) -> None:
+        self.write_text(rel, json.dumps(obj, indent=1, sort_keys=True, default=str))
+
+    def write_table(self, rel: str, table: pa.Table) -> None:
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        self.write_bytes(rel, buf.getvalue())
+
+    # --- reading ---------------------------------------------------------------------------------
+    def exists(self, rel: str) -> bool:
+        fs, root = self._fs()
+        return fs.get_file_info(f"{root}/{rel}").type != pafs.FileType.NotFound
+
+    def read_bytes(self, rel: str) -> bytes:
+        fs, root = self._fs()
+        with fs.open_input_stream(f"{root}/{rel}") as fh:
+            return fh.read()
+
+    def read_json(self, rel: str):
+        return json.loads(self.read_bytes(rel))
+
+    def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+        fs, root = self._fs()
+        return pq.read_table(f"{root}/{rel}", filesystem=fs, columns=columns)
+
+    def list(self, rel_dir: str, suffix: str = "") -> list[str]:
+        """File names (not paths) directly in ``rel_dir``, sorted; [] if it does not exist."""
+        fs, root = self._fs()
+        selector = pafs.FileSelector(f"{root}/{rel_dir}", allow_not_found=True)
+        names = [info.base_name for info in fs.get_file_info(selector) if info.type == pafs.FileType.File]
+        return sorted(n for n in names if n.endswith(suffix) and not n.startswith(".tmp-"))

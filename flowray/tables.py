@@ -1,0 +1,368 @@
+"""Parquet schemas of the corpus job and the pure aggregations behind its tables (numpy/pyarrow/polars).
+
+One row per prediction (``PREDICTIONS``), one row per failed text (``ERRORS``); the reduce stage folds
+prediction files into an ``Accumulator`` (memory ~ domains x components, whatever the corpus size) and
+turns it into the tables the paper's sections 4 and 5 read. No torch, transformers or ray here.
+
+Head indices are flat: ``layer * n_heads + head`` (layers 0-based). Component vectors are the paper's
+section 4 vectors: ``L * H`` head importances ``sum_j e^h_{pos,j}`` (layer-major) then ``L`` FFN ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+# --- head-role criteria (paper section 4.3) ----------------------------------------------------------
+MAJORITY = 0.5  # "more than half of its influence"
+ROLE_FRACTION = 0.7  # "in at least 70% of the cases"
+SILENT_INFLUENCE = 5e-5  # "overall influence is no more than 0.005%"
+# domain specialisation: a head counts as specialised when its mean importance in the domain is at least
+# SPECIALISED_RATIO times the general domain's and among the domain's top SPECIALISED_TOP_FRACTION heads
+SPECIALISED_RATIO = 2.0
+SPECIALISED_TOP_FRACTION = 0.05
+
+
+def route_heads_column(tau: float) -> str:
+    """Column with the flat head ids in each prediction's route at ``tau``, e.g. ``route_heads@0.01``."""
+    return f"route_heads@{tau:g}"
+
+
+def route_ffn_column(tau: float) -> str:
+    """Column with the layers whose FFN edge is in each prediction's route at ``tau``."""
+    return f"route_ffn@{tau:g}"
+
+
+def predictions_schema(taus) -> pa.Schema:
+    """One row per prediction (a position of a text). Declared once; writers and readers use it."""
+    fields = [
+        pa.field("domain", pa.string(), nullable=False),
+        pa.field("shard_id", pa.string(), nullable=False),
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("position", pa.int32(), nullable=False),
+        pa.field("n_tokens", pa.int32(), nullable=False),
+        pa.field("token_id", pa.int32(), nullable=False),
+        pa.field("token", pa.string()),
+        pa.field("next_token_id", pa.int32()),  # from the text (or a task's answer); null when unknown
+        pa.field("next_token", pa.string()),
+        pa.field("predicted_id", pa.int32()),  # the model's top-1 next token
+        pa.field("word_index", pa.int32()),
+        pa.field("first_subword", pa.bool_()),
+        pa.field("pos", pa.string()),  # universal POS of the input token's word (null: not English / no tagger)
+        pa.field("next_pos", pa.string()),  # ... of the next token's word
+        pa.field("target", pa.bool_(), nullable=False),  # counted in activation/importance tables
+        pa.field("component_importance", pa.list_(pa.float32())),  # [L*H + L]
+        pa.field("prev_token_share", pa.list_(pa.float32())),  # [L*H] share of each head's influence on pos-1
+        pa.field("same_word_share", pa.list_(pa.float32())),  # [L*H] ... on earlier subwords of the same word
+    ]
+    for tau in taus:
+        fields.append(pa.field(route_heads_column(tau), pa.list_(pa.uint16())))
+        fields.append(pa.field(route_ffn_column(tau), pa.list_(pa.uint16())))
+    return pa.schema(fields)
+
+
+ERRORS = pa.schema([
+    pa.field("domain", pa.string(), nullable=False),
+    pa.field("shard_id", pa.string(), nullable=False),
+    pa.field("doc_id", pa.string(), nullable=False),
+    pa.field("error_type", pa.string(), nullable=False),
+    pa.field("error", pa.string(), nullable=False),
+    pa.field("traceback", pa.string()),
+    pa.field("n_chars", pa.int32()),
+])
+
+SHARD_INPUT = pa.schema([
+    pa.field("shard_id", pa.string(), nullable=False),
+    pa.field("doc_id", pa.string(), nullable=False),
+    pa.field("domain", pa.string(), nullable=False),
+    pa.field("language", pa.string(), nullable=False),
+    pa.field("is_task", pa.bool_(), nullable=False),
+    pa.field("text", pa.string()),
+    pa.field("meta", pa.string()),  # JSON
+])
+
+
+# --- per-text rows ---------------------------------------------------------------------------------
+def head_shares(attn: np.ndarray, word_index: np.ndarray, first_subword: np.ndarray):
+    """Per prediction and head: the share of the head's influence on the previous token and on earlier
+    subwords of the same word.
+
+    attn ``[L, H, T, T]`` sub-edge importances; word_index/first_subword ``[T]``.
+    Returns (head_total ``[T, L*H]``, prev ``[T, L*H]``, same_word ``[T, L*H]``); shares are NaN where
+    undefined (position 0, a head with zero influence, or — for same_word — a first subword).
+    """
+    L, H, T, _ = attn.shape
+    total = attn.sum(-1)  # [L, H, T]
+    prev = np.full((L, H, T), np.nan, dtype=np.float32)
+    if T > 1:
+        idx = np.arange(1, T)
+        prev[:, :, 1:] = attn[:, :, idx, idx - 1]
+    same = (word_index[:, None] == word_index[None, :]) & (word_index[:, None] >= 0)  # [pos, j]
+    same &= np.tri(T, k=-1, dtype=bool)  # earlier positions only
+    same_word = np.einsum("lhpj,pj->lhp", attn, same.astype(attn.dtype))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        prev = np.where(total > 0, prev / total, np.nan)
+        same_word = np.where((total > 0) & ~first_subword[None, None, :], same_word / total, np.nan)
+
+    def flat(a):  # [L, H, T] -> [T, L*H]
+        return np.ascontiguousarray(a.transpose(2, 0, 1).reshape(T, L * H)).astype(np.float32)
+
+    return flat(total), flat(prev), flat(same_word)
+
+
+def _list_column(matrix: np.ndarray, value_type) -> pa.ListArray:
+    """Rows of a 2-D array as a list column (one list per row)."""
+    n, k = matrix.shape
+    offsets = np.arange(0, (n + 1) * k, k, dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(matrix.reshape(-1), type=value_type))
+
+
+def _ragged_column(rows: list[np.ndarray], value_type) -> pa.ListArray:
+    lengths = np.array([len(r) for r in rows], dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    flat = np.concatenate(rows) if rows and lengths.sum() else np.zeros(0)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=value_type))
+
+
+@dataclass
+class TextRows:
+    """What one text contributes; ``table()`` gives the Arrow rows."""
+
+    domain: str
+    shard_id: str
+    doc_id: str
+    token_ids: np.ndarray  # [T]
+    tokens: list[str]
+    next_ids: list[int | None]  # [T]
+    next_tokens: list[str | None]
+    predicted_ids: np.ndarray  # [T]
+    word_index: np.ndarray  # [T]
+    first_subword: np.ndarray  # [T]
+    pos: list[str | None]
+    next_pos: list[str | None]
+    target: np.ndarray  # [T] bool
+    components: np.ndarray  # [T, L*H + L]
+    prev_share: np.ndarray  # [T, L*H]
+    same_word_share: np.ndarray  # [T, L*H]
+    route_heads: dict = field(default_factory=dict)  # tau -> list of [T] arrays of flat head ids
+    route_ffn: dict = field(default_factory=dict)  # tau -> list of [T] arrays of layers
+
+    def table(self, schema: pa.Schema) -> pa.Table:
+        T = len(self.token_ids)
+        cols = {
+            "domain": pa.array([self.domain] * T, pa.string()),
+            "shard_id": pa.array([self.shard_id] * T, pa.string()),
+            "doc_id": pa.array([self.doc_id] * T, pa.string()),
+            "position": pa.array(np.arange(T, dtype=np.int32)),
+            "n_tokens": pa.array(np.full(T, T, dtype=np.int32)),
+            "token_id": pa.array(self.token_ids.astype(np.int32)),
+            "token": pa.array(self.tokens, pa.string()),
+            "next_token_id": pa.array(self.next_ids, pa.int32()),
+            "next_token": pa.array(self.next_tokens, pa.string()),
+            "predicted_id": pa.array(self.predicted_ids.astype(np.int32)),
+            "word_index": pa.array(self.word_index.astype(np.int32)),
+            "first_subword": pa.array(self.first_subword.astype(bool)),
+            "pos": pa.array(self.pos, pa.string()),
+            "next_pos": pa.array(self.next_pos, pa.string()),
+            "target": pa.array(self.target.astype(bool)),
+            "component_importance": _list_column(self.components.astype(np.float32), pa.float32()),
+            "prev_token_share": _list_column(self.prev_share, pa.float32()),
+            "same_word_share": _list_column(self.same_word_share, pa.float32()),
+        }
+        for tau, rows in self.route_heads.items():
+            cols[route_heads_column(tau)] = _ragged_column(rows, pa.uint16())
+        for tau, rows in self.route_ffn.items():
+            cols[route_ffn_column(tau)] = _ragged_column(rows, pa.uint16())
+        return pa.table([cols[f.name] for f in schema], schema=schema)
+
+
+def component_vectors(attn: np.ndarray, ffn: np.ndarray) -> np.ndarray:
+    """``[T, L*H + L]``: per prediction, each head's summed sub-edge importance then each FFN's importance."""
+    L, H, T, _ = attn.shape
+    heads = attn.sum(-1).transpose(2, 0, 1).reshape(T, L * H)
+    return np.concatenate([heads, ffn.T], axis=1).astype(np.float32)
+
+
+# --- reduce ----------------------------------------------------------------------------------------
+@dataclass
+class _DomainStats:
+    n_layers: int
+    n_heads: int
+    taus: tuple
+    texts: set = field(default_factory=set)
+    n_rows: int = 0
+    n_target: int = 0
+    head_active: dict = field(default_factory=dict)  # tau -> [L*H] counts over target rows
+    ffn_active: dict = field(default_factory=dict)  # tau -> [L]
+    comp_sum: np.ndarray | None = None  # [L*H + L] over target rows
+    prev_n: int = 0
+    prev_major: np.ndarray | None = None  # [L*H] rows (position >= 1) with prev share > 1/2
+    later_n: int = 0
+    same_major: np.ndarray | None = None  # [L*H] later-subword rows with same-word share > 1/2
+    first_n: int = 0
+    first_silent: np.ndarray | None = None  # [L*H] first-subword rows with head total <= 5e-5
+    pos_sum: dict = field(default_factory=dict)  # (kind, tag) -> [L*H + L] sum over target rows
+    pos_n: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        LH, L = self.n_layers * self.n_heads, self.n_layers
+        self.comp_sum = np.zeros(LH + L)
+        self.prev_major = np.zeros(LH)
+        self.same_major = np.zeros(LH)
+        self.first_silent = np.zeros(LH)
+        for tau in self.taus:
+            self.head_active[tau] = np.zeros(LH)
+            self.ffn_active[tau] = np.zeros(L)
+
+
+def _matrix(column: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
+    """A fixed-width list column as a ``[rows, width]`` float array."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    values = arr.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(len(arr), width) if len(arr) else np.zeros((0, width))
+
+
+class Accumulator:
+    """Folds prediction batches (Arrow tables) into per-domain counts; ``tables()`` finalises them."""
+
+    def __init__(self, n_layers: int, n_heads: int, taus, general_domain: str):
+        self.L, self.H = n_layers, n_heads
+        self.taus = tuple(taus)
+        self.general = general_domain
+        self.domains: dict[str, _DomainStats] = {}
+
+    def _stats(self, domain: str) -> _DomainStats:
+        if domain not in self.domains:
+            self.domains[domain] = _DomainStats(self.L, self.H, self.taus)
+        return self.domains[domain]
+
+    def update(self, table: pa.Table) -> None:
+        LH = self.L * self.H
+        for domain in _unique(table.column("domain")):
+            part = table.filter(pc.equal(table.column("domain"), domain))
+            st = self._stats(domain)
+            st.texts.update(part.column("doc_id").to_pylist())
+            st.n_rows += part.num_rows
+            target = part.column("target").to_numpy(zero_copy_only=False).astype(bool)
+            position = part.column("position").to_numpy()
+            first = part.column("first_subword").to_numpy(zero_copy_only=False).astype(bool)
+            comps = _matrix(part.column("component_importance"), LH + self.L)
+            st.n_target += int(target.sum())
+            st.comp_sum += comps[target].sum(0)
+            prev = _matrix(part.column("prev_token_share"), LH)
+            same = _matrix(part.column("same_word_share"), LH)
+            has_prev = position >= 1
+            st.prev_n += int(has_prev.sum())
+            st.prev_major += np.nan_to_num(prev[has_prev] > MAJORITY).sum(0)
+            later = ~first & has_prev
+            st.later_n += int(later.sum())
+            st.same_major += np.nan_to_num(same[later] > MAJORITY).sum(0)
+            st.first_n += int(first.sum())
+            st.first_silent += (comps[first, :LH] <= SILENT_INFLUENCE).sum(0)
+            for tau in self.taus:
+                heads = part.column(route_heads_column(tau)).filter(pa.array(target))
+                flat = heads.combine_chunks().flatten().to_numpy(zero_copy_only=False) if len(heads) else []
+                st.head_active[tau] += np.bincount(np.asarray(flat, dtype=np.int64), minlength=LH)[:LH]
+                ffn = part.column(route_ffn_column(tau)).filter(pa.array(target))
+                flat = ffn.combine_chunks().flatten().to_numpy(zero_copy_only=False) if len(ffn) else []
+                st.ffn_active[tau] += np.bincount(np.asarray(flat, dtype=np.int64), minlength=self.L)[: self.L]
+            for kind in ("pos", "next_pos"):
+                tags = np.asarray(part.column(kind).to_pylist(), dtype=object)
+                for tag in set(tags[target].tolist()) - {None}:
+                    rows = target & (tags == tag)
+                    key = (kind, tag)
+                    st.pos_sum[key] = st.pos_sum.get(key, 0) + comps[rows].sum(0)
+                    st.pos_n[key] = st.pos_n.get(key, 0) + int(rows.sum())
+
+    # --- finalise ---------------------------------------------------------------------------------
+    def _layer_head(self):
+        layers = np.repeat(np.arange(self.L), self.H)
+        heads = np.tile(np.arange(self.H), self.L)
+        return layers, heads
+
+    def tables(self) -> dict[str, pl.DataFrame]:
+        layers, heads = self._layer_head()
+        LH = self.L * self.H
+        act, ffn_act, comp, roles, pos_rows, summary = [], [], [], [], [], []
+        for domain, st in sorted(self.domains.items()):
+            n = max(st.n_target, 1)
+            summary.append({"domain": domain, "texts": len(st.texts), "predictions": st.n_rows,
+                            "target_predictions": st.n_target})
+            for tau in self.taus:
+                act.append(pl.DataFrame({"domain": domain, "tau": float(tau), "layer": layers, "head": heads,
+                                         "frequency": st.head_active[tau] / n, "n_predictions": st.n_target}))
+                ffn_act.append(pl.DataFrame({"domain": domain, "tau": float(tau), "layer": np.arange(self.L),
+                                             "frequency": st.ffn_active[tau] / n, "n_predictions": st.n_target}))
+            mean = st.comp_sum / n
+            comp.append(pl.DataFrame({"domain": domain, "component": ["head"] * LH + ["ffn"] * self.L,
+                                      "layer": np.concatenate([layers, np.arange(self.L)]),
+                                      "head": [int(h) for h in heads] + [None] * self.L,
+                                      "importance": mean}))
+            roles.append(self._roles(domain, st.prev_major, st.prev_n, st.same_major, st.later_n,
+                                     st.first_silent, st.first_n))
+            for (kind, tag), total in sorted(st.pos_sum.items()):
+                count = st.pos_n[(kind, tag)]
+                pos_rows.append(pl.DataFrame({
+                    "domain": domain, "pos_of": "input" if kind == "pos" else "next", "pos": tag, "n": count,
+                    "component": ["head"] * LH + ["ffn"] * self.L,
+                    "layer": np.concatenate([layers, np.arange(self.L)]),
+                    "head": [int(h) for h in heads] + [None] * self.L, "importance": total / count}))
+        # roles over every domain together
+        if self.domains:
+            sts = list(self.domains.values())
+            roles.append(self._roles(
+                "*all*", sum(s.prev_major for s in sts), sum(s.prev_n for s in sts),
+                sum(s.same_major for s in sts), sum(s.later_n for s in sts),
+                sum(s.first_silent for s in sts), sum(s.first_n for s in sts)))
+        component = pl.concat(comp) if comp else pl.DataFrame()
+        return {
+            "head_activation": pl.concat(act) if act else pl.DataFrame(),
+            "ffn_activation": pl.concat(ffn_act) if ffn_act else pl.DataFrame(),
+            "component_importance": component,
+            "head_roles": pl.concat(roles) if roles else pl.DataFrame(),
+            "domain_specialisation": specialisation(component, self.general) if comp else pl.DataFrame(),
+            "pos_importance": pl.concat(pos_rows) if pos_rows else pl.DataFrame(),
+            "domain_summary": pl.DataFrame(summary),
+        }
+
+    def _roles(self, domain, prev_major, prev_n, same_major, later_n, first_silent, first_n) -> pl.DataFrame:
+        layers, heads = self._layer_head()
+        prev_frac = prev_major / max(prev_n, 1)
+        same_frac = same_major / max(later_n, 1)
+        silent_frac = first_silent / max(first_n, 1)
+        is_prev = (prev_frac >= ROLE_FRACTION) & (prev_n > 0)
+        is_merge = (same_frac >= ROLE_FRACTION) & (silent_frac >= ROLE_FRACTION) & ~is_prev & (later_n > 0)
+        role = np.where(is_prev, "previous_token", np.where(is_merge, "subword_merging", None))
+        return pl.DataFrame({
+            "domain": domain, "layer": layers, "head": heads,
+            "previous_token_fraction": prev_frac, "subword_merging_fraction": same_frac,
+            "first_subword_silent_fraction": silent_frac, "cases_previous": prev_n,
+            "cases_later_subword": later_n, "cases_first_subword": first_n,
+            "role": pl.Series(role.tolist(), dtype=pl.String),
+        })
+
+
+def specialisation(component: pl.DataFrame, general: str) -> pl.DataFrame:
+    """Each domain's mean head importance next to the general domain's; flags specialised heads."""
+    heads = component.filter(pl.col("component") == "head").select("domain", "layer", "head", "importance")
+    gen = heads.filter(pl.col("domain") == general).select("layer", "head",
+                                                            pl.col("importance").alias("general_importance"))
+    out = heads.join(gen, on=["layer", "head"], how="left").with_columns(
+        (pl.col("importance") - pl.col("general_importance")).alias("difference"),
+        (pl.col("importance") / pl.col("general_importance")).alias("ratio"),
+        pl.col("importance").rank(descending=True, method="min").over("domain").alias("rank_in_domain"),
+    )
+    n_heads = heads.group_by("domain").len().select(pl.col("len").max()).item() if heads.height else 0
+    top = max(1, int(round(SPECIALISED_TOP_FRACTION * n_heads)))
+    return out.with_columns(
+        ((pl.col("domain") != general) & (pl.col("ratio") >= SPECIALISED_RATIO)
+         & (pl.col("rank_in_domain") <= top)).alias("specialised")
+    ).sort("domain", "layer", "head")
+
+
+def _unique(column) -> list[str]:
+    return sorted(set(pc.unique(column).to_pylist()))

@@ -1,0 +1,79 @@
+"""Job config validation: unknown keys, bad values, bad sources — clear errors before anything runs."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from flowray.config import JobConfig, default_config_path
+from flowray.errors import ConfigError
+
+BASE = {"corpora": [{"domain": "prose", "source": {"kind": "pydoc_topics"}}]}
+
+
+def _cfg(**changes):
+    return JobConfig.from_dict({**BASE, **changes})
+
+
+def test_shipped_configs_validate():
+    default = JobConfig.from_yaml(default_config_path("default"))
+    assert default.general == "prose" and default.model == "smollm2"
+    assert {c.domain for c in default.corpora} >= {"prose", "code", "ioi", "ioi_contrastive", "addition"}
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"texts_per_domian": 3}, "unknown key(s) 'texts_per_domian'; allowed keys:"),
+    ({"tau": [0.01, 1.5]}, "strictly between 0 and 1; got 1.5"),
+    ({"tau": []}, "at least one threshold"),
+    ({"tau": [0.01, 0.01]}, "distinct"),
+    ({"actors": 0}, "actors: expected a positive integer; got 0"),
+    ({"actors": "two"}, "actors: expected an integer; got 'two'"),
+    ({"batch_size": True}, "batch_size: expected an integer; got True"),
+    ({"dtype": "float64"}, "dtype: expected one of float32, float16, bfloat16; got 'float64'"),
+    ({"general_domain": "c4"}, "general_domain: 'c4' is not one of the corpora's domains (prose)"),
+    ({"gpus_per_actor": -1}, "gpus_per_actor: expected a non-negative number"),
+    ({"min_actors": 5}, "min_actors: expected 1..actors (2); got 5"),
+    ({"run_name": "a b"}, "run_name: use letters"),
+    ({"corpora": []}, "at least one corpus"),
+    ({"corpora": [{"domain": "x", "source": {"kind": "pydoc_topics"}}, {"domain": "x", "source": {"kind": "stdlib_code"}}]},
+     "unique; repeated: x"),
+    ({"corpora": [{"domain": "x", "sorce": {"kind": "pydoc_topics"}}]}, "corpora[0]: unknown key(s) 'sorce'"),
+    ({"corpora": [{"domain": "x", "source": {"kind": "wikipedia"}}]}, "corpora[0].source"),
+    ({"corpora": [{"domain": "x", "source": {"kind": "jsonl", "paths": ["/nonexistent/file.jsonl"], "text_field": "text"}}]},
+     "/nonexistent/file.jsonl"),
+])
+def test_bad_configs_are_rejected_with_what_and_how(changes, message):
+    with pytest.raises(ConfigError) as exc:
+        _cfg(**changes)
+    assert message in str(exc.value)
+
+
+def test_yaml_overrides_and_missing_file(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "texts_per_domain": 5}))
+    cfg = JobConfig.from_yaml(path, overrides=["texts_per_domain=7", "tau=[0.02]"])
+    assert cfg.texts_per_domain == 7 and cfg.tau == (0.02,)
+    with pytest.raises(ConfigError, match="expected key=value"):
+        JobConfig.from_yaml(path, overrides=["texts_per_domain"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        JobConfig.from_yaml(tmp_path / "nope.yaml")
+    path.write_text("corpora: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        JobConfig.from_yaml(path)
+
+
+def test_relative_corpus_paths_resolve_against_the_config(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.jsonl").write_text('{"text": "hello"}\n')
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({"corpora": [{"domain": "a", "source": {
+        "kind": "jsonl", "paths": ["data/a.jsonl"], "text_field": "text"}}]}))
+    cfg = JobConfig.from_yaml(path)
+    assert cfg.corpora[0].source["paths"] == [str(tmp_path / "data" / "a.jsonl")]
+
+
+def test_content_hash_ignores_resources_but_not_science():
+    a = _cfg()
+    assert a.content_hash() == _cfg(actors=7, gpus_per_actor=1, batch_size=9, output="s3://b/x").content_hash()
+    assert a.content_hash() != _cfg(tau=[0.02]).content_hash()
+    assert a.content_hash() != _cfg(max_tokens=17).content_hash()

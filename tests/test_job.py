@@ -1,0 +1,151 @@
+"""The whole corpus job on an embedded local Ray: two actors, several shards, crashes, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import polars as pl
+import pytest
+import yaml
+
+from flowray.config import JobConfig
+from flowray.errors import ConfigError
+
+pytestmark = pytest.mark.slow
+
+
+def _write_corpus(tmp_path, n=10):
+    path = tmp_path / "notes.jsonl"
+    lines = [json.dumps({"body": f"Note {i}: the quick brown fox jumps over {i} lazy dogs."}) for i in range(n)]
+    lines[3] = json.dumps({"body": "  "})  # an empty text: must become an error row, not kill the job
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _config(tmp_path, model_dir, n_notes=10, **extra) -> dict:
+    return {
+        "run_name": "t", "model": str(model_dir), "output": str(tmp_path / "runs"), "max_tokens": 16,
+        "texts_per_domain": 10, "texts_per_shard": 2, "tau": [0.02, 0.05], "actors": 2, "batch_size": 2,
+        "general_domain": "notes", "progress_interval_s": 0.5,
+        "corpora": [
+            {"domain": "notes", "source": {"kind": "jsonl", "paths": [str(_write_corpus(tmp_path, n_notes))], "text_field": "body"}},
+            {"domain": "ioi", "texts": 4, "source": {"kind": "task", "task": "ioi", "variant": "original"}},
+        ],
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=3, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def _check_exactly_once(run_dir, expected_texts):
+    preds = pl.read_parquet(f"{run_dir}/predictions/*.parquet")
+    errors = pl.read_parquet(f"{run_dir}/errors/*.parquet")
+    docs = preds.select("domain", "doc_id").unique()
+    ids = [(r["domain"], r["doc_id"]) for r in docs.iter_rows(named=True)]
+    ids += [(r["domain"], r["doc_id"]) for r in errors.iter_rows(named=True)]
+    assert len(ids) == len(set(ids)) == expected_texts
+    # no prediction row written twice
+    assert preds.select("domain", "doc_id", "position").is_duplicated().sum() == 0
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["every_text_exactly_once"]
+    assert manifest["counts"]["texts_in"] == expected_texts
+    assert manifest["counts"]["predictions_written"] == preds.height
+    assert manifest["counts"]["error_rows"] == errors.height
+    return manifest
+
+
+def test_job_on_local_ray_with_two_actors(tmp_path, tiny_model_dir, local_ray):
+    from flowray.pipeline.job import run_job
+
+    cfg = JobConfig.from_dict(_config(tmp_path, tiny_model_dir))
+    result = run_job(cfg)
+    run_dir = tmp_path / "runs" / "t"
+    manifest = _check_exactly_once(run_dir, 14)
+    assert manifest["counts"]["error_rows"] == 1 and manifest["counts"]["shards"] == 7
+    workers = {json.loads(p.read_text())["worker"] for p in (run_dir / "done").iterdir()}
+    assert len(workers) == 2, "both actors should have taken shards"
+    for name in ("head_activation", "component_importance", "head_roles", "domain_specialisation",
+                 "ffn_activation", "pos_importance", "domain_summary", "errors"):
+        assert (run_dir / "tables" / f"{name}.parquet").is_file()
+    act = pl.read_parquet(run_dir / "tables" / "head_activation.parquet")
+    assert set(act["domain"]) == {"notes", "ioi"} and set(act["tau"]) == {0.02, 0.05}
+    assert act["frequency"].is_between(0, 1).all()
+    for fig in manifest["figures"]:
+        assert (run_dir / fig).read_bytes()[:4] == b"\x89PNG"
+    assert "previous-token heads" in (run_dir / "summary.md").read_text()
+    # re-running the finished run resumes: nothing to do, same outputs
+    again = run_job(cfg)
+    assert again.manifest["counts"]["shards_resumed"] == 7
+    assert again.manifest["counts"]["predictions_written"] == manifest["counts"]["predictions_written"]
+    assert result.run_uri.endswith("runs/t")
+
+
+def test_a_worker_that_dies_mid_shard_loses_nothing(tmp_path, tiny_model_dir, local_ray):
+    from flowray.pipeline.job import run_job
+
+    cfg = JobConfig.from_dict(_config(tmp_path, tiny_model_dir, run_name="crash"))
+    marker = tmp_path / "crashed"
+    run_job(cfg, crash_once={"shard_id": "notes-00002", "marker": str(marker)})
+    assert marker.is_file(), "the fault was not injected"
+    _check_exactly_once(tmp_path / "runs" / "crash", 14)
+
+
+def test_a_different_config_on_the_same_run_is_refused(tmp_path, tiny_model_dir, local_ray):
+    from flowray.pipeline.job import run_job
+
+    run_job(JobConfig.from_dict(_config(tmp_path, tiny_model_dir, run_name="same", texts_per_domain=2)))
+    with pytest.raises(ConfigError, match="different config"):
+        run_job(JobConfig.from_dict(_config(tmp_path, tiny_model_dir, run_name="same", texts_per_domain=3)))
+
+
+def test_bad_corpora_fail_before_any_actor_starts(tmp_path, tiny_model_dir, monkeypatch):
+    from flowray.pipeline import job
+    from flowray.pipeline.job import run_job
+
+    def no_actors(*_a, **_k):
+        raise AssertionError("the map stage (Ray actors) started for a config that cannot run")
+
+    monkeypatch.setattr(job, "_map_stage", no_actors)
+    bad_field = _config(tmp_path, tiny_model_dir)
+    bad_field["corpora"][0]["source"]["text_field"] = "text"  # the file has "body"
+    with pytest.raises(ConfigError, match="'text'"):
+        run_job(JobConfig.from_dict(bad_field))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    cfg = _config(tmp_path, tiny_model_dir, run_name="empty")
+    cfg["corpora"][0]["source"]["paths"] = [str(empty)]
+    with pytest.raises(ConfigError, match="yielded no documents"):
+        run_job(JobConfig.from_dict(cfg))
+
+
+def test_driver_stopped_mid_run_then_restarted(tmp_path, tiny_model_dir):
+    cfg = _config(tmp_path, tiny_model_dir, n_notes=24, run_name="stop", texts_per_domain=24, texts_per_shard=1,
+                  actors=1)
+    cfg_path = tmp_path / "job.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "flowray.cli", "job", "run", "--config", str(cfg_path)]
+    done_dir = tmp_path / "runs" / "stop" / "done"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (done_dir.is_dir() and len(list(done_dir.iterdir())) >= 2):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started, mid-run
+    proc.wait()
+    finished_before = len(list(done_dir.iterdir()))
+    assert 2 <= finished_before < 28, f"the kill should land mid-run ({finished_before} of 28 shards done)"
+    assert not (tmp_path / "runs" / "stop" / "manifest.json").exists()
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    manifest = _check_exactly_once(tmp_path / "runs" / "stop", 28)
+    assert manifest["counts"]["shards_resumed"] == finished_before
