@@ -1,0 +1,216 @@
+"""Token-to-word alignment and universal POS tags, for every prediction of a corpus (paper Section 4.1).
+
+Words are the spans of ``WORD_PATTERN`` (word characters, numbers such as 3.14, Penn-Treebank clitics
+"n't" / "'s", and each other non-space character on its own). A token belongs to the word that holds its
+first non-space character: SmolLM2's fast tokenizer gives " Mary" the span (0, 5), leading space
+included, and that space must not make the token a member of the previous word. Tokens with no
+non-space character (" ", "\\n", special tokens with empty spans) belong to no word (index -1).
+
+POS tags come from NLTK's averaged perceptron tagger mapped to the universal tagset (Petrov et al.
+2012), as in the paper, and every subword of a word gets its word's tag. The whole text is tagged as
+one word sequence (no sentence splitting, so punkt is not needed). The tagger data is found offline by
+``find_nltk_data``; nothing is downloaded and ``nltk.data.path`` is left untouched.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from flowray.errors import InputError, MissingDependencyError
+
+WORD_PATTERN = re.compile(
+    r"""
+      \w+(?=n['’]t\b)           # "do" of "don't": the tagger was trained on Treebank splits
+    | n['’]t\b                  # "n't"
+    | (?<=\w)['’](?:s|re|ve|ll|d|m)\b   # clitics "'s", "'re", ... right after a word
+    | \d+(?:[.,:]\d+)+          # 3.14, 1,000, 10:30 stay one number
+    | \w+
+    | [^\w\s]                   # any other visible character is a word of its own
+    """,
+    re.VERBOSE,
+)
+
+_TAGGER_DIR = Path("taggers") / "averaged_perceptron_tagger_eng"
+_TAGGER_FILES = ("weights", "tagdict", "classes")  # averaged_perceptron_tagger_eng.{name}.json
+_UNIVERSAL_MAP = Path("taggers") / "universal_tagset" / "en-ptb.map"
+_SHARED_NLTK = Path("shared") / "data" / "nltk_data"
+_ENGLISH = {"en", "eng"}
+
+
+@dataclass(frozen=True)
+class TokenWords:
+    """Per-token word membership and POS for one tokenized text (all lists have one entry per token)."""
+
+    word_index: list[int]  # index of the word the token belongs to; -1 for pure-whitespace tokens
+    first_subword: list[bool]  # True if the token is the first token of its word
+    pos: list[str | None]  # universal POS tag of the token's word; None when unavailable
+
+
+# ------------------------------------------------------------------------------------------ tagger
+
+
+def _nltk_search_path() -> list[str]:
+    try:
+        import nltk.data
+    except ImportError:  # pragma: no cover - nltk is a dependency
+        return []
+    return [str(p) for p in nltk.data.path if isinstance(p, (str, os.PathLike))]
+
+
+def _candidate_dirs() -> list[Path]:
+    """Where tagger data may live, in the order ``find_nltk_data`` tries them."""
+    found = [os.environ.get(var) for var in ("FLOWRAY_NLTK_DATA", "NLTK_DATA")]
+    dirs = [Path(p) for value in found if value for p in value.split(os.pathsep) if p]
+    dirs += [Path(p) for p in _nltk_search_path()]
+    # A checkout next to the project's shared folder (/work/main beside /work/shared) needs no setup.
+    for start in (Path.cwd(), Path(__file__).resolve().parent):
+        dirs += [parent / _SHARED_NLTK for parent in (start, *start.parents)]
+    return list(dict.fromkeys(dirs))
+
+
+def _has_tagger_data(directory: Path) -> bool:
+    files = [directory / _TAGGER_DIR / f"averaged_perceptron_tagger_eng.{name}.json" for name in _TAGGER_FILES]
+    return all(f.is_file() for f in files) and (directory / _UNIVERSAL_MAP).is_file()
+
+
+def find_nltk_data() -> str | None:
+    """A directory holding the English tagger and the universal tagset mapping, or None.
+
+    Tried in order: ``$FLOWRAY_NLTK_DATA``, ``$NLTK_DATA``, nltk's own search path, then a
+    ``shared/data/nltk_data`` folder in the current directory, the flowray package directory or any of
+    their parents. Only unzipped data counts (``taggers/averaged_perceptron_tagger_eng/*.json`` and
+    ``taggers/universal_tagset/en-ptb.map``).
+    """
+    for directory in _candidate_dirs():
+        if _has_tagger_data(directory):
+            return str(directory)
+    return None
+
+
+class UniversalTagger:
+    """NLTK's English perceptron tagger with its Penn Treebank tags mapped to the universal tagset."""
+
+    def __init__(self, directory: str):
+        from nltk.tag.perceptron import PerceptronTagger
+
+        self.directory = directory
+        root = Path(directory)
+        params = []
+        for name in _TAGGER_FILES:
+            with open(root / _TAGGER_DIR / f"averaged_perceptron_tagger_eng.{name}.json", encoding="utf-8") as f:
+                params.append(json.load(f))
+        # Loaded by hand rather than through nltk.data.find, which would need nltk.data.path changed.
+        self._tagger = PerceptronTagger(load=False)
+        weights, tagdict, classes = params
+        self._tagger.model.weights = weights
+        self._tagger.tagdict = tagdict
+        self._tagger.classes = self._tagger.model.classes = set(classes)
+        self._to_universal = _read_map(root / _UNIVERSAL_MAP)
+
+    def __call__(self, words: list[str]) -> list[str]:
+        """Universal tags (NOUN, VERB, ., ...) for a word sequence; unknown Treebank tags map to X."""
+        if not words:
+            return []
+        return [self._to_universal.get(tag, "X") for _, tag in self._tagger.tag(list(words))]
+
+
+def _read_map(path: Path) -> dict[str, str]:
+    """``PTB_TAG<TAB>UNIVERSAL_TAG`` lines as a dict."""
+    mapping = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            fine, coarse = line.split("\t")
+            mapping[fine.strip()] = coarse.strip()
+    return mapping
+
+
+@lru_cache(maxsize=4)
+def _load_tagger(directory: str) -> UniversalTagger:
+    return UniversalTagger(directory)
+
+
+def universal_tagger() -> Callable[[list[str]], list[str]]:
+    """The cached English universal-tagset tagger: ``tagger(words) -> tags``.
+
+    Raises MissingDependencyError, naming every place looked at, when the data cannot be found.
+    """
+    directory = find_nltk_data()
+    if directory is None:
+        looked = "\n  ".join(str(d) for d in _candidate_dirs())
+        raise MissingDependencyError(
+            "POS tags need NLTK's English tagger data (taggers/averaged_perceptron_tagger_eng/*.json and "
+            f"taggers/universal_tagset/en-ptb.map), found in none of:\n  {looked}\n"
+            "Fix: set FLOWRAY_NLTK_DATA (or NLTK_DATA) to a directory holding them, such as the project's "
+            "shared/data/nltk_data, or run `python -m nltk.downloader averaged_perceptron_tagger_eng "
+            "universal_tagset`"
+        )
+    return _load_tagger(directory)
+
+
+# ------------------------------------------------------------------------------------------- words
+
+
+def word_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans [start, end) of the words of ``text`` (see WORD_PATTERN), in order."""
+    return [m.span() for m in WORD_PATTERN.finditer(text)]
+
+
+def is_english(language: str) -> bool:
+    """"en", "eng", "en-US", "eng_Latn" (FLORES) and the like."""
+    return re.split(r"[-_]", language.strip().lower(), maxsplit=1)[0] in _ENGLISH
+
+
+def _check_offsets(text: str, offsets: list[tuple[int, int]]) -> None:
+    for i, span in enumerate(offsets):
+        start, end = span
+        if not 0 <= start <= end <= len(text):
+            raise InputError(
+                f"offsets[{i}] must be a span (start, end) with 0 <= start <= end <= len(text) = {len(text)}; "
+                f"got {span!r}; pass the fast tokenizer's return_offsets_mapping for this same text"
+            )
+
+
+def _token_word(text: str, start: int, end: int, starts: list[int], ends: list[int]) -> int:
+    """Index of the word holding the first non-space character of text[start:end], or -1."""
+    pos = start
+    while pos < end and text[pos].isspace():
+        pos += 1
+    if pos == end:
+        return -1
+    word = bisect.bisect_right(starts, pos) - 1
+    return word if word >= 0 and pos < ends[word] else -1
+
+
+def align_words(text: str, offsets: list[tuple[int, int]], *, language: str = "en", tagger=None) -> TokenWords:
+    """Word index, first-subword flag and universal POS tag of every token of ``text``.
+
+    offsets: one (start, end) character span per token, as a fast HF tokenizer's
+        ``return_offsets_mapping`` gives them (a leading space may be part of the span).
+    language: POS tags are computed only for English ("en", "eng", "eng_Latn", ...); other languages
+        get None for every token, since the English tagger would be meaningless there.
+    tagger: a callable words -> tags; None means ``universal_tagger()`` (raises MissingDependencyError
+        when its data is missing).
+    """
+    _check_offsets(text, offsets)
+    spans = word_spans(text)
+    starts, ends = [s for s, _ in spans], [e for _, e in spans]
+    word_index = [_token_word(text, start, end, starts, ends) for start, end in offsets]
+    seen: set[int] = set()
+    first_subword = []
+    for word in word_index:
+        first_subword.append(word >= 0 and word not in seen)
+        seen.add(word)
+    if not is_english(language) or not spans:
+        return TokenWords(word_index, first_subword, [None] * len(offsets))
+    tags = (tagger if tagger is not None else universal_tagger())([text[s:e] for s, e in spans])
+    if len(tags) != len(spans):
+        raise InputError(f"the tagger must return one tag per word: {len(spans)} words, got {len(tags)} tags")
+    pos = [tags[word] if word >= 0 else None for word in word_index]
+    return TokenWords(word_index, first_subword, pos)
