@@ -36,12 +36,15 @@ def run_job(config: JobConfig, *, crash_once: dict | None = None, ray_init: dict
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     index = prepare(config, storage, tokenizer)  # every config/corpus error surfaces here, before Ray
     storage.write_json("config.json", config.to_dict())
+    timings = {"prepare_s": round(time.time() - started, 2)}
     done = set(name.removesuffix(".json") for name in storage.list("done", ".json"))
     pending = [s["shard_id"] for s in index["shards"] if s["shard_id"] not in done]
     log.info("%d shards, %d already done, %d to process", len(index["shards"]), len(done), len(pending))
+    t_map = time.time()
     if pending:
         _map_stage(config, storage, pending, index, crash_once=crash_once, ray_init=ray_init or {})
-    manifest = reduce_run(config, storage, index, started=started, resumed_shards=len(done))
+    timings["map_s"] = round(time.time() - t_map, 2)  # actor start-up (model loads) included
+    manifest = reduce_run(config, storage, index, started=started, resumed_shards=len(done), timings=timings)
     return RunResult(run_uri=storage.uri, manifest=manifest)
 
 

@@ -67,7 +67,7 @@ def prepare(config: JobConfig, storage: Storage, tokenizer) -> dict:
             }, schema=SHARD_INPUT)
             storage.write_table(f"shards/{sid}.parquet", table)
             shards.append({"shard_id": sid, "domain": corpus.domain, "texts": len(part), "doc_ids": ids[start : start + len(part)]})
-        log.info("prepared %-22s %5d texts in %d shards", corpus.domain, len(docs), -(-len(docs) // config.texts_per_shard))
+        log.info("prepared %-26s %5d texts in %d shards", corpus.domain, len(docs), -(-len(docs) // config.texts_per_shard))
     index = {"content_hash": config.content_hash(), "domains": domains, "shards": shards,
              "texts": sum(domains.values())}
     storage.write_json(INDEX, index)  # written last: its presence means every shard file is there

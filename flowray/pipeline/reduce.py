@@ -34,8 +34,10 @@ def _versions() -> dict:
     return out
 
 
-def reduce_run(config: JobConfig, storage: Storage, index: dict, *, started: float, resumed_shards: int = 0) -> dict:
+def reduce_run(config: JobConfig, storage: Storage, index: dict, *, started: float, resumed_shards: int = 0,
+               timings: dict | None = None) -> dict:
     """Aggregate every finished shard; check that each text appears exactly once; write the manifest last."""
+    t_reduce = time.time()
     markers = {s["shard_id"]: storage.read_json(f"done/{s['shard_id']}.json") for s in index["shards"]
                if storage.exists(f"done/{s['shard_id']}.json")}
     missing = [s["shard_id"] for s in index["shards"] if s["shard_id"] not in markers]
@@ -95,6 +97,7 @@ def reduce_run(config: JobConfig, storage: Storage, index: dict, *, started: flo
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "elapsed_s": round(time.time() - started, 1),
+        "timings": {**(timings or {}), "reduce_s": round(time.time() - t_reduce, 2)},
     }
     storage.write_json("manifest.json", manifest)  # last: readers know the run is complete
     log.info("reduce: %d predictions, %d error rows -> %s", n_predictions, errors.num_rows, storage.path("tables"))
@@ -148,11 +151,13 @@ def _summary(tables: dict, errors: pa.Table, config: JobConfig, pos_tagging: boo
     lines += ["", f"## Head roles in `{config.general}` (paper section 4.3)", "",
               f"- previous-token heads: {_fmt_heads(roles.filter(pl.col('role') == 'previous_token').iter_rows(named=True))}",
               f"- subword-merging heads: {_fmt_heads(roles.filter(pl.col('role') == 'subword_merging').iter_rows(named=True))}"]
-    tau = min(config.tau)
-    act = tables["head_activation"].filter(pl.col("tau") == tau)
-    lines += ["", f"## Most frequently activated heads (tau = {tau:g})", ""]
+    tau = max(config.tau)  # the most selective threshold separates heads best
+    act = tables["head_activation"].filter(pl.col("tau") == tau).join(
+        tables["component_importance"].filter(pl.col("component") == "head").select("domain", "layer", "head", "importance"),
+        on=["domain", "layer", "head"], how="left")
+    lines += ["", f"## Most frequently activated heads (tau = {tau:g}; ties broken by mean importance)", ""]
     for domain in tables["domain_summary"]["domain"]:
-        top = act.filter(pl.col("domain") == domain).sort("frequency", descending=True).head(5)
+        top = act.filter(pl.col("domain") == domain).sort(["frequency", "importance"], descending=True).head(5)
         lines.append(f"- `{domain}`: " + ", ".join(f"L{r['layer']}H{r['head']} ({r['frequency']:.2f})"
                                                   for r in top.iter_rows(named=True)))
     spec = tables["domain_specialisation"].filter(pl.col("specialised"))

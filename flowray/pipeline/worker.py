@@ -100,7 +100,9 @@ class FlowWorker:
         return _Prepared(doc=doc, ids=ids[:keep], next_ids=next_ids, words=words)
 
     def _answer_id(self, ids: list[int], meta: dict) -> int | None:
-        """A task's expected next token: the answer encoded as a continuation of the prompt (one token)."""
+        """A task's expected next token: the answer as a continuation of the prompt (one token)."""
+        if isinstance(meta.get("answer_token_id"), int):  # set by flowray.tasks when it had the tokenizer
+            return meta["answer_token_id"]
         answer = meta.get("answer")
         if not answer:
             return None
