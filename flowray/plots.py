@@ -89,8 +89,8 @@ def plot_route(route: Route, path: str | Path | None = None, ax=None, *, max_wid
                 heads = ",".join(str(h.head) for h in e.heads[:3])
                 labels.append((e.target.position - 0.1, y1 - 0.15, f"L{e.target.layer}H{heads}"))
     if res_segs:
-        ax.add_collection(LineCollection(res_segs, linewidths=0.6 + max_width * 0.6 * np.asarray(res_w),
-                                         colors="#6f6f6f", zorder=2, capstyle="round"))
+        ax.add_collection(LineCollection(res_segs, linewidths=0.5 + max_width * 0.35 * np.asarray(res_w),
+                                         colors="#8c8c8c", zorder=2, capstyle="round"))
     if att_segs:
         w = np.asarray(att_w)
         colors = plt.get_cmap("Blues")(0.45 + 0.55 * np.clip(w / max(w.max(), 1e-9), 0, 1))
@@ -103,7 +103,7 @@ def plot_route(route: Route, path: str | Path | None = None, ax=None, *, max_wid
                    linewidths=0.5, zorder=4)
     node_xy = np.asarray([(n.position, _level(n, parallel)) for n in route.nodes])
     if len(node_xy):
-        ax.scatter(node_xy[:, 0], node_xy[:, 1], s=9, c="#1f1f1f", zorder=5)
+        ax.scatter(node_xy[:, 0], node_xy[:, 1], s=5, c="#3a3a3a", zorder=5)
     for x, y, text in labels[:40]:  # only the widest edges get head labels
         ax.text(x, y, text, fontsize=6, ha="right", va="top", color="#08306b", zorder=6)
 
