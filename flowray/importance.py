@@ -14,9 +14,10 @@ The trick. With ``s = sign(y)`` (``sign(0) := +1``) every coordinate satisfies, 
 so ``prox(aF, y) = relu(a (s . F) - 2 * sum_d relu(a s_d F_d - |y_d|))``. The first term is a matrix
 product, and ``s . F = (s W_O^h) . v_j`` even costs ``d_head`` instead of ``d`` per pair. The correction
 term is non-zero only on coordinates where ``a |F_d| > |y_d|``; all of them lie among the
-``n = #{d : |y_d| < a * max|F|}`` smallest coordinates of ``|y|``, so we sort ``|y|`` once per position and
-sum the correction over those ``n`` coordinates only (a ragged gather). Pairs with ``a * s.F <= 0`` need no
-correction at all (their proximity is 0). The result is exact, not an approximation: the tests compare it
+``n = #{d : |y_d| < a * max|F|}`` smallest coordinates of ``|y|``, so we take the smallest coordinates of
+``|y|`` once per position (``topk``) and sum the correction over those ``n`` only (a ragged gather); the
+rare pairs with more than ``dense_rank`` candidates get a direct ``O(d)`` distance instead. Pairs with
+``a * s.F <= 0`` need no correction at all (their proximity is 0). The result is exact, not an approximation: the tests compare it
 with a materialising float64 reference.
 """
 
