@@ -50,6 +50,7 @@ def predictions_schema(taus) -> pa.Schema:
         pa.field("next_token_id", pa.int32()),  # from the text (or a task's answer); null when unknown
         pa.field("next_token", pa.string()),
         pa.field("predicted_id", pa.int32()),  # the model's top-1 next token
+        pa.field("predicted_token", pa.string()),
         pa.field("word_index", pa.int32()),
         pa.field("first_subword", pa.bool_()),
         pa.field("pos", pa.string()),  # universal POS of the input token's word (null: not English / no tagger)
@@ -140,6 +141,7 @@ class TextRows:
     next_ids: list[int | None]  # [T]
     next_tokens: list[str | None]
     predicted_ids: np.ndarray  # [T]
+    predicted_tokens: list[str]
     word_index: np.ndarray  # [T]
     first_subword: np.ndarray  # [T]
     pos: list[str | None]
@@ -164,6 +166,7 @@ class TextRows:
             "next_token_id": pa.array(self.next_ids, pa.int32()),
             "next_token": pa.array(self.next_tokens, pa.string()),
             "predicted_id": pa.array(self.predicted_ids.astype(np.int32)),
+            "predicted_token": pa.array(self.predicted_tokens, pa.string()),
             "word_index": pa.array(self.word_index.astype(np.int32)),
             "first_subword": pa.array(self.first_subword.astype(bool)),
             "pos": pa.array(self.pos, pa.string()),

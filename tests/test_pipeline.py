@@ -60,6 +60,7 @@ def test_worker_turns_texts_into_one_row_per_prediction(worker):
     f = df.filter(pl.col("doc_id") == "f").sort("position")
     assert f["target"].to_list() == [False] * (f.height - 1) + [True]  # tasks: only the last position
     assert f["next_token"][-1] == " Mary"
+    assert f["predicted_token"].to_list() == [tok.decode([i]) for i in f["predicted_id"].to_list()]
     L, H = worker.shape.n_layers, worker.shape.n_heads
     comps = np.stack(a["component_importance"].to_list())
     assert comps.shape == (n_a, L * H + L) and np.all((comps >= 0) & (comps <= 1 + 1e-6))
@@ -103,7 +104,8 @@ def _rows(domain, n, *, prev, same, first, comps, heads, target=True, start=0):
     data = {
         "domain": [domain] * n, "shard_id": ["s"] * n, "doc_id": [f"{domain}{i}" for i in range(start, start + n)],
         "position": [1] * n, "n_tokens": [2] * n, "token_id": [0] * n, "token": ["x"] * n,
-        "next_token_id": [None] * n, "next_token": [None] * n, "predicted_id": [0] * n, "word_index": [0] * n,
+        "next_token_id": [None] * n, "next_token": [None] * n, "predicted_id": [0] * n,
+        "predicted_token": ["x"] * n, "word_index": [0] * n,
         "first_subword": [first] * n, "pos": ["NOUN"] * n, "next_pos": [None] * n, "target": [target] * n,
         "component_importance": [comps] * n, "prev_token_share": [prev] * n, "same_word_share": [same] * n,
         "route_heads@0.03": [heads] * n, "route_ffn@0.03": [[0]] * n,

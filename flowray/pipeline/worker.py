@@ -128,7 +128,9 @@ class FlowWorker:
             token_ids=np.asarray(prep.ids), tokens=list(imp.tokens),
             next_ids=prep.next_ids,
             next_tokens=[None if i is None else self.tokenizer.decode([i]) for i in prep.next_ids],
-            predicted_ids=imp.predicted_ids, word_index=word_index, first_subword=first,
+            predicted_ids=imp.predicted_ids,
+            predicted_tokens=[self.tokenizer.decode([int(i)]) for i in imp.predicted_ids],
+            word_index=word_index, first_subword=first,
             pos=list(w.pos[:T]),
             next_pos=[w.pos[p + 1] if p + 1 < len(w.pos) and prep.next_ids[p] is not None and
                       not (doc.get("is_task") and p == T - 1) else None for p in range(T)],
