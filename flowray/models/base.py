@@ -98,6 +98,26 @@ class Adapter:
     def is_parallel(self) -> bool:
         return self.shape.parallel
 
+    def eager_attention_function(self, layer: nn.Module):
+        """The model's own eager attention function for ``layer`` (used by ``flowray.baselines``' knockout).
+
+        transformers defines ``eager_attention_forward(module, query, key, value, attention_mask, **kw)`` in the
+        modeling file of every attention class that dispatches through ``AttentionInterface``; it returns
+        ``(attn_output [B, T, H, dh], attn_weights [B, H, T, T])`` with the post-softmax weights it used.
+        """
+        import sys
+
+        attention = self.attention(layer)
+        module = sys.modules.get(type(attention).__module__)
+        fn = getattr(module, "eager_attention_forward", None)
+        if fn is None:
+            raise UnsupportedArchitectureError(
+                f"{self.family}: {type(attention).__module__} defines no eager_attention_forward, so flowray "
+                "cannot intervene on its attention weights (attention knockout needs transformers>=4.48 "
+                "attention modules that dispatch through AttentionInterface)"
+            )
+        return fn
+
     # --- embedding side (SVD of W_OV onto the vocabulary, logit metrics) --------------------------
     def final_norm(self) -> nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -110,6 +110,16 @@ class GPT2Adapter(Adapter):
     def head_output_module(self, layer):
         return layer.attn.c_proj
 
+    def eager_attention_function(self, layer):
+        if getattr(self.config, "reorder_and_upcast_attn", False):
+            # GPT-2 runs its own upcast path only when the implementation is literally "eager"; under any
+            # other name (the knockout's) it would silently compute attention differently
+            raise UnsupportedArchitectureError(
+                "gpt2: reorder_and_upcast_attn=True is not supported by attention knockout; load the model "
+                "with reorder_and_upcast_attn=False"
+            )
+        return super().eager_attention_function(layer)
+
     def output_projection(self, layer):
         s = self.shape
         conv = layer.attn.c_proj  # Conv1D stores [in = H*dh, out = d]: y = x @ W + b
