@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.flowray-installed
 
-.PHONY: setup demo route-demo test bench clean
+.PHONY: setup demo test bench analysis clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/importance_speed.py
+	$(BIN)/python bench/job_throughput.py
+
+# the paper's figures 6-11 on SmolLM2: the shared-data job (needs ../shared/data), then every notebook
+analysis: setup
+	$(BIN)/flowray job run --config shared_data
+	$(BIN)/python analysis/run_all.py --run runs/shared_data
 
 clean:
 	rm -rf $(VENV) out runs .pytest_cache
