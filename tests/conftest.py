@@ -10,7 +10,15 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
-SHARED_DATA = Path(os.environ.get("FLOWRAY_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+def _shared_data() -> Path:
+    """$FLOWRAY_SHARED_DATA, else a shared/data folder above the checkout (../shared/data here)."""
+    from flowray.config import find_shared_data
+
+    return find_shared_data() or Path(os.environ.get("FLOWRAY_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+SHARED_DATA = _shared_data()
 sys.path.insert(0, str(TESTS))  # tiny_models, reference
 
 needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} not present")
