@@ -17,7 +17,8 @@ log = logging.getLogger("flowray")
 
 
 # --- shared options -------------------------------------------------------------------------------
-def _tau(value: str) -> float:
+def tau_arg(value: str) -> float:
+    """argparse type: a route threshold strictly inside (0, 1)."""
     try:
         tau = float(value)
     except ValueError:
@@ -27,7 +28,8 @@ def _tau(value: str) -> float:
     return tau
 
 
-def _positive_int(value: str) -> int:
+def positive_int(value: str) -> int:
+    """argparse type: an integer >= 1."""
     try:
         n = int(value)
     except ValueError:
@@ -50,9 +52,9 @@ def _add_text_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--text", help="one text")
     src.add_argument("--file", type=Path,
                      help="several texts: a .txt file (one text per non-blank line) or .jsonl with a 'text' field")
-    p.add_argument("--max-tokens", type=_positive_int, default=None,
+    p.add_argument("--max-tokens", type=positive_int, default=None,
                    help="keep only the first N tokens of each text (needed for texts longer than the context)")
-    p.add_argument("--chunk-size", type=_positive_int, default=None,
+    p.add_argument("--chunk-size", type=positive_int, default=None,
                    help="query positions per chunk; bounds peak extra memory (~ heads x chunk x tokens floats)")
 
 
@@ -189,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("route", help="extract the information flow route of one prediction (JSON + figure)")
     _add_model_args(p)
     _add_text_args(p)
-    p.add_argument("--tau", type=_tau, default=0.04, help="edge importance threshold in (0, 1) (default 0.04)")
+    p.add_argument("--tau", type=tau_arg, default=0.04, help="edge importance threshold in (0, 1) (default 0.04)")
     p.add_argument("--position", type=int, default=-1, help="prediction position (default -1: the last token)")
     p.add_argument("--out", type=Path, required=True,
                    help="route JSON file (with --file: a directory, one NNNNN.json per text)")

@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flowray.cli import positive_int, tau_arg  # the CLI's own argument types
 from flowray.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -1042,16 +1043,6 @@ def _discussion(S: dict) -> list[str]:
 
 
 # --- command line --------------------------------------------------------------------------------------
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {value!r}")
-    return n
-
-
 def _ks(value: str) -> tuple[int, ...]:
     try:
         ks = tuple(int(v) for v in value.split(",") if v.strip())
@@ -1062,30 +1053,20 @@ def _ks(value: str) -> tuple[int, ...]:
     return ks
 
 
-def _tau(value: str) -> float:
-    try:
-        tau = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"tau must be a number in (0, 1); got {value!r}") from None
-    if not 0 < tau < 1:
-        raise argparse.ArgumentTypeError(f"tau must lie strictly between 0 and 1; got {value!r}")
-    return tau
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The comparison's options (shared by ``flowray compare`` and ``bench/compare_baselines.py``)."""
     p.add_argument("--model", default="smollm2", help="model spec (default: the packaged SmolLM2-135M)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--n", type=_positive_int, default=50, help="IOI prompts (default 50, as in the paper)")
+    p.add_argument("--n", type=positive_int, default=50, help="IOI prompts (default 50, as in the paper)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--templates", choices=["both", "ABBA", "BABA"], default="both")
-    p.add_argument("--tau", type=_tau, default=0.03, help="route threshold (default 0.03, paper figure 6)")
+    p.add_argument("--tau", type=tau_arg, default=0.03, help="route threshold (default 0.03, paper figure 6)")
     p.add_argument("--ks", type=_ks, default=DEFAULT_KS, help="heads to ablate, comma-separated (default 1,2,5,10,20,40)")
-    p.add_argument("--random-draws", type=_positive_int, default=5, help="random head sets per k (default 5)")
-    p.add_argument("--top", type=_positive_int, default=10, help="head top-k for the overlap (default 10)")
-    p.add_argument("--pair-k", type=_positive_int, default=5, help="token-pair top-k per prompt (default 5)")
-    p.add_argument("--batch-size", type=_positive_int, default=128, help="rows per forward pass in the sweeps (default 128)")
-    p.add_argument("--route-batch", type=_positive_int, default=8,
+    p.add_argument("--random-draws", type=positive_int, default=5, help="random head sets per k (default 5)")
+    p.add_argument("--top", type=positive_int, default=10, help="head top-k for the overlap (default 10)")
+    p.add_argument("--pair-k", type=positive_int, default=5, help="token-pair top-k per prompt (default 5)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="rows per forward pass in the sweeps (default 128)")
+    p.add_argument("--route-batch", type=positive_int, default=8,
                    help="prompts per edge_importances_batch call in the batched routes timing, and per "
                         "interleaved measurement chunk (default 8)")
     p.add_argument("--ablation", choices=list(ABLATIONS), default="mean")

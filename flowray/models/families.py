@@ -15,7 +15,20 @@ def _refuse(family: str, problems: list[str]) -> None:
         )
 
 
-class LlamaAdapter(Adapter):
+class _SelfAttentionWithVProj:
+    """Families whose blocks hold ``self_attn`` with a separate ``v_proj`` Linear (Llama family, OPT)."""
+
+    def attention(self, layer):
+        return layer.self_attn
+
+    def value_module(self, layer):
+        return layer.self_attn.v_proj
+
+    def value_weight(self, layer):
+        return linear_value_weight(layer.self_attn.v_proj, self.shape.n_kv_heads, self.shape.head_dim)
+
+
+class LlamaAdapter(_SelfAttentionWithVProj, Adapter):
     """Llama 2/3, Mistral, Qwen2, SmolLM2: pre-RMSNorm, rotary, grouped-query attention."""
 
     family = "llama"
@@ -48,17 +61,8 @@ class LlamaAdapter(Adapter):
     def layers(self):
         return list(self.model.model.layers)
 
-    def attention(self, layer):
-        return layer.self_attn
-
-    def value_module(self, layer):
-        return layer.self_attn.v_proj
-
     def head_output_module(self, layer):
         return layer.self_attn.o_proj
-
-    def value_weight(self, layer):
-        return linear_value_weight(layer.self_attn.v_proj, self.shape.n_kv_heads, self.shape.head_dim)
 
     def attention_norm(self, layer):
         return layer.input_layernorm
@@ -139,7 +143,7 @@ class GPT2Adapter(Adapter):
         return self.model.transformer.ln_f
 
 
-class OPTAdapter(Adapter):
+class OPTAdapter(_SelfAttentionWithVProj, Adapter):
     """OPT with pre-LayerNorm (125m, 1.3b and larger; not the post-LN 350m)."""
 
     family = "opt"
@@ -170,17 +174,8 @@ class OPTAdapter(Adapter):
     def layers(self):
         return list(self.model.model.decoder.layers)
 
-    def attention(self, layer):
-        return layer.self_attn
-
-    def value_module(self, layer):
-        return layer.self_attn.v_proj
-
     def head_output_module(self, layer):
         return layer.self_attn.out_proj
-
-    def value_weight(self, layer):
-        return linear_value_weight(layer.self_attn.v_proj, self.shape.n_kv_heads, self.shape.head_dim)
 
     def attention_norm(self, layer):
         return layer.self_attn_layer_norm
