@@ -1,7 +1,7 @@
 """The map stage's workers: plain classes, model loaded once in ``__init__``, batches in, columns out.
 
-``FlowWorker`` turns texts into prediction rows (and error rows); it knows nothing of Ray and a unit test
-calls it directly. ``ShardWorker`` is what the Ray actor pool runs: one shard per call, outputs written
+``FlowWorker.process`` turns a batch of texts into prediction rows and error rows; it knows nothing of Ray
+and a unit test calls it directly. ``ShardWorker`` is what the Ray actor pool runs: one shard per call, outputs written
 whole by the worker itself, then a ``done/<shard>.json`` marker — the commit point resume relies on.
 """
 
@@ -177,21 +177,6 @@ class FlowWorker:
                     errors.append(_error_row(prep.doc, exc))
         predictions = pa.concat_tables(tables) if tables else self.schema.empty_table()
         return predictions, pa.Table.from_pylist(errors, schema=ERRORS)
-
-    def __call__(self, batch: dict) -> dict:
-        """Ray Data style: a column batch of shard rows in, prediction columns out."""
-        predictions, _errors = self.process(_rows_of(batch))
-        return predictions.to_pydict()
-
-
-def _rows_of(batch: dict) -> list[dict]:
-    keys = list(batch)
-    n = len(batch[keys[0]]) if keys else 0
-    return [{k: _plain(batch[k][i]) for k in keys} for i in range(n)]
-
-
-def _plain(value):
-    return value.item() if isinstance(value, np.generic) else value
 
 
 def _error_row(doc: dict, exc: Exception) -> dict:
