@@ -64,7 +64,7 @@ class EdgeImportances:
         """``[T, L*H + L]``: the paper's section 4 vector (heads layer-major, then one FFN per layer)."""
         T = self.n_tokens
         heads = self.head_importance().reshape(T, -1)
-        return np.concatenate([heads, self.ffn.T], axis=1)
+        return np.concatenate([heads, self.ffn.T], axis=1).astype(np.float32)
 
     # --- persistence: the documented array format (see README "Array format") -------------------
     def save(self, path: str | Path) -> Path:

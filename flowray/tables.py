@@ -183,13 +183,6 @@ class TextRows:
         return pa.table([cols[f.name] for f in schema], schema=schema)
 
 
-def component_vectors(attn: np.ndarray, ffn: np.ndarray) -> np.ndarray:
-    """``[T, L*H + L]``: per prediction, each head's summed sub-edge importance then each FFN's importance."""
-    L, H, T, _ = attn.shape
-    heads = attn.sum(-1).transpose(2, 0, 1).reshape(T, L * H)
-    return np.concatenate([heads, ffn.T], axis=1).astype(np.float32)
-
-
 # --- reduce ----------------------------------------------------------------------------------------
 @dataclass
 class _DomainStats:

@@ -10,7 +10,7 @@ An adapter maps flowray's canonical pieces onto a HF causal LM:
 - ``output_projection(layer)``: W_O split per head, ``[H, d_head, d_model]``, and its bias;
 - ``head_output_module(layer)``: the module whose *input* is the concatenation of the heads' outputs
   (W_O itself), used by the interventions in ``flowray.baselines``;
-- ``is_parallel``: GPT-NeoX style ``x + attn(ln1(x)) + mlp(ln2(x))`` blocks.
+- ``shape.parallel``: GPT-NeoX style ``x + attn(ln1(x)) + mlp(ln2(x))`` blocks.
 """
 
 from __future__ import annotations
@@ -94,9 +94,6 @@ class Adapter:
         # nn.Linear stores [d_model, H * d_head]; x @ W.T, so per head rows of W.T
         w = lin.weight.T.reshape(s.n_heads, s.head_dim, s.d_model)  # [H, dh, d]
         return w, lin.bias
-
-    def is_parallel(self) -> bool:
-        return self.shape.parallel
 
     def eager_attention_function(self, layer: nn.Module):
         """The model's own eager attention function for ``layer`` (used by ``flowray.baselines``' knockout).

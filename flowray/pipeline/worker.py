@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from flowray.errors import FlowrayError, InputError, MissingDependencyError
-from flowray.tables import ERRORS, TextRows, component_vectors, head_shares, predictions_schema
+from flowray.tables import ERRORS, TextRows, head_shares, predictions_schema
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class FlowWorker:
             next_pos=[w.pos[p + 1] if p + 1 < len(w.pos) and prep.next_ids[p] is not None and
                       not (doc.get("is_task") and p == T - 1) else None for p in range(T)],
             target=target,
-            components=component_vectors(imp.attn, imp.ffn),
+            components=imp.component_importance(),
             prev_share=prev, same_word_share=same,
         )
         for tau in self.taus:
