@@ -22,6 +22,7 @@ _EXPORTS = {
     "edge_importances": "flowray.api",
     "EdgeImportances": "flowray.api",
     "edge_importances_batch": "flowray.api",
+    "edge_importances_padded": "flowray.api",
     "extract_route": "flowray.routes",
     "route_masks": "flowray.routes",
     "Route": "flowray.routes",

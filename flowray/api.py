@@ -171,6 +171,7 @@ def edge_importances(
     tokenizer=None,
     chunk_size: int | None = None,
     element_budget: int = DEFAULT_ELEMENT_BUDGET,
+    backend: str = "auto",
 ) -> EdgeImportances:
     """Every edge importance of one sequence in one forward pass.
 
@@ -178,11 +179,14 @@ def edge_importances(
         model: a ``transformers`` causal LM of a supported family, or a ``flowray.LoadedModel``.
         input_ids: ``[1, T]`` token ids.
         tokenizer: optional, to fill ``tokens`` (a LoadedModel brings its own).
-        chunk_size: query positions processed at once; peak extra memory beyond the outputs is about
-            ``H * chunk_size * T`` floats per work tensor. None: as large as ``element_budget`` allows.
+        chunk_size, element_budget: query positions processed at once by the ``"torch"`` backend (its
+            peak extra memory is about ``H * chunk_size * T`` floats per work tensor).
+        backend: the kernel, see ``flowray.importance.sub_edge_proximity``: ``"auto"`` (the compiled CPU
+            loop on CPU, vectorised torch elsewhere), ``"cpu"`` or ``"torch"``.
     """
     return edge_importances_batch(
-        model, [input_ids], tokenizer=tokenizer, chunk_size=chunk_size, element_budget=element_budget
+        model, [input_ids], tokenizer=tokenizer, chunk_size=chunk_size, element_budget=element_budget,
+        backend=backend,
     )[0]
 
 
@@ -192,47 +196,91 @@ def edge_importances_batch(
     sequences: list,
     *,
     tokenizer=None,
+    padding_side: str = "right",
     chunk_size: int | None = None,
     element_budget: int = DEFAULT_ELEMENT_BUDGET,
+    backend: str = "auto",
 ) -> list[EdgeImportances]:
-    """``edge_importances`` for several ``[1, T_i]`` sequences in one right-padded forward pass.
+    """``edge_importances`` for several ``[1, T_i]`` sequences of any lengths in one padded forward pass.
 
-    Right padding needs no attention mask: under causal attention, position ``p`` never reads a later
-    (padded) position, so every real position computes exactly what it would alone.
+    The batch carries an attention mask and position ids counted from each sequence's first real token,
+    so every sequence gets what it would get alone, with either ``padding_side`` (left padding is what
+    generation code uses; right padding is the default). Returns one result per sequence, unpadded.
+    """
+    if padding_side not in ("right", "left"):
+        raise InputError(f"padding_side must be 'right' or 'left'; got {padding_side!r}")
+    hf_model, adapter, _, _ = _unpack(model)
+    if not sequences:
+        return []
+    vocab = getattr(hf_model.config, "vocab_size", None)
+    seqs = [check_input_ids(ids, adapter, vocab)[0] for ids in sequences]  # [T_i] each
+    T_max = max(int(t.shape[0]) for t in seqs)
+    input_ids = torch.zeros(len(seqs), T_max, dtype=torch.long)  # pad id 0: masked out, never read
+    attention_mask = torch.zeros(len(seqs), T_max, dtype=torch.long)
+    for b, t in enumerate(seqs):
+        span = slice(0, len(t)) if padding_side == "right" else slice(T_max - len(t), T_max)
+        input_ids[b, span], attention_mask[b, span] = t, 1
+    return edge_importances_padded(
+        model, input_ids, attention_mask, tokenizer=tokenizer, chunk_size=chunk_size,
+        element_budget=element_budget, backend=backend,
+    )
+
+
+@torch.no_grad()
+def edge_importances_padded(
+    model,
+    input_ids,
+    attention_mask,
+    *,
+    tokenizer=None,
+    chunk_size: int | None = None,
+    element_budget: int = DEFAULT_ELEMENT_BUDGET,
+    backend: str = "auto",
+) -> list[EdgeImportances]:
+    """``edge_importances`` for a padded batch as a tokenizer returns it (``padding=True``).
+
+    Args:
+        input_ids: ``[B, T]`` token ids.
+        attention_mask: ``[B, T]`` 1 for real tokens, 0 for padding; each row's real tokens must be one
+            run (left or right padding). Position ids are counted from each row's first real token.
+    Returns:
+        one ``EdgeImportances`` per row, over that row's real tokens only.
     """
     hf_model, adapter, own_tokenizer, name = _unpack(model)
     tokenizer = tokenizer if tokenizer is not None else own_tokenizer
     if chunk_size is not None and chunk_size < 1:
         raise InputError(f"chunk_size must be a positive number of positions; got {chunk_size!r}")
-    if not sequences:
-        return []
+    input_ids, attention_mask = torch.as_tensor(input_ids), torch.as_tensor(attention_mask)
+    spans = _real_spans(input_ids, attention_mask)
     vocab = getattr(hf_model.config, "vocab_size", None)
-    seqs = [check_input_ids(ids, adapter, vocab)[0] for ids in sequences]  # [T_i] each
-    lengths = [int(t.shape[0]) for t in seqs]
+    for b, (start, T) in enumerate(spans):
+        check_input_ids(input_ids[b : b + 1, start : start + T], adapter, vocab)
     device = next(hf_model.parameters()).device
-    batch = torch.zeros(len(seqs), max(lengths), dtype=torch.long)  # pad id 0: never read by real positions
-    for b, t in enumerate(seqs):
-        batch[b, : lengths[b]] = t
-    batch = batch.to(device)
+    mask = attention_mask.long()
+    position_ids = (mask.cumsum(1) - 1).clamp_min(0)  # [B, T] 0 at each row's first real token
     s = adapter.shape
-    results = [_Buffers(s.n_layers, s.n_heads, T, s.parallel) for T in lengths]
+    results = [_Buffers(s.n_layers, s.n_heads, T, s.parallel) for _, T in spans]
     layers = adapter.layers()
-    kernel = dict(chunk_size=chunk_size, element_budget=element_budget)
+    kernel = dict(chunk_size=chunk_size, element_budget=element_budget, backend=backend)
 
     def consume(rec: LayerActivations) -> None:
-        l = rec.layer
-        w_o, _bias = adapter.output_projection(layers[l])  # the bias is in the node, in no edge
+        w_o, _bias = adapter.output_projection(layers[rec.layer])  # the bias is in the node, in no edge
         w_o = w_o.detach().float()  # [H, dh, d]
-        for b, T in enumerate(lengths):
-            _layer_importances(rec, b, T, w_o, s.parallel, results[b], kernel)
+        for b, span in enumerate(spans):
+            _layer_importances(rec, b, span, w_o, s.parallel, results[b], kernel)
 
     with capture_layers(hf_model, adapter, consume):
-        logits = hf_model(input_ids=batch, use_cache=False).logits  # [B, T_max, V]
-    predicted = logits.argmax(-1).cpu().numpy()  # [B, T_max]
+        logits = hf_model(
+            input_ids=input_ids.long().to(device),
+            attention_mask=mask.to(device),
+            position_ids=position_ids.to(device),
+            use_cache=False,
+        ).logits  # [B, T, V]
+    predicted = logits.argmax(-1).cpu().numpy()  # [B, T]
     del logits
     out = []
-    for b, (t, buf) in enumerate(zip(seqs, results)):
-        id_list = t.tolist()
+    for b, ((start, T), buf) in enumerate(zip(spans, results)):
+        id_list = input_ids[b, start : start + T].tolist()
         out.append(EdgeImportances(
             attn=buf.attn.numpy(),
             attn_residual=buf.attn_residual.numpy(),
@@ -240,10 +288,34 @@ def edge_importances_batch(
             ffn_residual=None if buf.ffn_residual is None else buf.ffn_residual.numpy(),
             token_ids=np.asarray(id_list, dtype=np.int64),
             tokens=decode_tokens(tokenizer, id_list),
-            predicted_ids=predicted[b, : lengths[b]].astype(np.int64),
+            predicted_ids=predicted[b, start : start + T].astype(np.int64),
             model_name=name,
         ))
     return out
+
+
+def _real_spans(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[tuple[int, int]]:
+    """``(start, length)`` of each row's one run of real tokens; InputError for anything else."""
+    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+        raise InputError(
+            f"input_ids and attention_mask must both have shape [B, T]; got {tuple(input_ids.shape)} and "
+            f"{tuple(attention_mask.shape)}"
+        )
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise InputError("attention_mask must hold only 0 (padding) and 1 (real token)")
+    spans = []
+    for b, row in enumerate(attention_mask.long()):
+        real = torch.nonzero(row).squeeze(1)
+        if real.numel() == 0:
+            raise InputError(f"row {b} of attention_mask is all padding; every row needs at least one token")
+        start, T = int(real[0]), int(real.numel())
+        if int(real[-1]) - start + 1 != T:
+            raise InputError(
+                f"row {b} of attention_mask has padding between real tokens (ones at {real.tolist()}); "
+                "pad on the left or on the right only"
+            )
+        spans.append((start, T))
+    return spans
 
 
 class _Buffers:
@@ -256,23 +328,29 @@ class _Buffers:
         self.ffn_residual = None if parallel else torch.zeros(L, T)
 
 
-def _layer_importances(rec: LayerActivations, b: int, T: int, w_o, parallel: bool, buf: _Buffers, kernel) -> None:
-    """Importances of layer ``rec.layer`` for sequence ``b`` (its first ``T`` positions)."""
+def _layer_importances(
+    rec: LayerActivations, b: int, span: tuple[int, int], w_o, parallel: bool, buf: _Buffers, kernel
+) -> None:
+    """Importances of layer ``rec.layer`` for batch row ``b``, whose real tokens are ``span``."""
     l = rec.layer
-    x = rec.inputs[b, :T].float()  # [T, d]
-    attn_out = rec.attn_out[b, :T].float()  # [T, d]
-    out = rec.outputs[b, :T].float()  # [T, d]
-    values = rec.values[b, :, :T].float()  # [H_kv, T, dh]
-    probs = rec.probs[b, :, :T, :T].float()  # [H, T, T]
+    start, T = span
+    rows = slice(start, start + T)
+    x = rec.inputs[b, rows].float()  # [T, d]
+    attn_out = rec.attn_out[b, rows].float()  # [T, d]
+    out = rec.outputs[b, rows].float()  # [T, d]
+    values = rec.values[b, :, rows].float()  # [H_kv, T, dh]
+    probs = rec.probs[b, :, rows, rows].float()  # [H, T, T]  (padding columns hold 0 probability)
+    # on the CPU the kernel writes straight into the result; elsewhere it fills a device tensor we copy back
+    dest = buf.attn[l] if x.device.type == "cpu" else None
     if parallel:
         ffn_vec = out - x - attn_out  # [T, d]
-        node = attention_node(out, torch.stack([x, ffn_vec]), probs, values, w_o, **kernel)
-        buf.attn[l] = node.attn.cpu()
+        node = attention_node(out, torch.stack([x, ffn_vec]), probs, values, w_o, out=dest, **kernel)
         buf.attn_residual[l], buf.ffn[l] = node.direct.cpu()
     else:
         mid = x + attn_out  # [T, d]  x^{lA}
-        node = attention_node(mid, x[None], probs, values, w_o, **kernel)
-        buf.attn[l] = node.attn.cpu()
+        node = attention_node(mid, x[None], probs, values, w_o, out=dest, **kernel)
         buf.attn_residual[l] = node.direct[0].cpu()
         block = direct_node(out, torch.stack([mid, out - mid]))
         buf.ffn_residual[l], buf.ffn[l] = block.direct.cpu()
+    if dest is None:
+        buf.attn[l] = node.attn.cpu()

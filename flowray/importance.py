@@ -27,6 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
+from flowray import cpu_kernel
+
+BACKENDS = ("auto", "cpu", "torch")
 # Elements (not bytes) of the per-chunk [H, C, T] work tensors and of one ragged correction batch.
 DEFAULT_ELEMENT_BUDGET = 1 << 22
 # Above this many crossing candidates a pair's proximity is computed directly over all d coordinates:
@@ -67,6 +70,8 @@ def sub_edge_proximity(
     chunk_size: int | None = None,
     element_budget: int = DEFAULT_ELEMENT_BUDGET,
     dense_rank: int = DEFAULT_DENSE_RANK,
+    backend: str = "auto",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Proximity of every attention sub-edge ``alpha^h_{pos,j} f^h(x_j)`` to its node ``y_pos``.
 
@@ -79,13 +84,64 @@ def sub_edge_proximity(
             None picks the largest chunk within ``element_budget``.
         dense_rank: pairs with more crossing candidates than this get a direct ``O(d)`` L1 distance
             instead of the ragged correction (same result; a speed knob only).
+        backend: ``"cpu"`` (the compiled loop of ``flowray.cpu_kernel``; CPU tensors only), ``"torch"``
+            (vectorised torch, any device; ``chunk_size``, ``element_budget`` and ``dense_rank`` apply
+            to it) or ``"auto"`` (``"cpu"`` for CPU tensors when numba is installed, else ``"torch"``).
+        out: optional float32 ``[H, T, T]`` tensor on ``y``'s device to write the result into.
     Returns:
-        ``[H, T, T]`` proximities, zero for ``j > pos``.
+        ``[H, T, T]`` proximities, zero for ``j > pos`` (``out`` when given).
     """
     H, T, _ = probs.shape
-    d = y.shape[-1]
     if values.shape[0] == 0 or H % values.shape[0]:
         raise ValueError(f"query heads H={H} must be a multiple of kv heads H_kv={values.shape[0]}")
+    backend = resolve_backend(backend, y.device)
+    if out is None:
+        out = torch.empty(H, T, T, dtype=torch.float32, device=y.device)
+    elif out.shape != (H, T, T) or out.dtype != torch.float32 or out.device != y.device:
+        raise ValueError(f"out must be a float32 [H, T, T] = {[H, T, T]} tensor on {y.device}; got "
+                         f"{out.dtype} {list(out.shape)} on {out.device}")
+    y, probs, values, w_o = (t.float() for t in (y, probs, values, w_o))
+    if backend == "cpu":
+        return _sub_edge_proximity_cpu(y, probs, values, w_o, out)
+    out.copy_(_sub_edge_proximity_torch(y, probs, values, w_o, chunk_size, element_budget, dense_rank))
+    return out
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``"auto"`` -> ``"cpu"`` or ``"torch"``; an unknown name or ``"cpu"`` off the CPU is a ValueError."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}; got {backend!r}")
+    if backend == "auto":
+        return "cpu" if device.type == "cpu" and cpu_kernel.AVAILABLE else "torch"
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"backend 'cpu' needs CPU tensors; got tensors on {device} (use 'torch' or 'auto')")
+        if not cpu_kernel.AVAILABLE:
+            raise ImportError("backend 'cpu' needs numba: pip install numba (or use backend='torch')")
+    return backend
+
+
+def _sub_edge_proximity_cpu(y, probs, values, w_o, out: torch.Tensor) -> torch.Tensor:
+    """The GEMM term by torch, the overshoot correction by the compiled loop; writes ``out`` in place."""
+    H, T, _ = probs.shape
+    H_kv, dh = values.shape[0], w_o.shape[1]
+    # sign(y) with -1 for -0.0: any sign works where y_d = 0 (|0 - aF| = -a s F + 2 relu(a s F) for s = +-1),
+    # and copysign is 10x faster than a where()
+    s = torch.ones_like(y).copysign_(y)  # [T, d]
+    G = torch.einsum("pd,hed->hpe", s, w_o)  # [H, T, dh]  s_p W_O^h^T
+    # s_p . F_hj = G_hp . v_j, one GEMM per kv head: its query heads' rows of G stacked ([group * T, dh])
+    torch.bmm(G.reshape(H_kv, -1, dh), values.transpose(1, 2), out=out.view(H_kv, -1, T))
+    F = head_outputs(values, w_o)  # [H, T, d]
+    cpu_kernel.prox_inplace(
+        out.numpy(), probs.contiguous().numpy(), F.numpy(), y.contiguous().numpy(), torch.get_num_threads()
+    )
+    return out
+
+
+def _sub_edge_proximity_torch(y, probs, values, w_o, chunk_size, element_budget, dense_rank) -> torch.Tensor:
+    """The vectorised torch path: chunks of query positions, a ragged gather for the correction."""
+    H, T, _ = probs.shape
+    d = y.shape[-1]
     if chunk_size is None:
         # chunks skip the zero upper triangle; more than a few per layer only adds Python overhead
         chunk_size = max(1, min(DEFAULT_CHUNK, element_budget // max(1, H * T)))
@@ -206,17 +262,23 @@ def _ragged_correction(
     return corr
 
 
-def normalise(sub_prox: torch.Tensor | None, direct_prox: torch.Tensor) -> NodeImportances:
+def normalise(sub_prox: torch.Tensor | None, direct_prox: torch.Tensor, *, inplace: bool = False) -> NodeImportances:
     """Divide each node's proximities by their sum; nodes whose parts all have proximity 0 get all 0.
 
-    sub_prox: ``[H, T, T]`` or None; direct_prox: ``[K, T]``.
+    sub_prox: ``[H, T, T]`` or None; direct_prox: ``[K, T]``. ``inplace`` scales ``sub_prox`` itself
+    (no second ``[H, T, T]`` tensor at long contexts).
     """
     total = direct_prox.sum(0)  # [T]
     if sub_prox is not None:
         total = total + sub_prox.sum(dim=(0, 2))
     safe = torch.where(total > 0, total, torch.ones_like(total))
     scale = torch.where(total > 0, 1.0 / safe, torch.zeros_like(total))  # [T]
-    attn = None if sub_prox is None else sub_prox * scale[None, :, None]
+    if sub_prox is None:
+        attn = None
+    elif inplace:
+        attn = sub_prox.mul_(scale[None, :, None])
+    else:
+        attn = sub_prox * scale[None, :, None]
     return NodeImportances(attn=attn, direct=direct_prox * scale[None, :])
 
 
@@ -229,16 +291,21 @@ def attention_node(
     *,
     chunk_size: int | None = None,
     element_budget: int = DEFAULT_ELEMENT_BUDGET,
+    backend: str = "auto",
+    out: torch.Tensor | None = None,
 ) -> NodeImportances:
     """Importances for nodes made of attention sub-edges plus direct parts.
 
     y ``[T, d]``; direct_parts ``[K, T, d]`` (residual; for parallel blocks also the FFN output);
-    probs ``[H, T, T]``; values ``[H_kv, T, dh]``; w_o ``[H, dh, d]``.
+    probs ``[H, T, T]``; values ``[H_kv, T, dh]``; w_o ``[H, dh, d]``. With ``out`` (float32
+    ``[H, T, T]``) the sub-edge importances are written there and ``.attn`` is ``out``.
     """
-    sub = sub_edge_proximity(y, probs, values, w_o, chunk_size=chunk_size, element_budget=element_budget)
-    return normalise(sub, proximity(direct_parts, y))
+    sub = sub_edge_proximity(
+        y, probs, values, w_o, chunk_size=chunk_size, element_budget=element_budget, backend=backend, out=out
+    )
+    return normalise(sub, proximity(direct_parts.float(), y.float()), inplace=True)
 
 
 def direct_node(y: torch.Tensor, direct_parts: torch.Tensor) -> NodeImportances:
     """Importances for nodes made only of direct parts ``[K, T, d]`` (e.g. residual + FFN)."""
-    return normalise(None, proximity(direct_parts, y))
+    return normalise(None, proximity(direct_parts.float(), y.float()))

@@ -8,7 +8,7 @@ import torch
 
 import flowray
 from flowray.errors import InputError, UnsupportedArchitectureError
-from flowray.importance import normalise, proximity, sub_edge_proximity
+from flowray.importance import attention_node, normalise, proximity, sub_edge_proximity
 from reference import reference_importances
 from tiny_models import CASES, VOCAB, tiny_model
 
@@ -73,11 +73,38 @@ def test_kernel_on_random_tensors_of_odd_sizes(seed):
     w_o = torch.randn(H, dh, d, generator=g)
     ref = _naive_sub_edges(y, probs, values, w_o)
     scale = y.double().abs().sum(-1)[None, :, None] + 1e-12  # errors relative to the node's l1 norm
-    for kw in (dict(), dict(dense_rank=0), dict(dense_rank=2), dict(dense_rank=3, chunk_size=2, element_budget=5),
-               dict(dense_rank=10_000, chunk_size=1, element_budget=1)):
+    garbage = torch.full((H, T, T), float("nan"))  # out= must be overwritten everywhere, upper triangle too
+    for kw in (dict(backend="cpu"), dict(backend="cpu", out=garbage), dict(backend="torch"),
+               dict(backend="torch", dense_rank=0), dict(backend="torch", dense_rank=2),
+               dict(backend="torch", dense_rank=3, chunk_size=2, element_budget=5),
+               dict(backend="torch", dense_rank=10_000, chunk_size=1, element_budget=1)):
         got = sub_edge_proximity(y, probs, values, w_o, **kw).double()
         assert float(((got - ref).abs() / scale).max()) < 1e-5, kw
         assert torch.all(got.triu(1) == 0)  # future positions are not parts
+
+
+def test_cpu_kernel_takes_non_contiguous_views_and_checks_its_arguments():
+    g = torch.Generator().manual_seed(5)
+    T, d, H = 9, 33, 4
+    y = torch.randn(T, 2 * d, generator=g)[:, ::2]  # a strided view
+    probs = torch.rand(H, T, T, generator=g).transpose(1, 2)  # non-contiguous; any weights in [0, 1]
+    values = torch.randn(T, 2, 5, generator=g).permute(1, 0, 2)  # [H_kv, T, dh] as a permuted view
+    w_o = torch.randn(H, 5, d, generator=g)
+    ref = _naive_sub_edges(y, probs, values, w_o)
+    assert not (y.is_contiguous() or probs.is_contiguous() or values.is_contiguous())
+    got = sub_edge_proximity(y, probs, values, w_o, backend="cpu").double()
+    assert float(((got - ref).abs() / (y.abs().sum(-1)[None, :, None] + 1e-12)).max()) < 1e-5
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sub_edge_proximity(y, probs, values, w_o, backend="gpu")
+    with pytest.raises(ValueError, match=r"out must be a float32 \[H, T, T\]"):
+        sub_edge_proximity(y, probs, values, w_o, out=torch.zeros(H, T, T + 1))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_both_backends_match_the_reference_end_to_end(backend):
+    model = tiny_model("llama-gqa", seed=8)
+    ids = _ids(17, seed=9)
+    _assert_close(flowray.edge_importances(model, ids, backend=backend), reference_importances(model, ids))
 
 
 def test_hand_computed_node():
@@ -167,12 +194,65 @@ def test_the_benchmarked_materialising_algorithm_matches_the_reference():
         np.testing.assert_allclose(got[name], ref[name], atol=TOL, rtol=0, err_msg=name)
 
 
-@pytest.mark.parametrize("case", ["gpt2", "mistral", "neox-parallel"])
-def test_batched_right_padded_pass_equals_single_passes(case):
+@pytest.mark.parametrize("case", ["gpt2", "opt", "mistral", "neox-parallel"])
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_batched_padded_pass_equals_single_passes(case, padding_side):
+    """Sequences of different lengths, padded on either side with an attention mask: each gets its own."""
     model = tiny_model(case, seed=4)
     seqs = [_ids(T, seed=T) for T in (5, 12, 1, 9)]
-    batch = flowray.api.edge_importances_batch(model, seqs)
+    batch = flowray.edge_importances_batch(model, seqs, padding_side=padding_side)
     for ids, got in zip(seqs, batch):
         ref = reference_importances(model, ids)
         _assert_close(got, ref)
         np.testing.assert_array_equal(got.token_ids, ids[0].numpy())
+        np.testing.assert_array_equal(got.predicted_ids, flowray.edge_importances(model, ids).predicted_ids)
+
+
+def test_a_tokenizer_style_padded_batch():
+    """[B, T] ids + mask as `tokenizer(..., padding=True)` returns them, left-padded with a real pad id."""
+    model = tiny_model("llama-gqa", seed=6)
+    a, b = _ids(8, seed=1)[0], _ids(3, seed=2)[0]
+    ids = torch.stack([a, torch.cat([torch.full((5,), 7), b])])  # the pad id 7 is a real token, masked out
+    mask = torch.tensor([[1] * 8, [0] * 5 + [1] * 3])
+    got = flowray.edge_importances_padded(model, ids, mask)
+    assert [g.n_tokens for g in got] == [8, 3]
+    _assert_close(got[1], reference_importances(model, b[None]))
+    _assert_close(got[0], reference_importances(model, a[None]))
+
+
+def test_bad_padding_is_refused_with_the_reason():
+    model = tiny_model("gpt2", seed=1)
+    ids = torch.ones(2, 4, dtype=torch.long)
+    with pytest.raises(InputError, match="padding between real tokens"):
+        flowray.edge_importances_padded(model, ids, torch.tensor([[1, 1, 1, 1], [1, 0, 1, 1]]))
+    with pytest.raises(InputError, match="row 1 of attention_mask is all padding"):
+        flowray.edge_importances_padded(model, ids, torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]]))
+    with pytest.raises(InputError, match="only 0 \\(padding\\) and 1"):
+        flowray.edge_importances_padded(model, ids, torch.full((2, 4), 2))
+    with pytest.raises(InputError, match="both have shape \\[B, T\\]"):
+        flowray.edge_importances_padded(model, ids, torch.ones(2, 3))
+    with pytest.raises(InputError, match="padding_side must be 'right' or 'left'"):
+        flowray.edge_importances_batch(model, [ids[:1]], padding_side="middle")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_activations_with_float32_accumulation(dtype):
+    """A bf16/fp16 model's own activations go into the kernel as they are (upcast, float32 sums); its
+    importances stay within 1e-3 of float64 materialising maths on the very same activations."""
+    from flowray.capture import capture_all
+
+    model = tiny_model("llama-gqa", seed=2).to(dtype)
+    adapter = flowray.models.families.adapter_for(model)
+    records = capture_all(model, adapter, _ids(13, seed=3))
+    assert records[0].probs.dtype == dtype
+    for rec in records:
+        w_o = adapter.output_projection(adapter.layers()[rec.layer])[0].detach()  # [H, dh, d] in dtype
+        x, mid = rec.inputs[0], rec.inputs[0].double() + rec.attn_out[0].double()
+        sub_ref = _naive_sub_edges(mid, rec.probs[0], rec.values[0], w_o)  # [H, T, T] float64
+        direct_ref = proximity(x[None].double(), mid)  # [1, T]
+        want = normalise(sub_ref, direct_ref)
+        for backend in ("cpu", "torch"):
+            got = attention_node(mid.float(), x[None], rec.probs[0], rec.values[0], w_o, backend=backend)
+            assert got.attn.dtype == torch.float32
+            np.testing.assert_allclose(got.attn.double(), want.attn, atol=1e-3, rtol=0, err_msg=backend)
+            np.testing.assert_allclose(got.direct.double(), want.direct, atol=1e-3, rtol=0, err_msg=backend)
