@@ -269,7 +269,7 @@ def edge_importances_padded(
         for b, span in enumerate(spans):
             _layer_importances(rec, b, span, w_o, s.parallel, results[b], kernel)
 
-    with capture_layers(hf_model, adapter, consume):
+    with capture_layers(hf_model, adapter, consume, reuse_probs=True):  # consume() is done with each layer
         logits = hf_model(
             input_ids=input_ids.long().to(device),
             attention_mask=mask.to(device),
@@ -350,7 +350,7 @@ def _layer_importances(
         mid = x + attn_out  # [T, d]  x^{lA}
         node = attention_node(mid, x[None], probs, values, w_o, out=dest, **kernel)
         buf.attn_residual[l] = node.direct[0].cpu()
-        block = direct_node(out, torch.stack([mid, out - mid]))
+        block = direct_node(out, torch.stack([mid, out - mid]), backend=kernel["backend"])
         buf.ffn_residual[l], buf.ffn[l] = block.direct.cpu()
     if dest is None:
         buf.attn[l] = node.attn.cpu()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from flowray import cpu_kernel
@@ -102,7 +103,10 @@ def sub_edge_proximity(
                          f"{out.dtype} {list(out.shape)} on {out.device}")
     y, probs, values, w_o = (t.float() for t in (y, probs, values, w_o))
     if backend == "cpu":
-        return _sub_edge_proximity_cpu(y, probs, values, w_o, out)
+        if out.is_contiguous():
+            return _sub_edge_proximity_cpu(y, probs, values, w_o, out)
+        dense = torch.empty(out.shape, dtype=out.dtype)
+        return out.copy_(_sub_edge_proximity_cpu(y, probs, values, w_o, dense))
     out.copy_(_sub_edge_proximity_torch(y, probs, values, w_o, chunk_size, element_budget, dense_rank))
     return out
 
@@ -303,9 +307,23 @@ def attention_node(
     sub = sub_edge_proximity(
         y, probs, values, w_o, chunk_size=chunk_size, element_budget=element_budget, backend=backend, out=out
     )
+    if resolve_backend(backend, y.device) == "cpu" and sub.is_contiguous():
+        direct = _normalise_cpu(sub, y, direct_parts)
+        return NodeImportances(attn=sub, direct=direct)
     return normalise(sub, proximity(direct_parts.float(), y.float()), inplace=True)
 
 
-def direct_node(y: torch.Tensor, direct_parts: torch.Tensor) -> NodeImportances:
+def direct_node(y: torch.Tensor, direct_parts: torch.Tensor, *, backend: str = "auto") -> NodeImportances:
     """Importances for nodes made only of direct parts ``[K, T, d]`` (e.g. residual + FFN)."""
+    if resolve_backend(backend, y.device) == "cpu":
+        return NodeImportances(attn=None, direct=_normalise_cpu(None, y, direct_parts))
     return normalise(None, proximity(direct_parts.float(), y.float()))
+
+
+def _normalise_cpu(sub: torch.Tensor | None, y: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
+    """``normalise(sub, proximity(parts, y), inplace=True)`` in one compiled pass; returns ``[K, T]``."""
+    T = y.shape[0]
+    sub_np = np.zeros((0, T, T), dtype=np.float32) if sub is None else sub.numpy()
+    y_np = y.float().contiguous().numpy()
+    parts_np = parts.float().contiguous().numpy()
+    return torch.from_numpy(cpu_kernel.normalise_inplace(sub_np, y_np, parts_np, torch.get_num_threads()))

@@ -74,7 +74,8 @@ def test_kernel_on_random_tensors_of_odd_sizes(seed):
     ref = _naive_sub_edges(y, probs, values, w_o)
     scale = y.double().abs().sum(-1)[None, :, None] + 1e-12  # errors relative to the node's l1 norm
     garbage = torch.full((H, T, T), float("nan"))  # out= must be overwritten everywhere, upper triangle too
-    for kw in (dict(backend="cpu"), dict(backend="cpu", out=garbage), dict(backend="torch"),
+    strided = torch.full((H, T, T), float("nan")).transpose(1, 2)  # a non-contiguous out=
+    for kw in (dict(backend="cpu"), dict(backend="cpu", out=garbage), dict(backend="cpu", out=strided), dict(backend="torch"),
                dict(backend="torch", dense_rank=0), dict(backend="torch", dense_rank=2),
                dict(backend="torch", dense_rank=3, chunk_size=2, element_budget=5),
                dict(backend="torch", dense_rank=10_000, chunk_size=1, element_budget=1)):
