@@ -13,12 +13,22 @@ The trick. With ``s = sign(y)`` (``sign(0) := +1``) every coordinate satisfies, 
 
 so ``prox(aF, y) = relu(a (s . F) - 2 * sum_d relu(a s_d F_d - |y_d|))``. The first term is a matrix
 product, and ``s . F = (s W_O^h) . v_j`` even costs ``d_head`` instead of ``d`` per pair. The correction
-term is non-zero only on coordinates where ``a |F_d| > |y_d|``; all of them lie among the
-``n = #{d : |y_d| < a * max|F|}`` smallest coordinates of ``|y|``, so we take the smallest coordinates of
-``|y|`` once per position (``topk``) and sum the correction over those ``n`` only (a ragged gather); the
-rare pairs with more than ``dense_rank`` candidates get a direct ``O(d)`` distance instead. Pairs with
-``a * s.F <= 0`` need no correction at all (their proximity is 0). The result is exact, not an approximation: the tests compare it
-with a materialising float64 reference.
+term is non-zero only on coordinates where ``a |F_d| > |y_d|``, i.e. where the part overshoots the whole;
+all of them lie among the ``n = #{d : |y_d| < a * max|F|}`` smallest coordinates of ``|y|``. Pairs with
+``a * s.F <= 0`` need no correction at all (their proximity is 0), nor do pairs with ``n = 0``.
+
+Two backends compute the correction, with the same matrix products in torch:
+
+- ``"cpu"``: a compiled loop (``flowray.cpu_kernel``, numba) that visits each sub-edge once and takes its
+  cheapest exact case: no correction, the few smallest coordinates of ``|y|``, or a vectorised ``O(d)``
+  distance; it writes straight into the result and also normalises there.
+- ``"torch"``: vectorised torch for any device: chunks of query positions, the smallest coordinates of
+  ``|y|`` once per position (``topk``) and a ragged gather over the ``n`` candidates; the rare pairs with
+  more than ``dense_rank`` candidates get a direct ``O(d)`` distance instead.
+
+The result is exact, not an approximation: the tests compare both with a materialising float64
+reference. Inputs may be float16/bfloat16 (a half-precision model's own activations); every product and
+sum runs in float32.
 """
 
 from __future__ import annotations
