@@ -127,6 +127,8 @@ def eager_attention(model: torch.nn.Module) -> Iterator[None]:
     try:
         model.set_attn_implementation(CAPTURE_IMPLEMENTATION)
     except (ValueError, TypeError, KeyError):
+        pass
+    if getattr(config, "_attn_implementation", None) != CAPTURE_IMPLEMENTATION:
         model.set_attn_implementation("eager")
     try:
         yield

@@ -30,8 +30,11 @@ def _assert_close(got, ref):
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("T", [7, 13])
-def test_matches_naive_reference(case, T):
-    model = tiny_model(case, seed=T)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_matches_naive_reference(case, T, attn):
+    """attn="sdpa": flowray captures through its own attention function; "eager": through transformers'.
+    The reference always runs transformers' eager attention and reads the weights itself."""
+    model = tiny_model(case, seed=T, attn=attn)
     ids = _ids(T, seed=T)
     ref = reference_importances(model, ids)
     # the reference's parts add up to what the attention module really output (it read the weights itself)
@@ -103,7 +106,7 @@ def test_cpu_kernel_takes_non_contiguous_views_and_checks_its_arguments():
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_both_backends_match_the_reference_end_to_end(backend):
-    model = tiny_model("llama-gqa", seed=8)
+    model = tiny_model("llama-gqa", seed=8, attn="sdpa")
     ids = _ids(17, seed=9)
     _assert_close(flowray.edge_importances(model, ids, backend=backend), reference_importances(model, ids))
 
@@ -139,8 +142,7 @@ def test_parts_of_every_node_sum_to_one(case):
 
 
 def test_hooks_are_removed_and_attention_restored():
-    model = tiny_model("llama-gqa")
-    model.set_attn_implementation("sdpa")
+    model = tiny_model("llama-gqa", attn="sdpa")
     flowray.edge_importances(model, _ids(5, 0))
     assert model.config._attn_implementation == "sdpa"
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
@@ -197,9 +199,10 @@ def test_the_benchmarked_materialising_algorithm_matches_the_reference():
 
 @pytest.mark.parametrize("case", ["gpt2", "opt", "mistral", "neox-parallel"])
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_batched_padded_pass_equals_single_passes(case, padding_side):
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_batched_padded_pass_equals_single_passes(case, padding_side, attn):
     """Sequences of different lengths, padded on either side with an attention mask: each gets its own."""
-    model = tiny_model(case, seed=4)
+    model = tiny_model(case, seed=4, attn=attn)
     seqs = [_ids(T, seed=T) for T in (5, 12, 1, 9)]
     batch = flowray.edge_importances_batch(model, seqs, padding_side=padding_side)
     for ids, got in zip(seqs, batch):
@@ -211,7 +214,7 @@ def test_batched_padded_pass_equals_single_passes(case, padding_side):
 
 def test_a_tokenizer_style_padded_batch():
     """[B, T] ids + mask as `tokenizer(..., padding=True)` returns them, left-padded with a real pad id."""
-    model = tiny_model("llama-gqa", seed=6)
+    model = tiny_model("llama-gqa", seed=6, attn="sdpa")
     a, b = _ids(8, seed=1)[0], _ids(3, seed=2)[0]
     ids = torch.stack([a, torch.cat([torch.full((5,), 7), b])])  # the pad id 7 is a real token, masked out
     mask = torch.tensor([[1] * 8, [0] * 5 + [1] * 3])
@@ -242,7 +245,7 @@ def test_half_precision_activations_with_float32_accumulation(dtype):
     importances stay within 1e-3 of float64 materialising maths on the very same activations."""
     from flowray.capture import capture_all
 
-    model = tiny_model("llama-gqa", seed=2).to(dtype)
+    model = tiny_model("llama-gqa", seed=2, attn="sdpa").to(dtype)
     adapter = flowray.models.families.adapter_for(model)
     records = capture_all(model, adapter, _ids(13, seed=3))
     assert records[0].probs.dtype == dtype
@@ -257,3 +260,30 @@ def test_half_precision_activations_with_float32_accumulation(dtype):
             assert got.attn.dtype == torch.float32
             np.testing.assert_allclose(got.attn.double(), want.attn, atol=1e-3, rtol=0, err_msg=backend)
             np.testing.assert_allclose(got.direct.double(), want.direct, atol=1e-3, rtol=0, err_msg=backend)
+
+
+@pytest.mark.parametrize("case", ["gpt2", "opt", "llama-gqa", "mistral", "qwen2", "neox-parallel"])
+@pytest.mark.parametrize("chunk", [4, 128])
+def test_capture_attention_equals_transformers_eager(monkeypatch, case, chunk):
+    """flowray's capture attention (in chunks of `chunk` query rows; 4 splits these inputs into several)
+    gives transformers' eager probabilities and outputs: causal, and left-padded with a boolean mask."""
+    from flowray import capture
+    from flowray.capture import capture_all
+
+    monkeypatch.setattr(capture, "_ROW_CHUNK", chunk)
+    ours, eager = tiny_model(case, seed=3, attn="sdpa"), tiny_model(case, seed=3, attn="eager")
+    adapter = flowray.models.families.adapter_for(ours)
+    ids = _ids(13, seed=5)
+    for got, want in zip(capture_all(ours, adapter, ids), capture_all(eager, adapter, ids)):
+        torch.testing.assert_close(got.probs, want.probs, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(got.attn_out, want.attn_out, atol=1e-5, rtol=1e-5)
+        assert torch.all(got.probs.triu(1) == 0)
+    assert ours.config._attn_implementation == "sdpa"  # restored after the capture
+    batch = torch.stack([ids[0], torch.cat([torch.zeros(4, dtype=torch.long), ids[0, :9]])])
+    mask = torch.tensor([[1] * 13, [0] * 4 + [1] * 9])
+    logits = {}
+    for name, model in (("ours", ours), ("eager", eager)):
+        with flowray.capture.eager_attention(model), torch.no_grad():
+            logits[name] = model(input_ids=batch, attention_mask=mask, use_cache=False).logits
+    torch.testing.assert_close(logits["ours"][1, 4:], logits["eager"][1, 4:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits["ours"][0], logits["eager"][0], atol=1e-5, rtol=1e-5)

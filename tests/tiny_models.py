@@ -20,8 +20,9 @@ def _randomise(model: torch.nn.Module, seed: int, with_bias: bool) -> torch.nn.M
     return model.eval()
 
 
-def tiny_model(case: str, seed: int = 0) -> torch.nn.Module:
-    """One of CASES: a small random causal LM with eager attention available."""
+def tiny_model(case: str, seed: int = 0, attn: str = "eager") -> torch.nn.Module:
+    """One of CASES: a small random causal LM. ``attn`` is its attention implementation: with "eager"
+    flowray captures through transformers' eager attention, with anything else through its own."""
     import transformers as tf
 
     common = dict(vocab_size=VOCAB)
@@ -64,7 +65,7 @@ def tiny_model(case: str, seed: int = 0) -> torch.nn.Module:
         bias = False
     else:
         raise KeyError(case)
-    cfg._attn_implementation = "eager"
+    cfg._attn_implementation = attn
     model = tf.AutoModelForCausalLM.from_config(cfg)
     return _randomise(model, seed, bias)
 
