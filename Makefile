@@ -32,6 +32,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/importance_speed.py
+	$(BIN)/python bench/kernel_cases.py
 	$(BIN)/python bench/job_throughput.py
 
 # the paper's figures 6-11 on SmolLM2: the shared-data job (needs ../shared/data), then every notebook

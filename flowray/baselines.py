@@ -22,13 +22,13 @@ The metric everywhere is the logit difference at the last position,
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from flowray.capture import register_attention
 from flowray.errors import FlowrayError, InputError, UnsupportedArchitectureError
 from flowray.models.base import Adapter
 
@@ -306,8 +306,6 @@ class _KnockoutPlan:
 
 
 _PLANS: dict[int, _KnockoutPlan] = {}  # id(attention module) -> plan, only inside attention_knockout()
-_REGISTER_LOCK = threading.Lock()
-_registered = False
 
 
 def _knockout_attention(module, query, key, value, attention_mask, **kwargs):
@@ -344,20 +342,6 @@ def _knockout_attention(module, query, key, value, attention_mask, **kwargs):
     return out, weights
 
 
-def _register_knockout() -> None:
-    global _registered
-    with _REGISTER_LOCK:
-        if _registered:
-            return
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, eager_mask
-
-        AttentionInterface.register(KNOCKOUT_IMPLEMENTATION, _knockout_attention)
-        # without a registered mask function transformers builds *no* mask for an unknown name (no causality)
-        AttentionMaskInterface.register(KNOCKOUT_IMPLEMENTATION, eager_mask)
-        _registered = True
-
-
 class Knockout:
     """Handle yielded by ``attention_knockout``: ``set(pairs)`` changes what the next forward pass knocks out."""
 
@@ -390,7 +374,7 @@ def attention_knockout(model, adapter: Adapter, pairs=None, *, layers=None) -> I
         pairs: ``[K, 3]`` (batch row, query i, source j); may be changed later with ``handle.set(pairs)``.
         layers: layer indices to intervene in (None: all).
     """
-    _register_knockout()
+    register_attention(KNOCKOUT_IMPLEMENTATION, _knockout_attention, "eager")
     n_layers = adapter.shape.n_layers
     if layers is not None:
         layers = {int(l) for l in layers}

@@ -39,7 +39,7 @@ CAPTURE_IMPLEMENTATION = "flowray_capture"  # the name registered with transform
 # masked upper triangle (half the work of a full [T, T] product at long contexts)
 _ROW_CHUNK = 128
 _REGISTER_LOCK = threading.Lock()
-_registered = False
+_registered: set[str] = set()
 # Inside capture_layers(reuse_probs=True): one [B, H, T, T] buffer that every layer's probabilities go into.
 # A fresh 40 MB tensor per layer costs ~20 ms of page faults at 1024 tokens (glibc maps allocations that
 # large afresh each time), as much as the attention itself; a streaming consumer is done with a layer's
@@ -97,18 +97,22 @@ def _capture_attention(module, query, key, value, attention_mask, scaling=None, 
     return out, probs
 
 
-def _register_capture() -> None:
-    global _registered
+def register_attention(name: str, attention, mask: str) -> None:
+    """Register ``attention`` with transformers' AttentionInterface under ``name``, once per process.
+
+    ``mask`` names the mask function transformers builds masks with for it: ``"eager"`` (an additive float
+    mask, always) or ``"sdpa"`` (None when plain causal, else boolean). Without a registered mask function
+    transformers builds *no* mask for an unknown name, so no causality.
+    """
     with _REGISTER_LOCK:
-        if _registered:
+        if name in _registered:
             return
         from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
-        AttentionInterface.register(CAPTURE_IMPLEMENTATION, _capture_attention)
-        # sdpa's mask function: None when the mask is plain causal (we apply that one ourselves), else boolean
-        AttentionMaskInterface.register(CAPTURE_IMPLEMENTATION, sdpa_mask)
-        _registered = True
+        AttentionInterface.register(name, attention)
+        AttentionMaskInterface.register(name, {"eager": eager_mask, "sdpa": sdpa_mask}[mask])
+        _registered.add(name)
 
 
 @contextlib.contextmanager
@@ -123,7 +127,7 @@ def eager_attention(model: torch.nn.Module) -> Iterator[None]:
     if previous in (CAPTURE_IMPLEMENTATION, "eager"):
         yield
         return
-    _register_capture()
+    register_attention(CAPTURE_IMPLEMENTATION, _capture_attention, "sdpa")  # we apply plain causal ourselves
     try:
         model.set_attn_implementation(CAPTURE_IMPLEMENTATION)
     except (ValueError, TypeError, KeyError):

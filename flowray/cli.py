@@ -54,8 +54,12 @@ def _add_text_args(p: argparse.ArgumentParser) -> None:
                      help="several texts: a .txt file (one text per non-blank line) or .jsonl with a 'text' field")
     p.add_argument("--max-tokens", type=positive_int, default=None,
                    help="keep only the first N tokens of each text (needed for texts longer than the context)")
+    p.add_argument("--backend", choices=["auto", "cpu", "torch"], default="auto",
+                   help="importance kernel: 'cpu' (compiled loop, CPU only), 'torch' (any device) or 'auto' "
+                   "(cpu on the CPU, torch elsewhere)")
     p.add_argument("--chunk-size", type=positive_int, default=None,
-                   help="query positions per chunk; bounds peak extra memory (~ heads x chunk x tokens floats)")
+                   help="torch backend: query positions per chunk; bounds its peak extra memory "
+                   "(~ heads x chunk x tokens floats)")
 
 
 def read_texts(path: Path) -> list[str]:
@@ -107,7 +111,7 @@ def _importances_for(lm, text: str, args):
     from flowray.api import edge_importances, encode_text
 
     ids = encode_text(lm.tokenizer, text, max_tokens=args.max_tokens, context=lm.adapter.shape.max_positions)
-    return edge_importances(lm, ids, chunk_size=args.chunk_size)
+    return edge_importances(lm, ids, chunk_size=args.chunk_size, backend=args.backend)
 
 
 # --- flowray route --------------------------------------------------------------------------------

@@ -12,14 +12,15 @@ in about 0.3 s. Threads: as many as torch uses (``torch.get_num_threads()``).
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import threading
+
 import numpy as np
 
-try:
-    import numba
-except ImportError:  # pragma: no cover - numba is a declared dependency; the torch path still works
-    numba = None
-
-AVAILABLE = numba is not None
+# numba is imported on the first kernel call, not here: its thread pool is sized when it is imported
+AVAILABLE = importlib.util.find_spec("numba") is not None
+numba = None  # the module, once imported (the compiled functions below refer to numba.prange)
 # Smallest |y_p| coordinates kept per position (see _prox_inplace); 16 measured best of 8/16/32 on SmolLM2.
 FEW = 16
 
@@ -144,28 +145,42 @@ def _normalise_inplace(sub, y, parts):  # pragma: no cover - compiled
     return direct
 
 
-if AVAILABLE:
-    # reassoc lets LLVM vectorise the sums; no "nnan"/"ninf": a NaN from an overflowing model stays a NaN
-    _jit = numba.njit(
-        parallel=True, cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "nsz", "contract"}
-    )
-    _prox_inplace = _jit(_prox_inplace)
-    _normalise_inplace = _jit(_normalise_inplace)
+_compiled: dict = {}
+_lock = threading.Lock()
 
 
-def _threads(threads: int) -> None:
-    if not AVAILABLE:  # pragma: no cover - guarded by the caller
-        raise ImportError("the CPU kernel needs numba: pip install numba")
+def _kernels(threads: int) -> dict:
+    """The compiled functions, after sizing numba's thread pool to ``threads`` on first use.
+
+    numba's OpenMP pool starts ``NUMBA_NUM_THREADS`` threads (default: every core) when numba is imported,
+    and idle ones spin: two single-threaded Ray actors on two cores then run 4x slower than one (measured).
+    So unless the user set it, the pool gets the threads torch uses in this process when the kernel first
+    runs (a Ray actor has set torch's threads to its CPUs by then).
+    """
+    global numba
+    with _lock:
+        if not _compiled:
+            if not AVAILABLE:  # pragma: no cover - guarded by the caller
+                raise ImportError("the CPU kernel needs numba: pip install numba")
+            os.environ.setdefault("NUMBA_NUM_THREADS", str(max(1, threads)))
+            import numba as _numba
+
+            numba = _numba
+            # reassoc lets LLVM vectorise the sums; no "nnan"/"ninf": a NaN from an overflowing model stays NaN
+            jit = numba.njit(
+                parallel=True, cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "nsz", "contract"}
+            )
+            _compiled["prox"] = jit(_prox_inplace)
+            _compiled["normalise"] = jit(_normalise_inplace)
     numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    return _compiled
 
 
 def prox_inplace(out: np.ndarray, probs: np.ndarray, F: np.ndarray, y: np.ndarray, threads: int) -> None:
     """Sub-edge proximities in place on ``threads`` threads (see ``_prox_inplace`` for the arrays)."""
-    _threads(threads)
-    _prox_inplace(out, probs, F, y, FEW)
+    _kernels(threads)["prox"](out, probs, F, y, FEW)
 
 
 def normalise_inplace(sub: np.ndarray, y: np.ndarray, parts: np.ndarray, threads: int) -> np.ndarray:
     """Direct parts' importances ``[K, T]``, sub-edge proximities ``[H, T, T]`` made importances in place."""
-    _threads(threads)
-    return _normalise_inplace(sub, y, parts)
+    return _kernels(threads)["normalise"](sub, y, parts)

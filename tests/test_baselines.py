@@ -499,7 +499,7 @@ def test_knockout_outside_its_context_is_refused():
     adapter = adapter_for(model)
     with bl.attention_knockout(model, adapter):
         pass
-    bl._register_knockout()
+    bl.register_attention(bl.KNOCKOUT_IMPLEMENTATION, bl._knockout_attention, "eager")  # registered already
     model.set_attn_implementation(bl.KNOCKOUT_IMPLEMENTATION)
     try:
         with pytest.raises(FlowrayError, match="outside"):

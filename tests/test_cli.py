@@ -49,6 +49,12 @@ def test_several_texts_from_a_file(tmp_path, capsys, tiny_model_dir):
     with np.load(tmp_path / "imps" / "00001.npz") as z:
         assert set(z.files) >= {"attn", "attn_residual", "ffn", "ffn_residual", "token_ids", "tokens", "meta"}
         assert z["attn"].shape[0] == 2 and z["attn"].shape[2] == z["token_ids"].shape[0]
+        cpu_attn = z["attn"]
+    code, _, _ = _run(["importances", "--model", str(tiny_model_dir), "--file", str(texts), "--out",
+                       str(tmp_path / "imps_torch"), "--backend", "torch"], capsys)
+    assert code == 0
+    with np.load(tmp_path / "imps_torch" / "00001.npz") as z:
+        np.testing.assert_allclose(z["attn"], cpu_attn, atol=1e-5)  # the two kernels agree
 
 
 BAD_INPUTS = [
@@ -62,6 +68,7 @@ BAD_INPUTS = [
     (["importances", "--text", "hi", "--out", "x.txt"], "must end in .npz"),
     (["route", "--text", "hi", "--out", "x.json", "--plot", "x.jpg"], ".png or .svg"),
     (["route", "--text", "hi", "--max-tokens", "0", "--out", "x.json"], "positive integer"),
+    (["importances", "--text", "hi", "--out", "x.npz", "--backend", "gpu"], "invalid choice: 'gpu'"),
 ]
 
 
