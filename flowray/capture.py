@@ -66,7 +66,10 @@ def _capture_attention(module, query, key, value, attention_mask, scaling=None, 
     B, H, T, dh = query.shape
     H_kv, Tk = key.shape[1], key.shape[2]
     if Tk != T:
-        raise UnsupportedArchitectureError(f"flowray needs a forward pass without a cache; got {T} queries, {Tk} keys")
+        raise UnsupportedArchitectureError(
+            f"flowray needs a forward pass without a cache; got {T} queries, {Tk} keys (call the model with "
+            "use_cache=False and no past_key_values)"
+        )
     g = H // H_kv
     scaling = dh**-0.5 if scaling is None else scaling
     low = torch.finfo(torch.float32).min  # what eager masks add: exp() of it is exactly 0, never NaN

@@ -287,3 +287,14 @@ def test_capture_attention_equals_transformers_eager(monkeypatch, case, chunk):
             logits[name] = model(input_ids=batch, attention_mask=mask, use_cache=False).logits
     torch.testing.assert_close(logits["ours"][1, 4:], logits["eager"][1, 4:], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits["ours"][0], logits["eager"][0], atol=1e-5, rtol=1e-5)
+
+
+def test_capture_attention_refuses_a_cache_and_training_mode():
+    from flowray.capture import _capture_attention
+
+    module = torch.nn.Module().eval()
+    q, kv = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4)  # 3 queries against 5 cached keys
+    with pytest.raises(UnsupportedArchitectureError, match="got 3 queries, 5 keys .*use_cache=False"):
+        _capture_attention(module, q, kv, kv, None)
+    with pytest.raises(UnsupportedArchitectureError, match="eval mode only; call model.eval"):
+        _capture_attention(module.train(), q, q, q, None, dropout=0.1)
