@@ -26,8 +26,16 @@ class LayerActivations:
     inputs: torch.Tensor  # [B, T, d]  x^{l-1}: the residual stream entering the block
     attn_out: torch.Tensor  # [B, T, d]  attention block output (W_O applied, output bias included)
     values: torch.Tensor  # [B, H_kv, T, d_head]  value vectors incl. value bias
-    probs: torch.Tensor  # [B, H, T, T]  post-softmax attention weights, (query pos, source j)
+    probs: torch.Tensor | AttentionRows  # [B, H, T, T] post-softmax weights (query pos, source j), or
+    #   with capture_layers(rows=True) an AttentionRows that recomputes any rows of them on demand
     outputs: torch.Tensor  # [B, T, d]  x^l: the residual stream leaving the block
+
+    def prob_rows(self, b: int, start: int, p0: int, p1: int) -> torch.Tensor:
+        """``[H, C, p1]`` weights of row ``b``'s real positions ``p0 .. p1 - 1`` over its sources ``< p1``,
+        for a row whose real tokens start at ``start`` (left padding); positions count from ``start``."""
+        if isinstance(self.probs, AttentionRows):
+            return self.probs.rows(b, start, p0, p1)
+        return self.probs[b, :, start + p0 : start + p1, start : start + p1]
 
 
 def _first(output):
@@ -47,6 +55,45 @@ _registered: set[str] = set()
 _scratch = threading.local()
 
 
+def _chunk_weights(q: torch.Tensor, key: torch.Tensor, attention_mask, p0: int, p1: int, low: float) -> torch.Tensor:
+    """Attention weights of query rows ``p0 .. p1 - 1`` over keys ``< p1``: ``[B, H, C, p1]`` float32.
+
+    q ``[B, H_kv, g, T, dh]`` queries already scaled; key ``[B, H_kv, T, dh]``; attention_mask as
+    ``_capture_attention`` takes it. The forward pass and ``AttentionRows`` both call this, so recomputed
+    rows are the forward's own weights.
+    """
+    B, H_kv, g, _, dh = q.shape
+    C = p1 - p0
+    rows = q[:, :, :, p0:p1].reshape(B, H_kv, g * C, dh)  # the group's query heads stacked
+    scores = torch.matmul(rows, key[:, :, :p1].transpose(-1, -2)).view(B, H_kv * g, C, p1).float()  # [B, H, C, p1]
+    if attention_mask is None:
+        future = torch.ones(C, C, dtype=torch.bool, device=q.device).triu_(1)
+        scores[..., p0:p1].masked_fill_(future, low)  # causal: only the diagonal block has future keys
+    elif attention_mask.dtype == torch.bool:
+        scores.masked_fill_(~attention_mask[:, :, p0:p1, :p1], low)
+    else:
+        scores += attention_mask[:, :, p0:p1, :p1]
+    return torch.softmax(scores, dim=-1)
+
+
+class AttentionRows:
+    """One layer's attention weights, kept as the queries and keys that make them (``O(T)`` memory).
+
+    ``rows(b, start, p0, p1)`` recomputes ``[H, C, p1]`` weights for a chunk of query rows exactly as the
+    forward pass computed them, so a consumer never holds a ``[H, T, T]`` tensor.
+    """
+
+    def __init__(self, q: torch.Tensor, key: torch.Tensor, attention_mask, dtype: torch.dtype):
+        self.q, self.key, self.mask, self.dtype = q, key, attention_mask, dtype  # q [B, H_kv, g, T, dh]
+
+    def rows(self, b: int, start: int, p0: int, p1: int) -> torch.Tensor:
+        q = self.q[b : b + 1, :, :, start:]  # [1, H_kv, g, T_b, dh]
+        key = self.key[b : b + 1, :, start:]
+        mask = None if self.mask is None else self.mask[b : b + 1, :, start:, start:]
+        low = torch.finfo(torch.float32).min
+        return _chunk_weights(q, key, mask, p0, p1, low).to(self.dtype)[0]  # [H, C, p1]
+
+
 def _capture_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **_kwargs):
     """Eager attention that also returns the probabilities, with less work than transformers' eager one.
 
@@ -59,7 +106,8 @@ def _capture_attention(module, query, key, value, attention_mask, scaling=None, 
 
     query ``[B, H, T, dh]``; key, value ``[B, H_kv, T, dh]``; attention_mask: None (causal, no padding),
     a boolean ``[B, 1, T, T]`` (True: attend) or an additive float mask. Returns the output
-    ``[B, T, H, dh]`` and the weights ``[B, H, T, T]`` (exactly 0 above the diagonal and where masked).
+    ``[B, T, H, dh]`` and the weights ``[B, H, T, T]`` (exactly 0 above the diagonal and where masked), or
+    inside ``capture_layers(rows=True)`` an ``AttentionRows`` instead of the weights.
     """
     if module.training and dropout:
         raise UnsupportedArchitectureError("flowray captures attention in eval mode only; call model.eval()")
@@ -73,30 +121,27 @@ def _capture_attention(module, query, key, value, attention_mask, scaling=None, 
     g = H // H_kv
     scaling = dh**-0.5 if scaling is None else scaling
     low = torch.finfo(torch.float32).min  # what eager masks add: exp() of it is exactly 0, never NaN
-    probs = getattr(_scratch, "probs", None)
-    if probs is None or probs.shape != (B, H, T, T) or probs.dtype != query.dtype or probs.device != query.device:
-        probs = torch.empty(B, H, T, T, dtype=query.dtype, device=query.device)
-        if getattr(_scratch, "reuse", False):
-            _scratch.probs = probs
+    rows_mode = getattr(_scratch, "rows", False)
+    probs = None
+    if not rows_mode:
+        probs = getattr(_scratch, "probs", None)
+        if probs is None or probs.shape != (B, H, T, T) or probs.dtype != query.dtype or probs.device != query.device:
+            probs = torch.empty(B, H, T, T, dtype=query.dtype, device=query.device)
+            if getattr(_scratch, "reuse", False):
+                _scratch.probs = probs
     out = torch.empty(B, T, H, dh, dtype=query.dtype, device=query.device)
     q_all = (query * scaling).view(B, H_kv, g, T, dh)
     for p0 in range(0, T, _ROW_CHUNK):
         p1 = min(T, p0 + _ROW_CHUNK)
         C = p1 - p0
-        q = q_all[:, :, :, p0:p1].reshape(B, H_kv, g * C, dh)  # the group's query heads stacked
-        scores = torch.matmul(q, key[:, :, :p1].transpose(-1, -2)).view(B, H, C, p1).float()  # [B, H, C, p1]
-        if attention_mask is None:
-            future = torch.ones(C, C, dtype=torch.bool, device=query.device).triu_(1)
-            scores[..., p0:p1].masked_fill_(future, low)  # causal: only the diagonal block has future keys
-        elif attention_mask.dtype == torch.bool:
-            scores.masked_fill_(~attention_mask[:, :, p0:p1, :p1], low)
-        else:
-            scores += attention_mask[:, :, p0:p1, :p1]
-        weights = torch.softmax(scores, dim=-1).to(query.dtype)  # [B, H, C, p1]
-        probs[:, :, p0:p1, :p1] = weights
-        probs[:, :, p0:p1, p1:] = 0.0
+        weights = _chunk_weights(q_all, key, attention_mask, p0, p1, low).to(query.dtype)  # [B, H, C, p1]
+        if probs is not None:
+            probs[:, :, p0:p1, :p1] = weights
+            probs[:, :, p0:p1, p1:] = 0.0
         chunk = torch.matmul(weights.view(B, H_kv, g * C, p1), value[:, :, :p1])  # [B, H_kv, g * C, dh]
         out[:, p0:p1] = chunk.view(B, H, C, dh).transpose(1, 2)
+    if rows_mode:
+        return out, AttentionRows(q_all, key, attention_mask, query.dtype)
     return out, probs
 
 
@@ -151,13 +196,16 @@ def capture_layers(
     consumer: Callable[[LayerActivations], None],
     *,
     reuse_probs: bool = False,
+    rows: bool = False,
 ) -> Iterator[None]:
     """Within the block, every forward pass of ``model`` calls ``consumer`` once per decoder layer.
 
     Hooks are attached on entry and always removed on exit, so a long-lived actor's model stays clean.
     With ``reuse_probs`` every layer's ``probs`` lives in one buffer that the next layer overwrites: for
     consumers that are done with a record when they return (saves the page faults of a fresh ``[B, H, T, T]``
-    tensor per layer); keep it False to hold records beyond the call.
+    tensor per layer); keep it False to hold records beyond the call. With ``rows`` a record's ``probs`` is
+    an ``AttentionRows`` (queries and keys, ``O(T)``) that recomputes chunks of weights on demand, when the
+    model runs flowray's capture attention (transformers' eager fallback still gives full weights).
     """
     handles = []
     state: dict = {}
@@ -200,6 +248,7 @@ def capture_layers(
             handles.append(adapter.attention(layer).register_forward_hook(on_attention))
             handles.append(layer.register_forward_hook(post_layer))
         _scratch.reuse = reuse_probs
+        _scratch.rows = rows
         with eager_attention(model):
             yield
     finally:
@@ -207,6 +256,7 @@ def capture_layers(
             handle.remove()
         state.clear()
         _scratch.reuse = False
+        _scratch.rows = False
         _scratch.probs = None
 
 
@@ -216,3 +266,38 @@ def capture_all(model: torch.nn.Module, adapter: Adapter, input_ids: torch.Tenso
     with capture_layers(model, adapter, records.append), torch.no_grad():
         model(input_ids=input_ids, use_cache=False)
     return records
+
+
+# Positions per chunk of the streamed argmax: [B, chunk, V] logits at a time instead of [B, T, V].
+_ARGMAX_CHUNK = 256
+
+
+@contextlib.contextmanager
+def predicted_ids(model: torch.nn.Module, sink: list) -> Iterator[None]:
+    """Within the block, a forward pass appends its top-1 next-token ids ``[B, T]`` to ``sink`` without the
+    ``[B, T, V]`` logits: the output embedding gets the final hidden states, computes the argmax in chunks of
+    positions and passes on only the last position (the model's logits then hold that one position).
+
+    Exact for models whose logits are the output embedding's output or a monotone map of it (soft-capping,
+    scaling by a positive constant); the hook is removed on exit.
+    """
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise UnsupportedArchitectureError(
+            f"the output embedding is a {type(head).__name__}, not a Linear layer; flowray cannot stream its argmax"
+        )
+
+    def pre_hook(_module, args):
+        hidden = args[0]  # [B, T, d]
+        top = torch.empty(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+        for c0 in range(0, hidden.shape[1], _ARGMAX_CHUNK):
+            c1 = min(hidden.shape[1], c0 + _ARGMAX_CHUNK)
+            top[:, c0:c1] = torch.nn.functional.linear(hidden[:, c0:c1], head.weight, head.bias).argmax(-1)
+        sink.append(top)
+        return (hidden[:, -1:], *args[1:])
+
+    handle = head.register_forward_pre_hook(pre_hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -63,18 +63,12 @@ def _map_stage(config: JobConfig, storage: Storage, pending: list[str], index: d
     ctx.enable_progress_bars = sys.stderr.isatty()
     storage_uri = storage.uri if not storage.is_local else os.path.abspath(storage.uri)
     texts = {s["shard_id"]: s["texts"] for s in index["shards"]}
-    flow_kwargs = dict(
-        model=config.model, dtype=config.dtype, device=config.device, taus=config.tau,
-        max_tokens=config.max_tokens, truncate=config.truncate, batch_size=config.batch_size,
-        trust_remote_code=config.trust_remote_code,
-        torch_threads=max(1, int(config.cpus_per_actor)) if not config.gpus_per_actor else None,
-    )
     from flowray.pipeline.worker import ShardWorker
 
     ds = ray.data.from_items([{"shard_id": s} for s in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(
         ShardWorker,
-        fn_constructor_kwargs=dict(run_uri=storage_uri, crash_once=crash_once, **flow_kwargs),
+        fn_constructor_kwargs=dict(run_uri=storage_uri, config=config, crash_once=crash_once),
         # a shard is a big unit of work: one in flight per actor, so no shard queues behind a busy replica
         compute=ray.data.ActorPoolStrategy(min_size=config.min_actors or config.actors, max_size=config.actors,
                                            max_tasks_in_flight_per_actor=1),
