@@ -19,6 +19,7 @@ from flowray import config
 from flowray.errors import InputError, MissingDependencyError, UnknownModelError
 from flowray.models.base import Adapter
 from flowray.models.families import adapter_class_for, adapter_for
+from flowray.models.versions import check_transformers
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,7 @@ def load_model(
 
     ``trust_remote_code`` stays off unless asked for: custom code would also bypass the adapters.
     """
+    check_transformers()  # a transformers whose internals flowray does not know fails here, not mid-forward
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
