@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from flowray.errors import UnsupportedArchitectureError
-from flowray.models.attention import attention_implementation, register_attention  # noqa: F401 (re-export)
+from flowray.models.attention import attention_implementation
 from flowray.models.base import Adapter
 
 

@@ -14,6 +14,7 @@ from flowray.errors import InputError
 
 
 def check_ids(input_ids, what: str = "input_ids") -> torch.Tensor:
+    """``[B, T]`` integer token ids as int64, or an InputError naming the shape or dtype that arrived."""
     if not isinstance(input_ids, torch.Tensor):
         input_ids = torch.as_tensor(np.asarray(input_ids))
     if input_ids.dim() != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
@@ -26,6 +27,7 @@ def check_ids(input_ids, what: str = "input_ids") -> torch.Tensor:
 
 
 def check_targets(ids, n: int, what: str) -> torch.Tensor:
+    """``[n]`` token ids, one per prompt (the answer or the wrong token of the logit difference)."""
     t = torch.as_tensor(np.asarray(ids)).long().reshape(-1)
     if t.numel() != n:
         raise InputError(f"{what} must hold one token id per prompt ({n}); got {t.numel()}")
@@ -50,6 +52,7 @@ def logit_diff(logits: torch.Tensor, answer_ids: torch.Tensor, wrong_ids: torch.
 
 
 def batches(n: int, batch_size: int) -> Iterator[slice]:
+    """Slices of at most ``batch_size`` rows that cover ``range(n)`` in order."""
     for start in range(0, n, batch_size):
         yield slice(start, min(start + batch_size, n))
 

@@ -56,6 +56,8 @@ class Stopwatch:
 # --- prompts ----------------------------------------------------------------------------------------------
 @dataclass
 class Item:
+    """One usable prompt: its ABC twin has the same token length; answer and wrong are single tokens."""
+
     prompt: object  # flowray.tasks.TaskPrompt
     clean: object  # torch LongTensor [T]
     corrupt: object  # torch LongTensor [T]
