@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from flowray.errors import UnsupportedArchitectureError
+from flowray.models.attention import attention_implementation
 from flowray.models.base import Adapter
 
 
@@ -46,8 +47,6 @@ CAPTURE_IMPLEMENTATION = "flowray_capture"  # the name registered with transform
 # rows of queries per chunk: a chunk's scores are [B, H, C, p1] for its last row p1, so chunks skip the
 # masked upper triangle (half the work of a full [T, T] product at long contexts)
 _ROW_CHUNK = 128
-_REGISTER_LOCK = threading.Lock()
-_registered: set[str] = set()
 # Inside capture_layers(reuse_probs=True): one [B, H, T, T] buffer that every layer's probabilities go into.
 # A fresh 40 MB tensor per layer costs ~20 ms of page faults at 1024 tokens (glibc maps allocations that
 # large afresh each time), as much as the attention itself; a streaming consumer is done with a layer's
@@ -145,24 +144,6 @@ def _capture_attention(module, query, key, value, attention_mask, scaling=None, 
     return out, probs
 
 
-def register_attention(name: str, attention, mask: str) -> None:
-    """Register ``attention`` with transformers' AttentionInterface under ``name``, once per process.
-
-    ``mask`` names the mask function transformers builds masks with for it: ``"eager"`` (an additive float
-    mask, always) or ``"sdpa"`` (None when plain causal, else boolean). Without a registered mask function
-    transformers builds *no* mask for an unknown name, so no causality.
-    """
-    with _REGISTER_LOCK:
-        if name in _registered:
-            return
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
-
-        AttentionInterface.register(name, attention)
-        AttentionMaskInterface.register(name, {"eager": eager_mask, "sdpa": sdpa_mask}[mask])
-        _registered.add(name)
-
-
 @contextlib.contextmanager
 def eager_attention(model: torch.nn.Module) -> Iterator[None]:
     """Run ``model`` with an attention that returns exact probabilities (``_capture_attention``).
@@ -170,23 +151,9 @@ def eager_attention(model: torch.nn.Module) -> Iterator[None]:
     Models whose attention implementation transformers cannot switch to a registered function fall back
     to transformers' own ``"eager"``. The previous implementation is restored on exit.
     """
-    config = model.config
-    previous = getattr(config, "_attn_implementation", None)
-    if previous in (CAPTURE_IMPLEMENTATION, "eager"):
+    with attention_implementation(model, CAPTURE_IMPLEMENTATION, _capture_attention, mask="sdpa",  # plain causal: ours
+                                  fallback="eager", accept=("eager",)):
         yield
-        return
-    register_attention(CAPTURE_IMPLEMENTATION, _capture_attention, "sdpa")  # we apply plain causal ourselves
-    try:
-        model.set_attn_implementation(CAPTURE_IMPLEMENTATION)
-    except (ValueError, TypeError, KeyError):
-        pass
-    if getattr(config, "_attn_implementation", None) != CAPTURE_IMPLEMENTATION:
-        model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        if previous is not None:
-            model.set_attn_implementation(previous)
 
 
 @contextlib.contextmanager

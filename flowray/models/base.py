@@ -66,8 +66,25 @@ class Adapter:
         """Raise UnsupportedArchitectureError for config settings this adapter cannot decompose."""
 
     @classmethod
-    def read_shape(cls, config) -> ModelShape:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def read_shape(cls, config) -> ModelShape:
+        """The dimensions under HF's standard config names; configs with names of their own (GPT-2's ``n_layer``,
+        ``n_head``, ``n_embd``, ``n_positions``) map them onto these through ``attribute_map``. Families whose
+        configs differ further override this."""
+        n_heads = config.num_attention_heads
+        return ModelShape(
+            n_layers=config.num_hidden_layers,
+            n_heads=n_heads,
+            n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // n_heads,
+            d_model=config.hidden_size,
+            parallel=cls.parallel_blocks(config),
+            max_positions=cls._max_positions(config, "max_position_embeddings"),
+        )
+
+    @classmethod
+    def parallel_blocks(cls, config) -> bool:
+        """GPT-NeoX style ``x + attn(ln1(x)) + mlp(ln2(x))`` blocks (one node per layer)? Default: sequential."""
+        return False
 
     # --- modules ---------------------------------------------------------------------------------
     def layers(self) -> list[nn.Module]:  # pragma: no cover - abstract

