@@ -24,10 +24,14 @@ class LayerActivations:
 
     layer: int
     inputs: torch.Tensor  # [B, T, d]  x^{l-1}: the residual stream entering the block
-    attn_out: torch.Tensor  # [B, T, d]  attention block output (W_O applied, output bias included)
+    attn_out: torch.Tensor  # [B, T, d]  what the attention adds to the residual (W_O and its bias applied;
+    #                         post-attention norm applied too where the block has one: Gemma 2/3, OLMo-2)
     values: torch.Tensor  # [B, H_kv, T, d_head]  value vectors incl. value bias
     probs: torch.Tensor  # [B, H, T, T]  post-softmax attention weights, (query pos, source j)
     outputs: torch.Tensor  # [B, T, d]  x^l: the residual stream leaving the block
+    # [B, T] float32  1/r_pos of the post-attention norm per query position (None: no such norm, i.e. 1);
+    # the sub-edges are row_scale[pos] * probs[h, pos, j] * v_j (W_O diag(gamma))^h
+    row_scale: torch.Tensor | None = None
 
 
 def _first(output):
@@ -47,13 +51,17 @@ _registered: set[str] = set()
 _scratch = threading.local()
 
 
-def _capture_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **_kwargs):
+def _capture_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **_kwargs
+):
     """Eager attention that also returns the probabilities, with less work than transformers' eager one.
 
     The same maths as every supported family's ``eager_attention_forward`` (``softmax(q k^T * scaling +
     mask)`` in float32, cast to the query's dtype, times the values; grouped-query heads read kv head
     ``h // group``), computed in chunks of query rows against only the keys they can see, with the scale
-    folded into the queries, the mask applied in place and no ``repeat_kv`` copies. At 1024 tokens on
+    folded into the queries, the mask applied in place and no ``repeat_kv`` copies. ``softcap`` (Gemma 2's
+    attention-logit soft-capping) maps the scaled scores to ``softcap * tanh(scores / softcap)`` before the
+    mask, as the eager function does. At 1024 tokens on
     SmolLM2 transformers' eager attention doubles the cost of a forward pass; this keeps the capture close
     to the default (sdpa) forward.
 
@@ -85,6 +93,8 @@ def _capture_attention(module, query, key, value, attention_mask, scaling=None, 
         C = p1 - p0
         q = q_all[:, :, :, p0:p1].reshape(B, H_kv, g * C, dh)  # the group's query heads stacked
         scores = torch.matmul(q, key[:, :, :p1].transpose(-1, -2)).view(B, H, C, p1).float()  # [B, H, C, p1]
+        if softcap:
+            scores = scores.div_(softcap).tanh_().mul_(softcap)
         if attention_mask is None:
             future = torch.ones(C, C, dtype=torch.bool, device=query.device).triu_(1)
             scores[..., p0:p1].masked_fill_(future, low)  # causal: only the diagonal block has future keys
@@ -180,6 +190,11 @@ def capture_layers(
                 )
             state["attn_out"], state["probs"] = output[0], output[1]
 
+        def on_post_attention(norm, args, output):
+            # the norm's output is what enters the residual; 1 / r_pos of its input rescales alpha's rows
+            state["attn_out"] = _first(output)
+            state["row_scale"] = adapter.post_attention_scale(norm, args[0])  # [B, T]
+
         def post_layer(_module, _args, output):
             missing = {"inputs", "values", "attn_out", "probs"} - state.keys()
             if missing:
@@ -190,14 +205,17 @@ def capture_layers(
             consumer(LayerActivations(layer=index, outputs=_first(output), **state))
             state.clear()
 
-        return pre_layer, on_values, on_attention, post_layer
+        return pre_layer, on_values, on_attention, on_post_attention, post_layer
 
     try:
         for index, layer in enumerate(adapter.layers()):
-            pre_layer, on_values, on_attention, post_layer = make_hooks(index, layer)
+            pre_layer, on_values, on_attention, on_post_attention, post_layer = make_hooks(index, layer)
             handles.append(layer.register_forward_pre_hook(pre_layer, with_kwargs=True))
             handles.append(adapter.value_module(layer).register_forward_hook(on_values))
             handles.append(adapter.attention(layer).register_forward_hook(on_attention))
+            post_norm = adapter.post_attention(layer)
+            if post_norm is not None:  # it runs after the attention module: its output replaces attn_out
+                handles.append(post_norm.register_forward_hook(on_post_attention))
             handles.append(layer.register_forward_hook(post_layer))
         _scratch.reuse = reuse_probs
         with eager_attention(model):
