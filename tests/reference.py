@@ -208,7 +208,7 @@ def reference_importances(model, input_ids: torch.Tensor) -> dict:
         # the parts (sub-edges + output bias) must add up to what the attention really added to the residual,
         # and with the FFN's real output to the block's real output: a wrong slice of W_V / W_O, a missed
         # value bias or a wrong norm gain fails here, not silently
-        ffn_real = seen["ffn"][l][0].double()
+        ffn_real = seen["ffn"][l].reshape(seen["layer_out"][l].shape)[0].double()  # OPT's fc2 sees [B * T, d]
         decomposition_error = max(decomposition_error, float((attn_total - attn_real).abs().max()),
                                   float((x + attn_total + ffn_real - out).abs().max()))
         for pos in range(T):
