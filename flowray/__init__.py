@@ -23,6 +23,8 @@ _EXPORTS = {
     "EdgeImportances": "flowray.api",
     "edge_importances_batch": "flowray.api",
     "edge_importances_padded": "flowray.api",
+    "expert_importances": "flowray.experts",
+    "ExpertImportances": "flowray.experts",
     "extract_route": "flowray.routes",
     "route_masks": "flowray.routes",
     "Route": "flowray.routes",

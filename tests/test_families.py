@@ -182,3 +182,87 @@ def test_a_lora_adapter_directory_loads_merged(tmp_path, case):
     plain = flowray.edge_importances(base, ids)
     assert np.abs(got.attn - plain.attn).max() > 1e-3  # not the base model's importances
     assert flowray.models.loading.load_tokenizer(str(adapter_dir)).vocab_size == VOCAB
+
+
+@torch.no_grad()
+def _mixtral_expert_reference(model, ids):
+    """float64, from Mixtral's weights: router softmax -> top-k renormalised -> each chosen expert's SwiGLU."""
+    cfg = model.config
+    seen = {}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        hooks.append(layer.post_attention_layernorm.register_forward_hook(
+            lambda m, a, o, i=i: seen.__setitem__(i, (a[0][0].double(), o[0].double()))))
+        hooks.append(layer.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(("out", i), o[0].double())))
+    try:
+        model(input_ids=ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    L, T, E = cfg.num_hidden_layers, ids.shape[1], cfg.num_local_experts
+    experts, residual = np.zeros((L, T, E)), np.zeros((L, T))
+    for l, layer in enumerate(model.model.layers):
+        mid, xn = seen[l]  # [T, d] the attention node and its normed FFN input
+        out = seen[("out", l)]
+        w = model.model.layers[l].mlp
+        probs = torch.softmax(xn @ w.gate.weight.double().T, -1)  # [T, E]
+        top, idx = torch.topk(probs, cfg.num_experts_per_tok, -1)
+        top = top / top.sum(-1, keepdim=True)
+        parts = []
+        for k in range(idx.shape[1]):
+            gu = w.experts.gate_up_proj.double()[idx[:, k]]  # [T, 2I, d]
+            g, u = torch.einsum("tid,td->ti", gu, xn).chunk(2, -1)
+            h = torch.nn.functional.silu(g) * u  # [T, I]
+            parts.append(top[:, k, None] * torch.einsum("tdi,ti->td", w.experts.down_proj.double()[idx[:, k]], h))
+        assert float((mid + sum(parts) - out).abs().max()) < 1e-4  # the parts rebuild the real block output
+        prox = [(out.abs().sum(-1) - (out - p).abs().sum(-1)).clamp_min(0) for p in [mid, *parts]]  # [T] each
+        total = sum(prox)
+        residual[l] = (prox[0] / total).numpy()
+        for k in range(idx.shape[1]):
+            experts[l, np.arange(T), idx[:, k].numpy()] = (prox[1 + k] / total).numpy()
+    return experts, residual
+
+
+def test_expert_importances_match_a_float64_reference():
+    model = tiny_model("mixtral", seed=4, attn="sdpa")
+    ids = _ids(11, seed=6)
+    got = flowray.expert_importances(model, ids)
+    experts, residual = _mixtral_expert_reference(model, ids)
+    np.testing.assert_allclose(got.experts, experts, atol=TOL, rtol=0)
+    np.testing.assert_allclose(got.residual, residual, atol=TOL, rtol=0)
+    assert got.dense.max() < 1e-5  # Mixtral's FFN is all routed
+    assert got.chosen.shape == (2, 11, 2) and np.all((got.experts > 0).sum(-1) <= 2)
+
+
+@pytest.mark.parametrize("case", ["olmoe", "qwen2-moe", "qwen3-moe"])
+def test_expert_importances_are_a_full_split_of_the_block_node(case):
+    got = flowray.expert_importances(tiny_model(case, seed=2, attn="sdpa"), _ids(8, seed=1))
+    total = got.experts.sum(-1) + got.dense + got.residual  # [L, T]: 1, or 0 where no part is close
+    assert np.all((np.abs(total - 1) < 1e-5) | (total == 0)) and (total > 0).mean() > 0.5
+    if case == "qwen2-moe":
+        assert got.dense.max() > 0.01  # the gated shared expert is the non-routed part
+    with pytest.raises(UnsupportedArchitectureError, match="has no routed experts"):
+        flowray.expert_importances(tiny_model("qwen3"), _ids(4, seed=1))
+
+
+@pytest.mark.parametrize("case", ["gemma2", "phi2", "olmo2"])
+def test_torch_backend_matches_the_reference(case):
+    """The vectorised torch kernel (the GPU path) with row-scaled probabilities and parallel blocks."""
+    model = _model(case, seed=8, attn="capture")
+    ids = _ids(12, seed=9)
+    _assert_close(flowray.edge_importances(model, ids, backend="torch"), reference_importances(model, ids))
+
+
+@pytest.mark.parametrize("case", ["gemma2", "gptj"])
+def test_the_corpus_worker_runs_on_new_families(tmp_path, case):
+    from flowray.pipeline.worker import FlowWorker
+
+    tiny_model(case, seed=1).save_pretrained(tmp_path)
+    _word_tokenizer().save_pretrained(tmp_path)
+    worker = FlowWorker(model=str(tmp_path), taus=(0.02,), max_tokens=12, batch_size=2, device="cpu")
+    docs = [{"shard_id": "s", "doc_id": i, "domain": "d", "language": "en", "is_task": False, "text": text,
+             "meta": "{}"} for i, text in (("a", "w1 w2 w3 w4 w5"), ("b", "w7 w8 w9"))]
+    preds, errors = worker.process(docs)
+    assert errors.num_rows == 0 and preds.num_rows == 8
+    comps = np.stack(preds.column("component_importance").to_pylist())
+    assert np.all((comps >= 0) & (comps <= 1 + 1e-6))

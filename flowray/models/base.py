@@ -132,6 +132,20 @@ class Adapter:
             eps = norm.variance_epsilon
         return torch.rsqrt(inputs.float().pow(2).mean(-1) + eps)
 
+    def ffn_module(self, layer: nn.Module) -> nn.Module:  # pragma: no cover - abstract
+        """The FFN (MLP or MoE block) whose output is what the FFN adds to the residual."""
+        raise NotImplementedError
+
+    def experts_module(self, layer: nn.Module) -> nn.Module | None:
+        """The routed experts of a MoE FFN, called as ``experts(hidden [N, d], top_k_index [N, k],
+        top_k_weights [N, k]) -> [N, d]`` (the router-weighted sum); None for a dense FFN."""
+        return None
+
+    @property
+    def n_experts(self) -> int:
+        """Routed experts per MoE layer (0: a dense model)."""
+        return int(getattr(self.config, "num_local_experts", None) or getattr(self.config, "num_experts", None) or 0)
+
     # --- embedding side (SVD of W_OV onto the vocabulary, logit metrics) --------------------------
     def final_norm(self) -> nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -62,6 +62,12 @@ class LlamaAdapter(_SelfAttentionWithVProj, Adapter):
     def head_output_module(self, layer):
         return layer.self_attn.o_proj
 
+    def ffn_module(self, layer):
+        return layer.mlp
+
+    def experts_module(self, layer):
+        return getattr(layer.mlp, "experts", None)  # MoE blocks (Mixtral, OLMoE, Qwen-MoE) hold `experts`
+
     def attention_norm(self, layer):
         return layer.input_layernorm
 

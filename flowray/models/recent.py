@@ -31,6 +31,9 @@ class _PostAttentionNorm:
     def post_attention(self, layer):
         return layer.post_attention_layernorm
 
+    def ffn_module(self, layer):
+        return layer.post_feedforward_layernorm  # its output is what the FFN adds to the residual
+
     def norm_gain(self, norm: nn.Module) -> torch.Tensor:
         """``gamma`` ``[d]`` of the post-attention norm (float32)."""
         return norm.weight.float()
@@ -160,6 +163,9 @@ class GPTJAdapter(Adapter):
     def head_output_module(self, layer):
         return layer.attn.out_proj
 
+    def ffn_module(self, layer):
+        return layer.mlp
+
     def value_weight(self, layer):
         return linear_value_weight(layer.attn.v_proj, self.shape.n_kv_heads, self.shape.head_dim)
 
@@ -191,6 +197,9 @@ class PhiAdapter(_SelfAttentionWithVProj, Adapter):
 
     def head_output_module(self, layer):
         return layer.self_attn.dense
+
+    def ffn_module(self, layer):
+        return layer.mlp
 
     def attention_norm(self, layer):
         return layer.input_layernorm
