@@ -34,12 +34,16 @@ class _Layer:
 
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gemma2",
-              "gemma3_text", "olmo2", "phi3")
+              "gemma3_text", "olmo2", "olmo3", "phi3")
 
 
 def _family(model) -> list[_Layer]:
     cfg = model.config
     t = cfg.model_type
+    blocks = None
+    if t == "gemma3":  # image-text Gemma 3: its language model is Gemma 3 text
+        cfg, blocks = cfg.text_config, model.model.language_model.layers
+        t = cfg.model_type
 
     def lin_v(w, b, n_kv, dh):
         w = w.detach().double()  # [n_kv*dh, d]
@@ -54,7 +58,7 @@ def _family(model) -> list[_Layer]:
     if t in LLAMA_LIKE:
         H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
         dh = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
-        for layer in model.model.layers:
+        for layer in model.model.layers if blocks is None else blocks:
             a = layer.self_attn
             if t == "phi3":  # fused [q | k | v] rows
                 start = (H + Hkv) * dh
@@ -64,10 +68,10 @@ def _family(model) -> list[_Layer]:
             entry = _Layer(layer, a, getattr(layer, "input_layernorm", None), Wv, bv, *lin_o(a.o_proj, H, dh), False,
                            getattr(layer, "post_feedforward_layernorm", None) or layer.mlp,
                            clip_v=getattr(cfg, "clip_qkv", None) if t == "olmoe" else None)
-            if t in ("gemma2", "gemma3_text", "olmo2"):  # y = x + RMSNorm(attn): gamma = 1 + w (Gemma) or w
+            if t in ("gemma2", "gemma3_text", "olmo2", "olmo3"):  # y = x + RMSNorm(attn): gamma = 1 + w (Gemma) or w
                 norm = layer.post_attention_layernorm
                 entry.post_norm = norm
-                entry.post_gain = norm.weight.detach().double() + (0.0 if t == "olmo2" else 1.0)
+                entry.post_gain = norm.weight.detach().double() + (1.0 if t.startswith("gemma") else 0.0)
                 entry.post_eps = norm.eps if hasattr(norm, "eps") else norm.variance_epsilon
             out.append(entry)
     elif t == "opt":

@@ -120,7 +120,7 @@ def test_capture_attention_soft_caps_like_gemma2_eager():
 
 def test_every_new_family_is_registered():
     types = set(supported_model_types())
-    assert {"gemma2", "gemma3_text", "qwen3", "phi3", "olmo2", "gptj", "phi", "mixtral", "olmoe", "qwen2_moe",
+    assert {"gemma2", "gemma3_text", "gemma3", "qwen3", "phi3", "olmo2", "olmo3", "gptj", "phi", "mixtral", "olmoe", "qwen2_moe",
             "qwen3_moe"} <= types
     assert adapter_for(tiny_model("gptj")).shape.parallel and adapter_for(tiny_model("phi2")).shape.parallel
     assert not adapter_for(tiny_model("olmo2")).shape.parallel

@@ -80,8 +80,8 @@ CASES = ["gpt2", "opt", "opt-nobias", "llama-gqa", "llama-bias", "mistral", "qwe
 
 
 # the families of issue 13: odd sizes; sliding windows short enough to bite at the tests' lengths
-NEW_CASES = ["gemma2", "gemma3", "qwen3", "phi3", "olmo2", "gptj", "phi2", "mixtral", "olmoe", "qwen2-moe",
-             "qwen3-moe"]
+NEW_CASES = ["gemma2", "gemma3", "gemma3-mm", "qwen3", "phi3", "olmo2", "olmo3", "gptj", "phi2", "mixtral", "olmoe",
+             "qwen2-moe", "qwen3-moe"]
 MOE_CASES = ("mixtral", "olmoe", "qwen2-moe", "qwen3-moe")
 
 
@@ -101,6 +101,14 @@ def _recent_config(case: str):
                                    sliding_window=3, attention_bias=True,
                                    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                                    **common), True
+    if case == "gemma3-mm":  # an image-text Gemma 3 (Gemma3ForConditionalGeneration) read on text
+        text = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=6, hidden_size=28,
+                    intermediate_size=19, query_pre_attn_scalar=7, sliding_window=3,
+                    layer_types=["sliding_attention", "full_attention"], **common)
+        vision = dict(hidden_size=16, intermediate_size=20, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                      patch_size=14)
+        return tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=96,
+                               boi_token_index=94, eoi_token_index=95), False
     if case == "qwen3":
         return tf.Qwen3Config(num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=3, head_dim=6,
                               hidden_size=33, intermediate_size=19, **common), False
@@ -110,6 +118,11 @@ def _recent_config(case: str):
     if case == "olmo2":  # no pre-norms, post-attention and post-FFN norms, q/k norms over all heads
         return tf.Olmo2Config(num_hidden_layers=2, num_attention_heads=5, num_key_value_heads=1, hidden_size=30,
                               intermediate_size=19, **common), False
+    if case == "olmo3":  # OLMo-2's block with sliding-window layers (window 4)
+        return tf.Olmo3Config(num_hidden_layers=3, num_attention_heads=5, num_key_value_heads=1, hidden_size=30,
+                              intermediate_size=19, sliding_window=4,
+                              layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                              **common), False
     if case == "gptj":  # parallel attention + MLP on one LayerNorm, rotary on 4 of 9 dims
         return tf.GPTJConfig(n_layer=2, n_head=3, n_embd=27, n_inner=31, rotary_dim=4, n_positions=64,
                              vocab_size=VOCAB, bos_token_id=1, eos_token_id=2), True

@@ -72,11 +72,33 @@ class GemmaAdapter(_PostAttentionNorm, LlamaAdapter):
         return 1.0 + norm.weight.float()  # Gemma's RMSNorm scales by (1 + weight)
 
 
+class Gemma3MultimodalAdapter(GemmaAdapter):
+    """Gemma 3 image-text checkpoints (``gemma3``, 4B and up) on text: the language model inside
+    ``Gemma3ForConditionalGeneration`` is Gemma 3 text; its config is ``config.text_config``."""
+
+    model_types = ("gemma3",)
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        super().check_config(config.text_config)
+
+    @classmethod
+    def read_shape(cls, config) -> ModelShape:
+        return super().read_shape(config.text_config)
+
+    def layers(self):
+        return list(self.model.model.language_model.layers)
+
+    def final_norm(self):
+        return self.model.model.language_model.norm
+
+
 class Olmo2Adapter(_PostAttentionNorm, LlamaAdapter):
-    """OLMo-2: no norm before attention or MLP; RMSNorms after both, q/k norms over all heads."""
+    """OLMo-2 and OLMo-3: no norm before attention or MLP; RMSNorms after both, q/k norms over all heads
+    (OLMo-3 adds sliding-window layers)."""
 
     family = "olmo2"
-    model_types = ("olmo2",)
+    model_types = ("olmo2", "olmo3")
 
     @classmethod
     def check_config(cls, config) -> None:
@@ -209,5 +231,5 @@ class PhiAdapter(_SelfAttentionWithVProj, Adapter):
 
 
 RECENT_FAMILIES: tuple[type[Adapter], ...] = (
-    GemmaAdapter, Olmo2Adapter, Phi3Adapter, OlmoeAdapter, GPTJAdapter, PhiAdapter,
+    GemmaAdapter, Gemma3MultimodalAdapter, Olmo2Adapter, Phi3Adapter, OlmoeAdapter, GPTJAdapter, PhiAdapter,
 )
