@@ -59,11 +59,10 @@ def _capture_attention(
     The same maths as every supported family's ``eager_attention_forward`` (``softmax(q k^T * scaling +
     mask)`` in float32, cast to the query's dtype, times the values; grouped-query heads read kv head
     ``h // group``), computed in chunks of query rows against only the keys they can see, with the scale
-    folded into the queries, the mask applied in place and no ``repeat_kv`` copies. ``softcap`` (Gemma 2's
-    attention-logit soft-capping) maps the scaled scores to ``softcap * tanh(scores / softcap)`` before the
-    mask, as the eager function does. At 1024 tokens on
+    folded into the queries, the mask applied in place and no ``repeat_kv`` copies. At 1024 tokens on
     SmolLM2 transformers' eager attention doubles the cost of a forward pass; this keeps the capture close
-    to the default (sdpa) forward.
+    to the default (sdpa) forward. ``softcap`` (Gemma 2's attention-logit soft-capping) maps the scaled
+    scores to ``softcap * tanh(scores / softcap)`` before the mask, as Gemma 2's eager function does.
 
     query ``[B, H, T, dh]``; key, value ``[B, H_kv, T, dh]``; attention_mask: None (causal, no padding),
     a boolean ``[B, 1, T, T]`` (True: attend) or an additive float mask. Returns the output
@@ -195,8 +194,12 @@ def capture_layers(
             state["attn_out"] = _first(output)
             state["row_scale"] = adapter.post_attention_scale(norm, args[0])  # [B, T]
 
+        needed = {"inputs", "values", "attn_out", "probs"}
+        if adapter.post_attention(layer) is not None:
+            needed.add("row_scale")
+
         def post_layer(_module, _args, output):
-            missing = {"inputs", "values", "attn_out", "probs"} - state.keys()
+            missing = needed - state.keys()
             if missing:
                 raise UnsupportedArchitectureError(
                     f"layer {index}: hooks did not see {sorted(missing)}; the {adapter.family} adapter's "

@@ -33,7 +33,7 @@ class _Layer:
     clip_v: float | None = None  # OLMoE's clip_qkv
 
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gemma2",
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "gemma", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gemma2",
               "gemma3_text", "olmo2", "olmo3", "phi3")
 
 

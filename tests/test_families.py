@@ -46,8 +46,7 @@ def _assert_close(got, ref):
 
 
 @pytest.mark.parametrize("case", NEW_CASES)
-@pytest.mark.parametrize("T", [7, 13])
-@pytest.mark.parametrize("attn", ["capture", "eager"])
+@pytest.mark.parametrize("T, attn", [(7, "capture"), (13, "capture"), (13, "eager")])
 def test_matches_naive_reference(case, T, attn):
     model = _model(case, seed=T, attn=attn)
     ids = _ids(T, seed=T)
@@ -76,7 +75,7 @@ def test_capture_records_rebuild_the_real_blocks(case):
     adapter = adapter_for(model)
     ids = _ids(9, seed=1)
     records = capture_all(model, adapter, ids)
-    with torch.no_grad():
+    with capture.eager_attention(model), torch.no_grad():  # the attention the capture ran with
         hidden = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
     post_norm = adapter.post_attention(adapter.layers()[0]) is not None
     for rec in records:
@@ -91,7 +90,7 @@ def test_capture_records_rebuild_the_real_blocks(case):
         if b_o is not None:
             rebuilt = rebuilt + scale[:, None] * b_o.detach().double()
         torch.testing.assert_close(rebuilt, rec.attn_out[0].double(), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(rec.inputs, hidden[rec.layer], atol=1e-5, rtol=1e-5)  # hidden: sdpa
+        torch.testing.assert_close(rec.inputs, hidden[rec.layer], atol=1e-5, rtol=1e-5)
         if rec.layer + 1 < len(records):  # the last hidden state has the final norm applied
             torch.testing.assert_close(rec.outputs, hidden[rec.layer + 1], atol=1e-5, rtol=1e-5)
 
@@ -108,8 +107,10 @@ def test_capture_attention_soft_caps_like_gemma2_eager():
     g = torch.Generator().manual_seed(0)
     module = torch.nn.Module().eval()
     module.num_key_value_groups = 2
-    q, k, v = torch.randn(2, 4, 9, 6, generator=g) * 3, torch.randn(2, 2, 9, 6, generator=g) * 3, torch.randn(2, 2, 9, 6, generator=g)
-    mask = torch.zeros(2, 1, 9, 9).masked_fill_(~torch.ones(9, 9, dtype=torch.bool).tril(), torch.finfo(torch.float32).min)
+    q = torch.randn(2, 4, 9, 6, generator=g) * 3  # [B, H, T, dh]; scores large enough for the cap to bite
+    k, v = torch.randn(2, 2, 9, 6, generator=g) * 3, torch.randn(2, 2, 9, 6, generator=g)  # [B, H_kv, T, dh]
+    future = ~torch.ones(9, 9, dtype=torch.bool).tril()
+    mask = torch.zeros(2, 1, 9, 9).masked_fill_(future, torch.finfo(torch.float32).min)  # additive, as eager's
     want_out, want_probs = eager_attention_forward(module, q, k, v, mask, scaling=0.4, softcap=2.0)
     out, probs = capture._capture_attention(module, q, k, v, mask, scaling=0.4, softcap=2.0)
     torch.testing.assert_close(probs, want_probs, atol=1e-6, rtol=1e-5)
@@ -120,8 +121,8 @@ def test_capture_attention_soft_caps_like_gemma2_eager():
 
 def test_every_new_family_is_registered():
     types = set(supported_model_types())
-    assert {"gemma2", "gemma3_text", "gemma3", "qwen3", "phi3", "olmo2", "olmo3", "gptj", "phi", "mixtral", "olmoe", "qwen2_moe",
-            "qwen3_moe"} <= types
+    assert {"gemma", "gemma2", "gemma3_text", "gemma3", "qwen3", "phi3", "olmo2", "olmo3", "gptj", "phi", "mixtral",
+            "olmoe", "qwen2_moe", "qwen3_moe"} <= types
     assert adapter_for(tiny_model("gptj")).shape.parallel and adapter_for(tiny_model("phi2")).shape.parallel
     assert not adapter_for(tiny_model("olmo2")).shape.parallel
 
@@ -130,7 +131,8 @@ def test_unsupported_families_fail_fast_naming_the_type_and_the_supported_list(t
     import transformers as tf
 
     mamba = tf.MambaForCausalLM(tf.MambaConfig(hidden_size=8, num_hidden_layers=1, vocab_size=11))
-    with pytest.raises(UnsupportedArchitectureError, match=r"'mamba' has no flowray adapter; supported families: .*gemma"):
+    named = r"'mamba' has no flowray adapter; supported families: .*gemma"
+    with pytest.raises(UnsupportedArchitectureError, match=named):
         flowray.edge_importances(mamba, torch.ones(1, 3, dtype=torch.long))
     with pytest.raises(UnsupportedArchitectureError, match=r"'t5' has no flowray adapter.*gptj \(gptj\)"):
         adapter_class_for(tf.T5Config())

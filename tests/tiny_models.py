@@ -80,8 +80,8 @@ CASES = ["gpt2", "opt", "opt-nobias", "llama-gqa", "llama-bias", "mistral", "qwe
 
 
 # the families of issue 13: odd sizes; sliding windows short enough to bite at the tests' lengths
-NEW_CASES = ["gemma2", "gemma3", "gemma3-mm", "qwen3", "phi3", "olmo2", "olmo3", "gptj", "phi2", "mixtral", "olmoe",
-             "qwen2-moe", "qwen3-moe"]
+NEW_CASES = ["gemma", "gemma2", "gemma3", "gemma3-mm", "qwen3", "phi3", "olmo2", "olmo3", "gptj", "phi2", "mixtral",
+             "olmoe", "qwen2-moe", "qwen3-moe"]
 MOE_CASES = ("mixtral", "olmoe", "qwen2-moe", "qwen3-moe")
 
 
@@ -89,6 +89,9 @@ def _recent_config(case: str):
     import transformers as tf
 
     common = dict(vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if case == "gemma":  # Gemma 1: Llama's block with (1 + weight) pre-norms and sqrt(d)-scaled embeddings
+        return tf.GemmaConfig(num_hidden_layers=2, num_attention_heads=5, num_key_value_heads=1, head_dim=6,
+                              hidden_size=35, intermediate_size=23, **common), False
     if case == "gemma2":  # soft-capped logits (3.0 bites at these scores), post-attention norm, window 4
         return tf.Gemma2Config(num_hidden_layers=3, num_attention_heads=5, num_key_value_heads=1, head_dim=6,
                                hidden_size=35, intermediate_size=23, query_pre_attn_scalar=5,

@@ -25,12 +25,13 @@ class _SelfAttentionWithVProj:
 class LlamaAdapter(_SelfAttentionWithVProj, Adapter):
     """Llama 2/3, Mistral, Qwen2, SmolLM2: pre-RMSNorm, rotary, grouped-query attention.
 
-    Also Qwen3 (q/k norms: they only change alpha) and the MoE FFNs of Mixtral, Qwen2-MoE and Qwen3-MoE
-    (the FFN part is the router-weighted sum of the chosen experts: one edge, ``out - mid``).
+    Also Gemma 1 (pre-norms only, with ``(1 + weight)`` gains), Qwen3 (q/k norms: they only change alpha)
+    and the MoE FFNs of Mixtral, Qwen2-MoE and Qwen3-MoE (the FFN part is the router-weighted sum of the
+    chosen experts: one edge, ``out - mid``).
     """
 
     family = "llama"
-    model_types = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
+    model_types = ("llama", "mistral", "qwen2", "gemma", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
 
     @classmethod
     def check_config(cls, config) -> None:

@@ -146,7 +146,8 @@ def _resolve(spec: str) -> tuple[str, dict]:
 
 
 PEFT_CONFIG = "adapter_config.json"
-_FULL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_FULL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
 
 
 def peft_adapter_base(spec: str, base_model: str | None = None) -> tuple[str, Path] | None:
