@@ -28,6 +28,8 @@ _EXPORTS = {
     "prediction_stats_batch": "flowray.stats",
     "prediction_stats_padded": "flowray.stats",
     "PredictionStats": "flowray.stats",
+    "expert_importances": "flowray.experts",
+    "ExpertImportances": "flowray.experts",
     "extract_route": "flowray.routes",
     "route_masks": "flowray.routes",
     "Route": "flowray.routes",

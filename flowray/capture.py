@@ -25,11 +25,15 @@ class LayerActivations:
 
     layer: int
     inputs: torch.Tensor  # [B, T, d]  x^{l-1}: the residual stream entering the block
-    attn_out: torch.Tensor  # [B, T, d]  attention block output (W_O applied, output bias included)
+    attn_out: torch.Tensor  # [B, T, d]  what the attention adds to the residual (W_O and its bias applied;
+    #                         post-attention norm applied too where the block has one: Gemma 2/3, OLMo-2)
     values: torch.Tensor  # [B, H_kv, T, d_head]  value vectors incl. value bias
     probs: torch.Tensor | AttentionRows  # [B, H, T, T] post-softmax weights (query pos, source j), or
     #   with capture_layers(rows=True) an AttentionRows that recomputes any rows of them on demand
     outputs: torch.Tensor  # [B, T, d]  x^l: the residual stream leaving the block
+    # [B, T] float32  1/r_pos of the post-attention norm per query position (None: no such norm, i.e. 1);
+    # the sub-edges are row_scale[pos] * probs[h, pos, j] * v_j (W_O diag(gamma))^h
+    row_scale: torch.Tensor | None = None
 
     def prob_rows(self, b: int, start: int, p0: int, p1: int) -> torch.Tensor:
         """``[H, C, p1]`` weights of row ``b``'s real positions ``p0 .. p1 - 1`` over its sources ``< p1``,
@@ -54,17 +58,21 @@ _ROW_CHUNK = 128
 _scratch = threading.local()
 
 
-def _chunk_weights(q: torch.Tensor, key: torch.Tensor, attention_mask, p0: int, p1: int, low: float) -> torch.Tensor:
+def _chunk_weights(q: torch.Tensor, key: torch.Tensor, attention_mask, p0: int, p1: int, low: float,
+                   softcap: float | None = None) -> torch.Tensor:
     """Attention weights of query rows ``p0 .. p1 - 1`` over keys ``< p1``: ``[B, H, C, p1]`` float32.
 
     q ``[B, H_kv, g, T, dh]`` queries already scaled; key ``[B, H_kv, T, dh]``; attention_mask as
-    ``_capture_attention`` takes it. The forward pass and ``AttentionRows`` both call this, so recomputed
-    rows are the forward's own weights.
+    ``_capture_attention`` takes it; softcap: Gemma 2's attention-logit soft-capping (``softcap *
+    tanh(scores / softcap)`` before the mask). The forward pass and ``AttentionRows`` both call this, so
+    recomputed rows are the forward's own weights.
     """
     B, H_kv, g, _, dh = q.shape
     C = p1 - p0
     rows = q[:, :, :, p0:p1].reshape(B, H_kv, g * C, dh)  # the group's query heads stacked
     scores = torch.matmul(rows, key[:, :, :p1].transpose(-1, -2)).view(B, H_kv * g, C, p1).float()  # [B, H, C, p1]
+    if softcap:
+        scores = scores.div_(softcap).tanh_().mul_(softcap)
     if attention_mask is None:
         future = torch.ones(C, C, dtype=torch.bool, device=q.device).triu_(1)
         scores[..., p0:p1].masked_fill_(future, low)  # causal: only the diagonal block has future keys
@@ -82,18 +90,21 @@ class AttentionRows:
     forward pass computed them, so a consumer never holds a ``[H, T, T]`` tensor.
     """
 
-    def __init__(self, q: torch.Tensor, key: torch.Tensor, attention_mask, dtype: torch.dtype):
+    def __init__(self, q: torch.Tensor, key: torch.Tensor, attention_mask, dtype: torch.dtype, softcap=None):
         self.q, self.key, self.mask, self.dtype = q, key, attention_mask, dtype  # q [B, H_kv, g, T, dh]
+        self.softcap = softcap
 
     def rows(self, b: int, start: int, p0: int, p1: int) -> torch.Tensor:
         q = self.q[b : b + 1, :, :, start:]  # [1, H_kv, g, T_b, dh]
         key = self.key[b : b + 1, :, start:]
         mask = None if self.mask is None else self.mask[b : b + 1, :, start:, start:]
         low = torch.finfo(torch.float32).min
-        return _chunk_weights(q, key, mask, p0, p1, low).to(self.dtype)[0]  # [H, C, p1]
+        return _chunk_weights(q, key, mask, p0, p1, low, self.softcap).to(self.dtype)[0]  # [H, C, p1]
 
 
-def _capture_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **_kwargs):
+def _capture_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **_kwargs
+):
     """Eager attention that also returns the probabilities, with less work than transformers' eager one.
 
     The same maths as every supported family's ``eager_attention_forward`` (``softmax(q k^T * scaling +
@@ -101,7 +112,8 @@ def _capture_attention(module, query, key, value, attention_mask, scaling=None, 
     ``h // group``), computed in chunks of query rows against only the keys they can see, with the scale
     folded into the queries, the mask applied in place and no ``repeat_kv`` copies. At 1024 tokens on
     SmolLM2 transformers' eager attention doubles the cost of a forward pass; this keeps the capture close
-    to the default (sdpa) forward.
+    to the default (sdpa) forward. ``softcap`` (Gemma 2's attention-logit soft-capping) maps the scaled
+    scores to ``softcap * tanh(scores / softcap)`` before the mask, as Gemma 2's eager function does.
 
     query ``[B, H, T, dh]``; key, value ``[B, H_kv, T, dh]``; attention_mask: None (causal, no padding),
     a boolean ``[B, 1, T, T]`` (True: attend) or an additive float mask. Returns the output
@@ -133,14 +145,14 @@ def _capture_attention(module, query, key, value, attention_mask, scaling=None, 
     for p0 in range(0, T, _ROW_CHUNK):
         p1 = min(T, p0 + _ROW_CHUNK)
         C = p1 - p0
-        weights = _chunk_weights(q_all, key, attention_mask, p0, p1, low).to(query.dtype)  # [B, H, C, p1]
+        weights = _chunk_weights(q_all, key, attention_mask, p0, p1, low, softcap).to(query.dtype)  # [B, H, C, p1]
         if probs is not None:
             probs[:, :, p0:p1, :p1] = weights
             probs[:, :, p0:p1, p1:] = 0.0
         chunk = torch.matmul(weights.view(B, H_kv, g * C, p1), value[:, :, :p1])  # [B, H_kv, g * C, dh]
         out[:, p0:p1] = chunk.view(B, H, C, dh).transpose(1, 2)
     if rows_mode:
-        return out, AttentionRows(q_all, key, attention_mask, query.dtype)
+        return out, AttentionRows(q_all, key, attention_mask, query.dtype, softcap)
     return out, probs
 
 
@@ -195,8 +207,17 @@ def capture_layers(
                 )
             state["attn_out"], state["probs"] = output[0], output[1]
 
+        def on_post_attention(norm, args, output):
+            # the norm's output is what enters the residual; 1 / r_pos of its input rescales alpha's rows
+            state["attn_out"] = _first(output)
+            state["row_scale"] = adapter.post_attention_scale(norm, args[0])  # [B, T]
+
+        needed = {"inputs", "values", "attn_out", "probs"}
+        if adapter.post_attention(layer) is not None:
+            needed.add("row_scale")
+
         def post_layer(_module, _args, output):
-            missing = {"inputs", "values", "attn_out", "probs"} - state.keys()
+            missing = needed - state.keys()
             if missing:
                 raise UnsupportedArchitectureError(
                     f"layer {index}: hooks did not see {sorted(missing)}; the {adapter.family} adapter's "
@@ -205,14 +226,17 @@ def capture_layers(
             consumer(LayerActivations(layer=index, outputs=_first(output), **state))
             state.clear()
 
-        return pre_layer, on_values, on_attention, post_layer
+        return pre_layer, on_values, on_attention, on_post_attention, post_layer
 
     try:
         for index, layer in enumerate(adapter.layers()):
-            pre_layer, on_values, on_attention, post_layer = make_hooks(index, layer)
+            pre_layer, on_values, on_attention, on_post_attention, post_layer = make_hooks(index, layer)
             handles.append(layer.register_forward_pre_hook(pre_layer, with_kwargs=True))
             handles.append(adapter.value_module(layer).register_forward_hook(on_values))
             handles.append(adapter.attention(layer).register_forward_hook(on_attention))
+            post_norm = adapter.post_attention(layer)
+            if post_norm is not None:  # it runs after the attention module: its output replaces attn_out
+                handles.append(post_norm.register_forward_hook(on_post_attention))
             handles.append(layer.register_forward_hook(post_layer))
         _scratch.reuse = reuse_probs
         _scratch.rows = rows

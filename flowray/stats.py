@@ -19,6 +19,7 @@ is one layer's queries, keys and head outputs plus one ``[H, C, T]`` chunk: line
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -225,7 +226,7 @@ class _Sequence:
         else:
             y = x + attn_out  # x^{lA}
             parts = x[None]  # [1, T, d]
-        row_scale = getattr(rec, "row_scale", None)  # [B, T] post-attention norms' 1/r_pos, if any
+        row_scale = rec.row_scale  # [B, T] post-attention norms' 1/r_pos, if any
         C = max(1, min(T, budget // max(1, H * T)))  # query rows per chunk: [H, C, T] within the budget
         scratch = torch.empty(H * C * T, dtype=torch.float32, device=y.device)
         for p0 in range(0, T, C):
@@ -291,52 +292,68 @@ class _Sequence:
         )
 
 
-def _join(a_val: torch.Tensor, a_pos: torch.Tensor, b_pos: torch.Tensor, b_val: torch.Tensor, T: int):
-    """All ``(a_val, b_val)`` with ``a_pos == b_pos``; ``b_pos`` sorted ascending, values < T."""
-    counts = torch.bincount(b_pos, minlength=T)  # [T]
-    starts = torch.cumsum(counts, 0) - counts
-    deg = counts[a_pos]  # [A]
-    if int(deg.sum()) == 0:
-        empty = a_val.new_zeros(0)
-        return empty, empty
-    left = torch.repeat_interleave(a_val, deg)
-    first = torch.cumsum(deg, 0) - deg
-    offset = torch.arange(left.numel(), device=a_val.device) - torch.repeat_interleave(first, deg)
-    return left, b_val[torch.repeat_interleave(starts[a_pos], deg) + offset]
+# Routes of this many predictions at a time: the reached sets are [T, chunk] floats (linear in T).
+ROUTE_CHUNK = 1024
+# Up to this many positions a layer's edges are a dense [T, T] matrix (a GEMM is cheapest); above it a
+# sparse CSR matrix (at most ~T / tau_min entries) keeps memory linear in T.
+DENSE_EDGES_UP_TO = 1024
 
 
-def _routes(seq: _Sequence, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every position's route at ``tau``, top-down over the sparse graph; reached sets as (p, pos) pairs.
+def _edge_matrix(src: torch.Tensor, dst: torch.Tensor, T: int, dense: bool) -> torch.Tensor:
+    """``[T, T]`` float matrix with 1 at ``(dst, src)``: multiplying a reached set ``[T, P]`` by it moves
+    every prediction from each source position to all the positions its kept edges lead to."""
+    if dense:
+        E = torch.zeros(T, T, dtype=torch.float32, device=src.device)
+        E[dst, src] = 1.0
+        return E
+    keys = torch.unique(dst * T + src)  # sorted by row: CSR straight away, no duplicates
+    rows = keys // T
+    crow = torch.zeros(T + 1, dtype=torch.long, device=src.device)
+    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=T), 0)
+    ones = torch.ones(keys.numel(), dtype=torch.float32, device=src.device)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": CSR @ dense is all we use
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, keys % T, ones, size=(T, T))
+
+
+def _routes(seq: _Sequence, tau: float, dense: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every position's route at ``tau``, top-down over the sparse graph, predictions in chunks.
 
     Returns sorted unique keys ``p * L*H + flat_head`` and ``p * L + layer``. The rules are
     ``route_masks``': at block l the FFN edge is in p's route when a reached position keeps its FFN part;
     the attention node of a reached position is reached when its FFN or residual part survives
-    (sequential blocks); from a reached attention node, every kept sub-edge (pos, j) and a kept residual
-    reach position j (resp. pos) one block down.
+    (sequential blocks); from a reached attention node every kept sub-edge (pos, j) and a kept residual
+    reach position j (resp. pos) one block down, and every head with a kept sub-edge there is in the route.
     """
     L, H, T, dev = seq.L, seq.H, seq.T, seq.head_sum.device
-    p_reach = torch.arange(T, device=dev)  # prediction p ...
-    pos_reach = torch.arange(T, device=dev)  # ... reaches position pos at the top of block l
-    head_keys, ffn_keys = [], []
-    for l in range(L - 1, -1, -1):
-        ffn_keep = seq.ffn[l] > tau  # [T]
-        ffn_keys.append(p_reach[ffn_keep[pos_reach]] * L + l)
-        res_keep = seq.attn_residual[l] > tau
-        if seq.parallel:
-            m_p, m_pos, self_keep = p_reach, pos_reach, res_keep | ffn_keep
-        else:
-            through = ffn_keep[pos_reach] | (seq.ffn_residual[l] > tau)[pos_reach]
-            m_p, m_pos, self_keep = p_reach[through], pos_reach[through], res_keep
+    dense = T <= DENSE_EDGES_UP_TO if dense is None else dense
+    layers = []  # per layer: edge matrix [T, T], head-at-node matrix [H, T], FFN and "through" masks [T]
+    for l in range(L):
         hit, values = seq.sparse[l]
         hit = hit[values > tau]  # [N, 3] (h, pos, j)
+        ffn_keep = seq.ffn[l] > tau
+        res_keep = seq.attn_residual[l] > tau
+        self_keep = res_keep | ffn_keep if seq.parallel else res_keep
+        through = None if seq.parallel else ffn_keep | (seq.ffn_residual[l] > tau)
         selfs = torch.nonzero(self_keep).squeeze(1)
-        edges = torch.unique(torch.cat([hit[:, 1] * T + hit[:, 2], selfs * T + selfs]))  # sorted by pos
-        at_node = torch.unique(hit[:, 1] * H + hit[:, 0])  # (pos, head) with a kept sub-edge, sorted by pos
-        hp, hh = _join(m_p, m_pos, at_node // H, at_node % H, T)
-        head_keys.append(hp * (L * H) + l * H + hh)
-        new_p, new_j = _join(m_p, m_pos, edges // T, edges % T, T)
-        reached = torch.unique(new_p * T + new_j)
-        p_reach, pos_reach = reached // T, reached % T
+        E = _edge_matrix(torch.cat([hit[:, 1], selfs]), torch.cat([hit[:, 2], selfs]), T, dense)
+        at_node = torch.zeros(H, T, dtype=torch.float32, device=dev)
+        at_node[hit[:, 0], hit[:, 1]] = 1.0
+        layers.append((E, at_node, ffn_keep.float()[None, :], None if through is None else through.float()[:, None]))
+    head_keys, ffn_keys = [], []
+    for c0 in range(0, T, ROUTE_CHUNK):
+        c1 = min(T, c0 + ROUTE_CHUNK)
+        P = c1 - c0
+        reached = torch.zeros(T, P, dtype=torch.float32, device=dev)  # [pos, p]: p reaches pos atop block l
+        reached[torch.arange(c0, c1, device=dev), torch.arange(P, device=dev)] = 1.0
+        for l in range(L - 1, -1, -1):
+            E, at_node, ffn_keep, through = layers[l]
+            ffn_on = torch.nonzero((ffn_keep @ reached)[0] > 0).squeeze(1)  # [k] predictions
+            ffn_keys.append((ffn_on + c0) * L + l)
+            M = reached if through is None else reached * through  # [T, P] attention nodes reached
+            hp = torch.nonzero((at_node @ M) > 0)  # [k, 2] (head, p)
+            head_keys.append((hp[:, 1] + c0) * (L * H) + l * H + hp[:, 0])
+            reached = ((E @ M) > 0).float()  # [T, P]
     return torch.unique(torch.cat(head_keys)), torch.unique(torch.cat(ffn_keys))
 
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from tiny_models import CASES, VOCAB, tiny_model
+from tiny_models import CASES, NEW_CASES, VOCAB, tiny_model
 
 from flowray.api import edge_importances_batch
 from flowray.errors import InputError
@@ -69,6 +69,18 @@ def test_streamed_statistics_equal_the_dense_path(case, padding_side):
     assert n > 0, "no route kept any head: the comparison would be empty"
 
 
+@pytest.mark.parametrize("case", NEW_CASES)
+def test_new_families_on_the_streamed_path(case):
+    """Post-attention norms (row-scaled weights), soft-capping, fused projections, MoE FFNs, partial rotary."""
+    model = tiny_model(case, seed=2, attn="eager" if case.startswith("gemma2") else "sdpa")
+    gen = torch.Generator().manual_seed(11)
+    seqs = [torch.randint(0, VOCAB, (1, T), generator=gen) for T in (11, 6)]
+    words = [_words(s.shape[1], i) for i, s in enumerate(seqs)]
+    dense = edge_importances_batch(model, seqs)
+    got = prediction_stats_batch(model, seqs, TAUS, words=words, element_budget=40)
+    assert sum(_assert_equal_to_dense(d, s, w, TAUS) for d, s, w in zip(dense, got, words)) > 0
+
+
 @pytest.mark.parametrize("case", ["llama-gqa", "neox-parallel", "gpt2"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_both_backends_and_both_attention_paths(case, attn):
@@ -80,6 +92,19 @@ def test_both_backends_and_both_attention_paths(case, attn):
         got = prediction_stats(model, ids, TAUS, word_index=words[0], first_subword=words[1], backend=backend,
                                element_budget=50)
         assert _assert_equal_to_dense(dense, got, words, TAUS) > 0
+
+
+@pytest.mark.parametrize("case", ["llama-gqa", "neox-parallel"])
+def test_sparse_edge_matrices_and_chunks_of_predictions(monkeypatch, case):
+    """Long texts take the sparse-CSR edge matrices and several chunks of predictions: same routes."""
+    import flowray.stats as stats_module
+
+    monkeypatch.setattr(stats_module, "DENSE_EDGES_UP_TO", 0)
+    monkeypatch.setattr(stats_module, "ROUTE_CHUNK", 4)
+    model = tiny_model(case, seed=9, attn="sdpa")
+    ids = torch.randint(0, VOCAB, (1, 19), generator=torch.Generator().manual_seed(3))
+    dense = edge_importances_batch(model, [ids])[0]
+    assert _assert_equal_to_dense(dense, prediction_stats(model, ids, TAUS), None, TAUS) > 0
 
 
 def test_without_word_data_and_bad_inputs():

@@ -6,13 +6,7 @@ from torch import nn
 
 from flowray.errors import UnsupportedArchitectureError
 from flowray.models.base import Adapter, linear_value_weight
-
-
-def _refuse(family: str, problems: list[str]) -> None:
-    if problems:
-        raise UnsupportedArchitectureError(
-            f"{family}: flowray cannot decompose this config exactly: " + "; ".join(problems)
-        )
+from flowray.models.base import refuse as _refuse
 
 
 class _SelfAttentionWithVProj:
@@ -29,10 +23,15 @@ class _SelfAttentionWithVProj:
 
 
 class LlamaAdapter(_SelfAttentionWithVProj, Adapter):
-    """Llama 2/3, Mistral, Qwen2, SmolLM2: pre-RMSNorm, rotary, grouped-query attention."""
+    """Llama 2/3, Mistral, Qwen2, SmolLM2: pre-RMSNorm, rotary, grouped-query attention.
+
+    Also Gemma 1 (pre-norms only, with ``(1 + weight)`` gains), Qwen3 (q/k norms: they only change alpha)
+    and the MoE FFNs of Mixtral, Qwen2-MoE and Qwen3-MoE (the FFN part is the router-weighted sum of the
+    chosen experts: one edge, ``out - mid``).
+    """
 
     family = "llama"
-    model_types = ("llama", "mistral", "qwen2")
+    model_types = ("llama", "mistral", "qwen2", "gemma", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
 
     @classmethod
     def check_config(cls, config) -> None:
@@ -49,6 +48,12 @@ class LlamaAdapter(_SelfAttentionWithVProj, Adapter):
 
     def head_output_module(self, layer):
         return layer.self_attn.o_proj
+
+    def ffn_module(self, layer):
+        return layer.mlp
+
+    def experts_module(self, layer):
+        return getattr(layer.mlp, "experts", None)  # MoE blocks (Mixtral, OLMoE, Qwen-MoE) hold `experts`
 
     def attention_norm(self, layer):
         return layer.input_layernorm
@@ -196,7 +201,11 @@ class GPTNeoXAdapter(Adapter):
         return self.model.gpt_neox.final_layer_norm
 
 
-FAMILIES: tuple[type[Adapter], ...] = (LlamaAdapter, GPT2Adapter, OPTAdapter, GPTNeoXAdapter)
+# the newer families subclass the adapters above, so they are imported here, after them (flowray.models'
+# __init__ imports this module first, so flowray.models.recent always finds them defined)
+from flowray.models.recent import RECENT_FAMILIES  # noqa: E402
+
+FAMILIES: tuple[type[Adapter], ...] = (LlamaAdapter, GPT2Adapter, OPTAdapter, GPTNeoXAdapter, *RECENT_FAMILIES)
 
 
 def supported_model_types() -> list[str]:
