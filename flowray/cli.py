@@ -218,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands():
     """Subcommands owned by other modules (imported lazily so `flowray route` stays light)."""
     registrars = []
-    for module, name in (("flowray.pipeline.cli", "register_cli"), ("flowray.compare", "register_cli")):
+    for module, name in (("flowray.pipeline.cli", "register_cli"), ("flowray.compare", "register_cli"),
+                         ("flowray.explorer.cli", "register_cli")):
         try:
             mod = __import__(module, fromlist=[name])
         except ModuleNotFoundError as exc:

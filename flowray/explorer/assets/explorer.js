@@ -1,0 +1,456 @@
+// flowray route explorer: decodes the inline data, re-prunes routes in the browser with exactly
+// flowray.routes.extract_route's rules (appendix B.2) and draws them as plain SVG.
+(function () {
+  "use strict";
+  const RAW = JSON.parse(document.getElementById("flowray-data").textContent);
+  const VOCAB = RAW.vocab;
+
+  // --- data ---------------------------------------------------------------------------------------
+  function bytes(s) {
+    const bin = atob(s);
+    const u = new Uint8Array(bin.length);
+    for (let i = 0; i < bin.length; i++) u[i] = bin.charCodeAt(i);
+    return u.buffer;
+  }
+  const f32 = (s) => (s == null ? null : new Float32Array(bytes(s)));
+  const i32 = (s) => new Int32Array(bytes(s));
+
+  function decode(p) {
+    const L = p.n_layers, H = p.n_heads, T = p.n_tokens;
+    return {
+      text: p.text, model: p.model, L, H, T, parallel: p.parallel, tokens: p.tokens, tokenIds: p.token_ids,
+      k: p.top_k, position: p.position, NT: (T * (T + 1)) / 2, nLevels: p.parallel ? L + 1 : 2 * L + 1,
+      attn: f32(p.attn), ar: f32(p.attn_residual), ffn: f32(p.ffn), fr: f32(p.ffn_residual),
+      lensIds: i32(p.lens_ids), lensProbs: f32(p.lens_probs), topIds: i32(p.top_ids), topProbs: f32(p.top_probs),
+    };
+  }
+  const PROMPTS = RAW.prompts.map(decode);
+  const tok = (id) => (VOCAB[String(id)] === undefined ? "#" + id : VOCAB[String(id)]);
+  const q = (s) => JSON.stringify(s); // quoted, whitespace visible
+  const esc = (s) => String(s).replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]);
+  const pct = (p) => (100 * p).toFixed(p >= 0.1 ? 1 : 2) + "%";
+  const fmt = (v) => (v === 0 ? "0" : v >= 0.01 ? v.toFixed(3) : v.toExponential(1));
+
+  // attn[l, h, pos, j] from the packed lower triangle
+  const sub = (P, l, h, pos, j) => P.attn[(l * P.H + h) * P.NT + (pos * (pos + 1)) / 2 + j];
+
+  // --- nodes: key = level * T + pos; levels as flowray.plots (embed 0; attn 2l+1, block 2l+2; parallel l+1)
+  function level(P, layer, kind) {
+    if (kind === "embed") return 0;
+    if (P.parallel) return layer + 1;
+    return 2 * layer + (kind === "attn" ? 1 : 2);
+  }
+  function nodeOf(P, key) {
+    const lev = Math.floor(key / P.T), pos = key % P.T;
+    if (lev === 0) return { layer: 0, pos, kind: "embed", lev };
+    if (P.parallel) return { layer: lev - 1, pos, kind: "block", lev };
+    return lev % 2 ? { layer: (lev - 1) / 2, pos, kind: "attn", lev } : { layer: (lev - 2) / 2, pos, kind: "block", lev };
+  }
+
+  // --- extract_route, line for line (flowray/routes.py) ---------------------------------------------
+  // numpy compares the float32 sub-edge array with tau in float32 (Math.fround), while the direct parts
+  // become Python floats first and compare in float64: both are kept here so the routes agree exactly.
+  function extractRoute(P, tau, pos0) {
+    const { L, H, T } = P;
+    const tauF = Math.fround(tau);
+    const nodes = new Set([level(P, L - 1, "block") * T + pos0]);
+    const edges = [];
+    let current = [pos0];
+    for (let l = L - 1; l >= 0; l--) {
+      const below = new Uint8Array(T);
+      const inLev = l === 0 ? 0 : level(P, l - 1, "block");
+      for (const pos of current) {
+        const top = level(P, l, "block") * T + pos;
+        let target, direct;
+        if (P.parallel) {
+          target = top;
+          direct = [["residual", P.ar[l * T + pos]], ["ffn", P.ffn[l * T + pos]]];
+        } else {
+          const mid = level(P, l, "attn") * T + pos;
+          const kept = [["ffn", P.ffn[l * T + pos]], ["residual", P.fr[l * T + pos]]].filter((p) => p[1] > tau);
+          const total = kept.reduce((s, p) => s + p[1], 0);
+          for (const [kind, v] of kept) edges.push({ src: mid, tgt: top, kind, imp: v / total, heads: null });
+          if (!kept.length) continue;
+          nodes.add(mid);
+          target = mid;
+          direct = [["residual", P.ar[l * T + pos]]];
+        }
+        const cols = new Array(pos + 1); // per source j: [[h, v], ...] of surviving sub-edges
+        let total = 0;
+        const base = l * H * P.NT + (pos * (pos + 1)) / 2;
+        for (let h = 0; h < H; h++) {
+          const row = base + h * P.NT;
+          for (let j = 0; j <= pos; j++) {
+            const v = P.attn[row + j];
+            if (v > tauF) { (cols[j] || (cols[j] = [])).push([h, v]); total += v; }
+          }
+        }
+        const keptDirect = direct.filter((p) => p[1] > tau);
+        for (const p of keptDirect) total += p[1];
+        if (total <= 0) continue;
+        const src0 = inLev * T;
+        for (const [kind, v] of keptDirect) {
+          edges.push({ src: src0 + pos, tgt: target, kind, imp: v / total, heads: null });
+          nodes.add(src0 + pos);
+          below[pos] = 1;
+        }
+        for (let j = 0; j <= pos; j++) {
+          const col = cols[j];
+          if (!col) continue;
+          let s = 0;
+          for (const c of col) s += c[1];
+          col.sort((a, b) => b[1] - a[1]); // stable: ties keep head order, as Python's sorted()
+          edges.push({ src: src0 + j, tgt: target, kind: "attention", imp: s / total, heads: col.map((c) => [c[0], c[1] / total]) });
+          nodes.add(src0 + j);
+          below[j] = 1;
+        }
+      }
+      current = [];
+      for (let p = 0; p < T; p++) if (below[p]) current.push(p);
+    }
+    return { nodes, edges, tau, position: pos0 };
+  }
+
+  function serialise(P, r) {
+    const nd = (key) => { const n = nodeOf(P, key); return [n.layer, n.pos, n.kind]; };
+    return {
+      position: r.position, tau: r.tau,
+      nodes: Array.from(r.nodes, nd),
+      edges: r.edges.map((e) => ({ source: nd(e.src), target: nd(e.tgt), kind: e.kind, importance: e.imp, heads: e.heads || [] })),
+    };
+  }
+  function routeHeads(P, r) { // "l,h" of every head with a sub-edge in the route
+    const out = new Set();
+    for (const e of r.edges) if (e.heads) for (const [h] of e.heads) out.add(nodeOf(P, e.tgt).layer + "," + h);
+    return out;
+  }
+  function headActivation(P, pos) { // [L*H]: sum_j attn[l, h, pos, j] (EdgeImportances.head_importance)
+    const out = new Float64Array(P.L * P.H);
+    for (let l = 0; l < P.L; l++) for (let h = 0; h < P.H; h++) {
+      let s = 0;
+      for (let j = 0; j <= pos; j++) s += sub(P, l, h, pos, j);
+      out[l * P.H + h] = s;
+    }
+    return out;
+  }
+
+  // --- state --------------------------------------------------------------------------------------
+  const state = { tau: RAW.tau, mode: RAW.mode, views: [] };
+  const $ = (id) => document.getElementById(id);
+  const tip = $("tip"), panel = $("panel");
+
+  class View {
+    constructor(index, promptIndex) {
+      this.index = index;
+      this.el = document.createElement("div");
+      this.el.className = "view";
+      $("views").appendChild(this.el);
+      this.setPrompt(promptIndex);
+    }
+    setPrompt(pi) {
+      this.pi = pi;
+      this.P = PROMPTS[pi];
+      this.pos = this.P.position;
+      this.el.innerHTML = '<div class="head"><select class="pos" aria-label="prediction position"></select>' +
+        '<span class="stats"></span></div><div class="pred"></div><div class="text"></div>' +
+        '<div class="svgwrap"><svg xmlns="http://www.w3.org/2000/svg"><g class="static"></g><g class="dyn"></g></svg></div>';
+      const sel = this.el.querySelector("select.pos");
+      sel.innerHTML = this.P.tokens.map((t, i) => `<option value="${i}">${i}: ${esc(q(t))}</option>`).join("");
+      sel.value = String(this.pos);
+      sel.addEventListener("change", () => this.setPosition(+sel.value));
+      this.el.querySelector(".text").textContent = this.P.text;
+      this.svg = this.el.querySelector("svg");
+      this.dyn = this.el.querySelector("g.dyn");
+      this.layout();
+      this.drawStatic();
+      this.svg.addEventListener("mouseover", (ev) => this.hover(ev));
+      this.svg.addEventListener("mouseout", () => { tip.hidden = true; });
+      this.svg.addEventListener("click", (ev) => this.click(ev));
+    }
+    layout() {
+      const P = this.P;
+      const avail = Math.max(320, (state.mode === "compare" ? window.innerWidth / 2 : window.innerWidth) - 440);
+      this.colW = Math.max(18, Math.min(60, (avail - 60) / P.T));
+      this.rowH = P.parallel ? Math.max(14, Math.min(26, 640 / P.nLevels)) : Math.max(9, Math.min(18, 760 / P.nLevels));
+      this.left = 50; this.top = 12;
+      this.width = this.left + P.T * this.colW + 12;
+      this.height = this.top + (P.nLevels - 1) * this.rowH + 100;
+      this.svg.setAttribute("width", this.width);
+      this.svg.setAttribute("height", this.height);
+    }
+    x(pos) { return this.left + (pos + 0.5) * this.colW; }
+    y(lev) { return this.top + (this.P.nLevels - 1 - lev) * this.rowH; }
+    drawStatic() {
+      const P = this.P;
+      let s = "";
+      if (!P.parallel) for (let l = 1; l < P.L; l += 2) {
+        s += `<rect class="band" x="${this.left}" width="${P.T * this.colW}" y="${this.y(2 * l + 2.5)}" height="${2 * this.rowH}"/>`;
+      }
+      for (let p = 0; p < P.T; p++) s += `<line class="stream" x1="${this.x(p)}" x2="${this.x(p)}" y1="${this.y(0)}" y2="${this.y(P.nLevels - 1)}"/>`;
+      const step = Math.max(1, Math.ceil(P.L / 15));
+      s += `<text class="lab" x="4" y="${this.y(0) + 3}">emb</text>`;
+      for (let l = 0; l < P.L; l += step) s += `<text class="lab" x="4" y="${this.y(level(P, l, "block")) + 3}">L${l}</text>`;
+      const yb = this.y(0) + 12;
+      P.tokens.forEach((t, i) => {
+        s += `<text class="tok" data-pos="${i}" text-anchor="end" transform="translate(${this.x(i) + 3},${yb}) rotate(-55)">${esc(q(t).slice(1, -1) || "\u2205")}</text>`;
+      });
+      this.el.querySelector("g.static").innerHTML = s;
+    }
+    setPosition(pos) {
+      this.pos = pos;
+      this.el.querySelector("select.pos").value = String(pos);
+      update();
+    }
+    compute() { this.route = extractRoute(this.P, state.tau, this.pos); this.heads = routeHeads(this.P, this.route); }
+    render(other) {
+      const P = this.P, r = this.route;
+      const only = other ? new Set([...this.heads].filter((h) => !other.heads.has(h))) : null;
+      let lines = "", boxes = "", dots = "";
+      r.edges.forEach((e, i) => {
+        const a = nodeOf(P, e.src), b = nodeOf(P, e.tgt);
+        const x1 = this.x(a.pos), y1 = this.y(a.lev), x2 = this.x(b.pos), y2 = this.y(b.lev);
+        if (e.kind === "ffn") {
+          const z = 4 + 7 * e.imp;
+          boxes += `<rect class="ef" data-e="${i}" x="${x2 + this.colW * 0.2 - z / 2}" y="${(y1 + y2) / 2 - z / 2}" width="${z}" height="${z}" fill-opacity="${0.35 + 0.65 * e.imp}"/>`;
+        } else if (e.kind === "residual") {
+          lines += `<line class="er" data-e="${i}" x1="${x1}" y1="${y1}" x2="${x2}" y2="${y2}" stroke-width="${(0.8 + 3 * e.imp).toFixed(2)}"/>`;
+        } else {
+          const l = b.layer;
+          const cls = only && e.heads.some(([h]) => only.has(l + "," + h)) ? "ea only" : "ea";
+          lines += `<line class="${cls}" data-e="${i}" x1="${x1}" y1="${y1}" x2="${x2}" y2="${y2}" stroke-width="${(0.8 + 6 * e.imp).toFixed(2)}" stroke-opacity="${(0.45 + 0.55 * e.imp).toFixed(2)}"/>`;
+        }
+      });
+      const topKey = level(P, P.L - 1, "block") * P.T + this.pos;
+      for (const key of r.nodes) {
+        const n = nodeOf(P, key);
+        dots += `<circle class="nd${key === topKey ? " top" : ""}" data-n="${key}" cx="${this.x(n.pos)}" cy="${this.y(n.lev)}" r="${key === topKey ? 4.5 : 2.8}"/>`;
+      }
+      this.dyn.innerHTML = lines + boxes + dots;
+      this.svg.querySelectorAll("text.tok").forEach((t) => {
+        const p = +t.dataset.pos;
+        t.setAttribute("class", "tok" + (p === this.pos ? " sel" : p > this.pos ? " later" : ""));
+      });
+      const k = P.k, b = this.pos * k;
+      const alts = [];
+      for (let i = 1; i < k; i++) alts.push(`${esc(q(tok(P.topIds[b + i])))} ${pct(P.topProbs[b + i])}`);
+      this.el.querySelector(".pred").innerHTML = `position ${this.pos} ${esc(q(P.tokens[this.pos]))} predicts ` +
+        `<b>${esc(q(tok(P.topIds[b])))}</b> (${pct(P.topProbs[b])}) <span class="alt">· then ${alts.join(", ")}</span>`;
+      this.el.querySelector(".stats").textContent = `${r.nodes.size} nodes, ${r.edges.length} edges, ${this.heads.size} heads at tau = ${state.tau}`;
+    }
+    target(ev) {
+      const t = ev.target;
+      if (t.dataset.e !== undefined) return { edge: this.route.edges[+t.dataset.e], el: t };
+      if (t.dataset.n !== undefined) return { node: +t.dataset.n, el: t };
+      if (t.dataset.pos !== undefined) return { pos: +t.dataset.pos };
+      return null;
+    }
+    hover(ev) {
+      const hit = this.target(ev);
+      if (!hit) { tip.hidden = true; return; }
+      let text;
+      if (hit.edge) text = edgeLabel(this.P, hit.edge) + (hit.edge.heads ? "; heads " + hit.edge.heads.slice(0, 4).map(([h, v]) => `H${h} ${fmt(v)}`).join(", ") : "");
+      else if (hit.node !== undefined) text = nodeLabel(this.P, hit.node) + " (click: parts, logit lens)";
+      else text = `token ${hit.pos} ${q(this.P.tokens[hit.pos])} (click: its prediction's route)`;
+      tip.textContent = text;
+      tip.hidden = false;
+      tip.style.left = ev.clientX + 12 + "px";
+      tip.style.top = ev.clientY + 12 + "px";
+    }
+    click(ev) {
+      const hit = this.target(ev);
+      if (!hit) return;
+      if (hit.edge) edgePanel(this, hit.edge);
+      else if (hit.node !== undefined) nodePanel(this, hit.node);
+      else this.setPosition(hit.pos);
+    }
+  }
+
+  function nodeLabel(P, key) {
+    const n = nodeOf(P, key);
+    const what = n.kind === "embed" ? "embedding" : n.kind === "attn" ? `L${n.layer} after attention` : `L${n.layer} block output`;
+    return `${what} @ ${n.pos} ${q(P.tokens[n.pos])}`;
+  }
+  function edgeLabel(P, e) {
+    const a = nodeOf(P, e.src), b = nodeOf(P, e.tgt);
+    return `${e.kind} edge ${a.pos}\u2192${b.pos} into L${b.layer} (${b.kind}), importance ${fmt(e.imp)}`;
+  }
+
+  // --- panels -------------------------------------------------------------------------------------
+  function openPanel(html) {
+    panel.innerHTML = '<span class="close" title="close">\u2715</span>' + html;
+    panel.hidden = false;
+    document.body.classList.add("with-panel");
+  }
+  panel.addEventListener("click", (ev) => {
+    const t = ev.target;
+    if (t.classList.contains("close")) { panel.hidden = true; document.body.classList.remove("with-panel"); return; }
+    if (t.dataset.head) { const [v, l, h] = t.dataset.head.split(",").map(Number); headPanel(state.views[v], l, h); }
+  });
+  const headLink = (view, l, h) => `<span class="headlink" data-head="${view.index},${l},${h}">L${l}H${h}</span>`;
+
+  function nodeParts(view, key) { // [[label, value, survives, headLayer|null, head|null]]
+    const P = view.P, n = nodeOf(P, key), tau = state.tau, tauF = Math.fround(tau), T = P.T, l = n.layer, pos = n.pos;
+    if (n.kind === "embed") return [];
+    if (n.kind === "block" && !P.parallel) {
+      return [["FFN", P.ffn[l * T + pos], P.ffn[l * T + pos] > tau], ["residual", P.fr[l * T + pos], P.fr[l * T + pos] > tau]];
+    }
+    const parts = [["residual", P.ar[l * T + pos], P.ar[l * T + pos] > tau]];
+    if (P.parallel) parts.push(["FFN", P.ffn[l * T + pos], P.ffn[l * T + pos] > tau]);
+    for (let h = 0; h < P.H; h++) {
+      let s = 0, kept = false;
+      for (let j = 0; j <= pos; j++) { const v = sub(P, l, h, pos, j); s += v; kept = kept || v > tauF; }
+      parts.push([null, s, kept, l, h]);
+    }
+    return parts.sort((a, b) => b[1] - a[1]);
+  }
+
+  function nodePanel(view, key) {
+    const P = view.P, n = nodeOf(P, key);
+    let html = `<h2>${esc(nodeLabel(P, key))}</h2>`;
+    const parts = nodeParts(view, key);
+    if (parts.length) {
+      html += "<h3>parts (importance; grey: at most tau, dropped)</h3><table class='parts'>";
+      for (const [label, v, kept, l, h] of parts.slice(0, 12)) {
+        html += `<tr class="${kept ? "" : "drop"}"><td>${label === null ? headLink(view, l, h) + " (all sources)" : label}</td><td class="num">${fmt(v)}</td></tr>`;
+      }
+      html += "</table>";
+    }
+    const into = view.route.edges.filter((e) => e.tgt === key);
+    if (into.length) {
+      html += "<h3>route edges into this node (renormalised)</h3><table>";
+      for (const e of into.sort((a, b) => b.imp - a.imp).slice(0, 12)) {
+        const a = nodeOf(P, e.src);
+        html += `<tr><td>${e.kind} from ${a.pos} ${esc(q(P.tokens[a.pos]))}</td><td class="num">${fmt(e.imp)}</td></tr>`;
+      }
+      html += "</table>";
+    }
+    html += "<h3>logit lens: this residual through the final norm and unembedding</h3><table class='lens'>";
+    const b = (n.lev * P.T + n.pos) * P.k;
+    for (let i = 0; i < P.k; i++) {
+      html += `<tr><td>${i + 1}</td><td class="lens-token">${esc(q(tok(P.lensIds[b + i])))}</td><td class="num">${pct(P.lensProbs[b + i])}</td></tr>`;
+    }
+    openPanel(html + "</table>");
+    highlight(view, `[data-n="${key}"]`);
+  }
+
+  function edgePanel(view, e) {
+    const P = view.P, b = nodeOf(P, e.tgt), a = nodeOf(P, e.src);
+    let html = `<h2>${esc(e.kind)} edge</h2><p>from ${esc(nodeLabel(P, e.src))}<br>to ${esc(nodeLabel(P, e.tgt))}<br>` +
+      `importance ${fmt(e.imp)} (renormalised among the surviving parts of its upper node)</p>`;
+    if (e.heads) {
+      html += "<h3>heads (sub-edge importance)</h3><table class='heads'>";
+      for (const [h, v] of e.heads) html += `<tr><td>${headLink(view, b.layer, h)}</td><td class="num">${fmt(v)}</td><td class="num">raw ${fmt(sub(P, b.layer, h, b.pos, a.pos))}</td></tr>`;
+      html += "</table>";
+    }
+    openPanel(html);
+  }
+
+  function headPanel(view, l, h) {
+    const P = view.P, T = P.T;
+    const cell = Math.max(3, Math.min(14, Math.floor(300 / T)));
+    let max = 0;
+    for (let p = 0; p < T; p++) for (let j = 0; j <= p; j++) max = Math.max(max, sub(P, l, h, p, j));
+    openPanel(`<h2>head L${l}H${h}: importance map [pos, j]</h2><p>row: prediction position (top = 0), column: source ` +
+      `token j; darker = more important (max ${fmt(max)}). The outlined row is position ${view.pos}.</p>` +
+      `<canvas id="headmap" width="${T * cell}" height="${T * cell}"></canvas><p id="headval">&nbsp;</p>`);
+    const cv = $("headmap"), ctx = cv.getContext("2d");
+    for (let p = 0; p < T; p++) for (let j = 0; j <= p; j++) {
+      const v = max > 0 ? sub(P, l, h, p, j) / max : 0;
+      ctx.fillStyle = `rgb(${Math.round(255 - 222 * v)},${Math.round(255 - 160 * v)},${Math.round(255 - 80 * v)})`;
+      ctx.fillRect(j * cell, p * cell, cell, cell);
+    }
+    ctx.strokeStyle = "#d6336c";
+    ctx.strokeRect(0.5, view.pos * cell + 0.5, (view.pos + 1) * cell - 1, cell - 1);
+    cv.addEventListener("mousemove", (ev) => {
+      const r = cv.getBoundingClientRect(), p = Math.floor((ev.clientY - r.top) / cell), j = Math.floor((ev.clientX - r.left) / cell);
+      if (p < 0 || p >= T || j < 0 || j > p) return;
+      $("headval").textContent = `pos ${p} ${q(P.tokens[p])}, j ${j} ${q(P.tokens[j])}: ${fmt(sub(P, l, h, p, j))}`;
+    });
+  }
+
+  function highlight(view, selector) {
+    document.querySelectorAll("svg .hl").forEach((el) => el.classList.remove("hl"));
+    const el = view.svg.querySelector(selector);
+    if (el) el.classList.add("hl");
+  }
+
+  // --- compare: difference of head activations ----------------------------------------------------
+  function renderDiff() {
+    const box = $("diff");
+    if (state.mode !== "compare") { box.hidden = true; return; }
+    const [A, B] = state.views;
+    if (A.P.L !== B.P.L || A.P.H !== B.P.H) { box.hidden = false; box.textContent = "the two prompts come from models of different shapes"; return; }
+    const a = headActivation(A.P, A.pos), b = headActivation(B.P, B.pos), L = A.P.L, H = A.P.H;
+    let m = 1e-12;
+    const d = a.map((v, i) => { const x = v - b[i]; m = Math.max(m, Math.abs(x)); return x; });
+    let html = `<h3>Head activation, A \u2212 B (sum over sources of each head's importance at the chosen positions): ` +
+      `red = more in A, blue = more in B; a letter marks a head in only that prompt's route at tau = ${state.tau}</h3><table><tr><th></th>`;
+    for (let h = 0; h < H; h++) html += `<th>H${h}</th>`;
+    html += "</tr>";
+    for (let l = L - 1; l >= 0; l--) {
+      html += `<tr><th>L${l}</th>`;
+      for (let h = 0; h < H; h++) {
+        const x = d[l * H + h], s = Math.abs(x) / m, key = l + "," + h;
+        const c = x >= 0 ? `rgba(214,51,51,${s.toFixed(3)})` : `rgba(38,99,196,${s.toFixed(3)})`;
+        const mark = A.heads.has(key) && !B.heads.has(key) ? "A" : B.heads.has(key) && !A.heads.has(key) ? "B" : "";
+        html += `<td style="background:${c}" data-head="0,${l},${h}" title="L${l}H${h}: A ${fmt(a[l * H + h])}, B ${fmt(b[l * H + h])}">${mark}</td>`;
+      }
+      html += "</tr>";
+    }
+    const order = Array.from(d.keys()).sort((i, j) => Math.abs(d[j]) - Math.abs(d[i])).slice(0, 8);
+    html += "</table><p class='top'>largest differences: " + order.map((i) => `L${Math.floor(i / H)}H${i % H} ${d[i] >= 0 ? "+" : ""}${d[i].toFixed(3)}`).join(", ") + "</p>";
+    box.innerHTML = html;
+    box.hidden = false;
+  }
+  $("diff").addEventListener("click", (ev) => {
+    const t = ev.target.closest("td[data-head]");
+    if (t) { const [v, l, h] = t.dataset.head.split(",").map(Number); headPanel(state.views[v], l, h); }
+  });
+
+  // --- controls -----------------------------------------------------------------------------------
+  function update() {
+    for (const v of state.views) v.compute();
+    const [A, B] = state.views;
+    if (state.mode === "compare") { A.render(B); B.render(A); } else A.render(null);
+    renderDiff();
+  }
+  function setTau(t) {
+    if (!(t > 0 && t < 1)) return;
+    state.tau = t;
+    $("tau").value = String(t);
+    $("tau-num").value = String(t);
+    update();
+  }
+  $("tau").addEventListener("input", (ev) => setTau(+ev.target.value));
+  $("tau-num").addEventListener("change", (ev) => setTau(+ev.target.value));
+
+  if (state.mode === "compare") {
+    state.views = [new View(0, 0), new View(1, 1)];
+    state.views[0].el.querySelector(".head").insertAdjacentHTML("afterbegin", "<b>A</b>");
+    state.views[1].el.querySelector(".head").insertAdjacentHTML("afterbegin", "<b>B</b>");
+  } else {
+    state.views = [new View(0, 0)];
+    if (PROMPTS.length > 1) {
+      const sel = $("prompt");
+      sel.innerHTML = PROMPTS.map((p, i) => `<option value="${i}">${i}: ${esc(p.text.slice(0, 60))}</option>`).join("");
+      sel.addEventListener("change", () => { state.views[0].setPrompt(+sel.value); update(); });
+      $("prompt-pick").hidden = false;
+    }
+  }
+  setTau(state.tau);
+
+  // --- the page's API (used by the tests; handy from the console) -------------------------------------
+  window.flowray = {
+    prompts: PROMPTS, vocab: VOCAB, state,
+    extractRoute: (pi, tau, pos) => serialise(PROMPTS[pi], extractRoute(PROMPTS[pi], tau, pos)),
+    route: (v = 0) => serialise(state.views[v].P, state.views[v].route),
+    setTau,
+    setPosition: (v, pos) => state.views[v].setPosition(pos),
+    setPrompt: (pi) => { state.views[0].setPrompt(pi); $("prompt").value = String(pi); update(); },
+    drawn: (v = 0) => ({
+      nodes: state.views[v].svg.querySelectorAll("g.dyn [data-n]").length,
+      edges: state.views[v].svg.querySelectorAll("g.dyn [data-e]").length,
+    }),
+    openNode: (v, layer, pos, kind) => nodePanel(state.views[v], level(state.views[v].P, layer, kind) * state.views[v].P.T + pos),
+  };
+})();
