@@ -31,6 +31,11 @@
   const pct = (p) => (100 * p).toFixed(p >= 0.1 ? 1 : 2) + "%";
   const fmt = (v) => (v === 0 ? "0" : v >= 0.01 ? v.toFixed(3) : v.toExponential(1));
 
+  // 11 shades by importance (0, 0.1, ..., 1): light to dark blue for attention, orange for FFNs
+  const mix = (c0, c1, t) => "#" + c0.map((v, i) => Math.round(v + (c1[i] - v) * t).toString(16).padStart(2, "0")).join("");
+  const BLUES = Array.from({ length: 11 }, (_, i) => mix([160, 195, 230], [16, 64, 140], i / 10));
+  const FFN_SHADES = Array.from({ length: 11 }, (_, i) => mix([253, 224, 196], [224, 110, 20], i / 10));
+
   // attn[l, h, pos, j] from the packed lower triangle
   const sub = (P, l, h, pos, j) => P.attn[(l * P.H + h) * P.NT + (pos * (pos + 1)) / 2 + j];
 
@@ -139,6 +144,9 @@
   const $ = (id) => document.getElementById(id);
   const tip = $("tip"), panel = $("panel");
 
+  // One prompt's drawing. The route goes onto a <canvas> (thousands of edges redraw in a few ms; as SVG
+  // elements they cost style, layout and paint per element); labels are a static SVG overlay, and hover/click
+  // find the edge or node under the mouse from the geometry kept at the last draw.
   class View {
     constructor(index, promptIndex) {
       this.index = index;
@@ -151,21 +159,24 @@
       this.pi = pi;
       this.P = PROMPTS[pi];
       this.pos = this.P.position;
+      this.selected = null;
       this.el.innerHTML = '<div class="head"><select class="pos" aria-label="prediction position"></select>' +
         '<span class="stats"></span></div><div class="pred"></div><div class="text"></div>' +
-        '<div class="svgwrap"><svg xmlns="http://www.w3.org/2000/svg"><g class="static"></g><g class="dyn"></g></svg></div>';
+        '<div class="svgwrap"><div class="stack"><canvas class="route"></canvas>' +
+        '<svg xmlns="http://www.w3.org/2000/svg" class="labels"><g class="static"></g></svg></div></div>';
       const sel = this.el.querySelector("select.pos");
       sel.innerHTML = this.P.tokens.map((t, i) => `<option value="${i}">${i}: ${esc(q(t))}</option>`).join("");
       sel.value = String(this.pos);
       sel.addEventListener("change", () => this.setPosition(+sel.value));
       this.el.querySelector(".text").textContent = this.P.text;
       this.svg = this.el.querySelector("svg");
-      this.dyn = this.el.querySelector("g.dyn");
+      this.canvas = this.el.querySelector("canvas");
       this.layout();
       this.drawStatic();
-      this.svg.addEventListener("mouseover", (ev) => this.hover(ev));
-      this.svg.addEventListener("mouseout", () => { tip.hidden = true; });
-      this.svg.addEventListener("click", (ev) => this.click(ev));
+      this.canvas.addEventListener("mousemove", (ev) => this.hover(ev));
+      this.canvas.addEventListener("mouseleave", () => { tip.hidden = true; });
+      this.canvas.addEventListener("click", (ev) => this.click(ev));
+      this.svg.addEventListener("click", (ev) => { const p = ev.target.dataset.pos; if (p !== undefined) this.setPosition(+p); });
     }
     layout() {
       const P = this.P;
@@ -173,20 +184,26 @@
       this.colW = Math.max(18, Math.min(60, (avail - 60) / P.T));
       this.rowH = P.parallel ? Math.max(14, Math.min(26, 640 / P.nLevels)) : Math.max(9, Math.min(18, 760 / P.nLevels));
       this.left = 50; this.top = 12;
-      this.width = this.left + P.T * this.colW + 12;
-      this.height = this.top + (P.nLevels - 1) * this.rowH + 100;
+      this.width = Math.ceil(this.left + P.T * this.colW + 12);
+      this.height = Math.ceil(this.top + (P.nLevels - 1) * this.rowH + 100);
+      const dpr = window.devicePixelRatio || 1;
       this.svg.setAttribute("width", this.width);
       this.svg.setAttribute("height", this.height);
+      this.canvas.width = Math.round(this.width * dpr);
+      this.canvas.height = Math.round(this.height * dpr);
+      this.canvas.style.width = this.width + "px";
+      this.canvas.style.height = this.height + "px";
+      this.ctx = this.canvas.getContext("2d");
+      this.ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+      const stack = this.el.querySelector(".stack");
+      stack.style.height = this.height + "px";
+      stack.style.width = this.width + "px";
     }
     x(pos) { return this.left + (pos + 0.5) * this.colW; }
     y(lev) { return this.top + (this.P.nLevels - 1 - lev) * this.rowH; }
     drawStatic() {
       const P = this.P;
       let s = "";
-      if (!P.parallel) for (let l = 1; l < P.L; l += 2) {
-        s += `<rect class="band" x="${this.left}" width="${P.T * this.colW}" y="${this.y(2 * l + 2.5)}" height="${2 * this.rowH}"/>`;
-      }
-      for (let p = 0; p < P.T; p++) s += `<line class="stream" x1="${this.x(p)}" x2="${this.x(p)}" y1="${this.y(0)}" y2="${this.y(P.nLevels - 1)}"/>`;
       const step = Math.max(1, Math.ceil(P.L / 15));
       s += `<text class="lab" x="4" y="${this.y(0) + 3}">emb</text>`;
       for (let l = 0; l < P.L; l += step) s += `<text class="lab" x="4" y="${this.y(level(P, l, "block")) + 3}">L${l}</text>`;
@@ -198,70 +215,142 @@
     }
     setPosition(pos) {
       this.pos = pos;
+      this.selected = null;
       this.el.querySelector("select.pos").value = String(pos);
       update();
     }
     compute() { this.route = extractRoute(this.P, state.tau, this.pos); this.heads = routeHeads(this.P, this.route); }
     render(other) {
-      const P = this.P, r = this.route;
-      const only = other ? new Set([...this.heads].filter((h) => !other.heads.has(h))) : null;
-      let lines = "", boxes = "", dots = "";
+      const P = this.P, r = this.route, ctx = this.ctx;
+      this.only = other ? new Set([...this.heads].filter((h) => !other.heads.has(h))) : null;
+      ctx.clearRect(0, 0, this.width, this.height);
+      if (!P.parallel) { // a light band for every other block
+        ctx.fillStyle = "#f6f6f6";
+        for (let l = 1; l < P.L; l += 2) ctx.fillRect(this.left, this.y(2 * l + 2.5), P.T * this.colW, 2 * this.rowH);
+      }
+      ctx.strokeStyle = "#e6e6e6"; ctx.lineWidth = 1;
+      ctx.beginPath();
+      for (let p = 0; p < P.T; p++) { ctx.moveTo(this.x(p), this.y(0)); ctx.lineTo(this.x(p), this.y(P.nLevels - 1)); }
+      ctx.stroke();
+      // geometry of everything drawn, for hit-testing: segments [x1, y1, x2, y2, width, edge index]
+      const segs = [], boxes = [], dots = [];
+      let nHot = 0;
+      // lines are batched into one path per (colour, width) bucket: a few dozen strokes, not one per edge;
+      // buckets are painted weakest first, so strong edges lie on top
+      const buckets = new Map();
+      const sel = this.selected;
       r.edges.forEach((e, i) => {
         const a = nodeOf(P, e.src), b = nodeOf(P, e.tgt);
         const x1 = this.x(a.pos), y1 = this.y(a.lev), x2 = this.x(b.pos), y2 = this.y(b.lev);
         if (e.kind === "ffn") {
           const z = 4 + 7 * e.imp;
-          boxes += `<rect class="ef" data-e="${i}" x="${x2 + this.colW * 0.2 - z / 2}" y="${(y1 + y2) / 2 - z / 2}" width="${z}" height="${z}" fill-opacity="${0.35 + 0.65 * e.imp}"/>`;
-        } else if (e.kind === "residual") {
-          lines += `<line class="er" data-e="${i}" x1="${x1}" y1="${y1}" x2="${x2}" y2="${y2}" stroke-width="${(0.8 + 3 * e.imp).toFixed(2)}"/>`;
-        } else {
-          const l = b.layer;
-          const cls = only && e.heads.some(([h]) => only.has(l + "," + h)) ? "ea only" : "ea";
-          lines += `<line class="${cls}" data-e="${i}" x1="${x1}" y1="${y1}" x2="${x2}" y2="${y2}" stroke-width="${(0.8 + 6 * e.imp).toFixed(2)}" stroke-opacity="${(0.45 + 0.55 * e.imp).toFixed(2)}"/>`;
+          boxes.push([x2 + this.colW * 0.2 - z / 2, (y1 + y2) / 2 - z / 2, z, i]);
+          return;
         }
+        const shade = Math.round(10 * e.imp);
+        const w = Math.round(4 * (e.kind === "residual" ? 0.8 + 3 * e.imp : 0.8 + 6 * e.imp)) / 4;
+        const hot = e.heads && this.only && e.heads.some(([h]) => this.only.has(b.layer + "," + h));
+        nHot += hot ? 1 : 0;
+        const color = sel && sel.edge === i ? "#d6336c" : e.kind === "residual" ? "#8c8c8c" : hot ? "#e8590c" : BLUES[shade];
+        const rank = (sel && sel.edge === i ? 3 : hot ? 2 : e.kind === "residual" ? 0 : 1) * 1000 + w * 10; // paint order
+        const key = color + " " + w;
+        let bk = buckets.get(key);
+        if (!bk) buckets.set(key, (bk = { color, w, rank, xy: [] }));
+        bk.xy.push(x1, y1, x2, y2);
+        segs.push([x1, y1, x2, y2, w, i]);
       });
-      const topKey = level(P, P.L - 1, "block") * P.T + this.pos;
-      for (const key of r.nodes) {
-        const n = nodeOf(P, key);
-        dots += `<circle class="nd${key === topKey ? " top" : ""}" data-n="${key}" cx="${this.x(n.pos)}" cy="${this.y(n.lev)}" r="${key === topKey ? 4.5 : 2.8}"/>`;
+      for (const bk of [...buckets.values()].sort((a, b) => a.rank - b.rank)) {
+        ctx.strokeStyle = bk.color; ctx.lineWidth = bk.w;
+        ctx.beginPath();
+        for (let n = 0; n < bk.xy.length; n += 4) { ctx.moveTo(bk.xy[n], bk.xy[n + 1]); ctx.lineTo(bk.xy[n + 2], bk.xy[n + 3]); }
+        ctx.stroke();
       }
-      this.dyn.innerHTML = lines + boxes + dots;
+      // like the PNG figure: the widest cross-token attention edges name their strongest heads
+      ctx.font = "10px system-ui, sans-serif"; ctx.fillStyle = "#08306b"; ctx.textAlign = "right";
+      const strong = r.edges.filter((e) => e.kind === "attention" && e.imp >= 0.15 && e.src % P.T !== e.tgt % P.T);
+      for (const e of strong.sort((a, b) => b.imp - a.imp).slice(0, 40)) {
+        const b = nodeOf(P, e.tgt);
+        ctx.fillText(`L${b.layer}H${e.heads.slice(0, 3).map((h) => h[0]).join(",")}`, this.x(b.pos) - 5, this.y(b.lev) + 11);
+      }
+      ctx.strokeStyle = "#8a4b08"; ctx.lineWidth = 0.6;
+      for (const [bx, by, z, i] of boxes) {
+        ctx.fillStyle = sel && sel.edge === i ? "#d6336c" : FFN_SHADES[Math.round(10 * r.edges[i].imp)];
+        ctx.fillRect(bx, by, z, z); ctx.strokeRect(bx, by, z, z);
+      }
+      const topKey = level(P, P.L - 1, "block") * P.T + this.pos;
+      ctx.fillStyle = "#333";
+      ctx.beginPath();
+      const rad = Math.min(2.8, this.rowH / 4);
+      for (const key of r.nodes) {
+        const n = nodeOf(P, key), cx = this.x(n.pos), cy = this.y(n.lev);
+        dots.push([cx, cy, key]);
+        if (key === topKey || (sel && sel.node === key)) continue;
+        ctx.moveTo(cx + rad, cy); ctx.arc(cx, cy, rad, 0, 2 * Math.PI);
+      }
+      ctx.fill();
+      for (const [key, color, rad] of [[topKey, "#0b5394", 4.5], [sel && sel.node, "#d6336c", 3.6]]) {
+        if (key == null || !r.nodes.has(key)) continue;
+        const n = nodeOf(P, key);
+        ctx.fillStyle = color; ctx.beginPath(); ctx.arc(this.x(n.pos), this.y(n.lev), rad, 0, 2 * Math.PI); ctx.fill();
+      }
+      this.hit = { segs, boxes, dots };
+      this.drawnCount = { nodes: dots.length, edges: segs.length + boxes.length, only: nHot };
       this.svg.querySelectorAll("text.tok").forEach((t) => {
         const p = +t.dataset.pos;
         t.setAttribute("class", "tok" + (p === this.pos ? " sel" : p > this.pos ? " later" : ""));
       });
-      const k = P.k, b = this.pos * k;
+      const k = P.k, bk = this.pos * k;
       const alts = [];
-      for (let i = 1; i < k; i++) alts.push(`${esc(q(tok(P.topIds[b + i])))} ${pct(P.topProbs[b + i])}`);
+      for (let i = 1; i < k; i++) alts.push(`${esc(q(tok(P.topIds[bk + i])))} ${pct(P.topProbs[bk + i])}`);
       this.el.querySelector(".pred").innerHTML = `position ${this.pos} ${esc(q(P.tokens[this.pos]))} predicts ` +
-        `<b>${esc(q(tok(P.topIds[b])))}</b> (${pct(P.topProbs[b])}) <span class="alt">· then ${alts.join(", ")}</span>`;
+        `<b>${esc(q(tok(P.topIds[bk])))}</b> (${pct(P.topProbs[bk])}) <span class="alt">· then ${alts.join(", ")}</span>`;
       this.el.querySelector(".stats").textContent = `${r.nodes.size} nodes, ${r.edges.length} edges, ${this.heads.size} heads at tau = ${state.tau}`;
     }
-    target(ev) {
-      const t = ev.target;
-      if (t.dataset.e !== undefined) return { edge: this.route.edges[+t.dataset.e], el: t };
-      if (t.dataset.n !== undefined) return { node: +t.dataset.n, el: t };
-      if (t.dataset.pos !== undefined) return { pos: +t.dataset.pos };
-      return null;
+    // what is under canvas point (px, py): a node (within 5 px), an FFN square, else the nearest edge line
+    pick(px, py) {
+      const { segs, boxes, dots } = this.hit;
+      let best = null, bd = 25;
+      for (const [cx, cy, key] of dots) { const d = (cx - px) ** 2 + (cy - py) ** 2; if (d <= bd) { bd = d; best = { node: key }; } }
+      if (best) return best;
+      for (let n = boxes.length - 1; n >= 0; n--) {
+        const [bx, by, z, i] = boxes[n];
+        if (px >= bx - 1 && px <= bx + z + 1 && py >= by - 1 && py <= by + z + 1) return { edge: this.route.edges[i], index: i };
+      }
+      let dmin = Infinity;
+      for (let n = segs.length - 1; n >= 0; n--) { // drawn last = on top
+        const [x1, y1, x2, y2, w, i] = segs[n];
+        const dx = x2 - x1, dy = y2 - y1, len = dx * dx + dy * dy;
+        const t = len ? Math.max(0, Math.min(1, ((px - x1) * dx + (py - y1) * dy) / len)) : 0;
+        const d = Math.hypot(px - x1 - t * dx, py - y1 - t * dy) - w / 2;
+        if (d < dmin - 0.5) { dmin = d; best = { edge: this.route.edges[i], index: i }; }
+      }
+      return dmin <= 3 ? best : null;
     }
+    point(ev) { const b = this.canvas.getBoundingClientRect(); return [ev.clientX - b.left, ev.clientY - b.top]; }
     hover(ev) {
-      const hit = this.target(ev);
+      const hit = this.pick(...this.point(ev));
+      this.canvas.style.cursor = hit ? "pointer" : "default";
       if (!hit) { tip.hidden = true; return; }
       let text;
       if (hit.edge) text = edgeLabel(this.P, hit.edge) + (hit.edge.heads ? "; heads " + hit.edge.heads.slice(0, 4).map(([h, v]) => `H${h} ${fmt(v)}`).join(", ") : "");
-      else if (hit.node !== undefined) text = nodeLabel(this.P, hit.node) + " (click: parts, logit lens)";
-      else text = `token ${hit.pos} ${q(this.P.tokens[hit.pos])} (click: its prediction's route)`;
+      else text = nodeLabel(this.P, hit.node) + " (click: parts, logit lens)";
       tip.textContent = text;
       tip.hidden = false;
       tip.style.left = ev.clientX + 12 + "px";
       tip.style.top = ev.clientY + 12 + "px";
     }
     click(ev) {
-      const hit = this.target(ev);
+      const hit = this.pick(...this.point(ev));
       if (!hit) return;
-      if (hit.edge) edgePanel(this, hit.edge);
-      else if (hit.node !== undefined) nodePanel(this, hit.node);
-      else this.setPosition(hit.pos);
+      if (hit.edge) { this.select({ edge: hit.index }); edgePanel(this, hit.edge); } else { this.select({ node: hit.node }); nodePanel(this, hit.node); }
+    }
+    select(what) { this.selected = what; this.render(state.mode === "compare" ? state.views[1 - this.index] : null); }
+    // page coordinates of a node or an edge's middle (for tests and scripted clicks)
+    where(what) {
+      const b = this.canvas.getBoundingClientRect();
+      if (what.node !== undefined) { const n = nodeOf(this.P, what.node); return [b.left + this.x(n.pos), b.top + this.y(n.lev)]; }
+      const s = this.hit.segs.find((g) => g[5] === what.edge);
+      return [b.left + (s[0] + s[2]) / 2, b.top + (s[1] + s[3]) / 2];
     }
   }
 
@@ -330,7 +419,6 @@
       html += `<tr><td>${i + 1}</td><td class="lens-token">${esc(q(tok(P.lensIds[b + i])))}</td><td class="num">${pct(P.lensProbs[b + i])}</td></tr>`;
     }
     openPanel(html + "</table>");
-    highlight(view, `[data-n="${key}"]`);
   }
 
   function edgePanel(view, e) {
@@ -366,12 +454,6 @@
       if (p < 0 || p >= T || j < 0 || j > p) return;
       $("headval").textContent = `pos ${p} ${q(P.tokens[p])}, j ${j} ${q(P.tokens[j])}: ${fmt(sub(P, l, h, p, j))}`;
     });
-  }
-
-  function highlight(view, selector) {
-    document.querySelectorAll("svg .hl").forEach((el) => el.classList.remove("hl"));
-    const el = view.svg.querySelector(selector);
-    if (el) el.classList.add("hl");
   }
 
   // --- compare: difference of head activations ----------------------------------------------------
@@ -447,10 +529,9 @@
     setTau,
     setPosition: (v, pos) => state.views[v].setPosition(pos),
     setPrompt: (pi) => { state.views[0].setPrompt(pi); $("prompt").value = String(pi); update(); },
-    drawn: (v = 0) => ({
-      nodes: state.views[v].svg.querySelectorAll("g.dyn [data-n]").length,
-      edges: state.views[v].svg.querySelectorAll("g.dyn [data-e]").length,
-    }),
+    drawn: (v = 0) => state.views[v].drawnCount, // primitives painted at the last draw
+    where: (v, what) => state.views[v].where(what),
+    nodeKey: (v, layer, pos, kind) => level(state.views[v].P, layer, kind) * state.views[v].P.T + pos,
     openNode: (v, layer, pos, kind) => nodePanel(state.views[v], level(state.views[v].P, layer, kind) * state.views[v].P.T + pos),
   };
 })();
