@@ -105,7 +105,8 @@
           let s = 0;
           for (const c of col) s += c[1];
           col.sort((a, b) => b[1] - a[1]); // stable: ties keep head order, as Python's sorted()
-          edges.push({ src: src0 + j, tgt: target, kind: "attention", imp: s / total, heads: col.map((c) => [c[0], c[1] / total]) });
+          for (const c of col) c[1] /= total; // in place: the pairs become the edge's heads
+          edges.push({ src: src0 + j, tgt: target, kind: "attention", imp: s / total, heads: col });
           nodes.add(src0 + j);
           below[j] = 1;
         }
@@ -124,9 +125,13 @@
       edges: r.edges.map((e) => ({ source: nd(e.src), target: nd(e.tgt), kind: e.kind, importance: e.imp, heads: e.heads || [] })),
     };
   }
-  function routeHeads(P, r) { // "l,h" of every head with a sub-edge in the route
+  function routeHeads(P, r) { // l * H + h of every head with a sub-edge in the route
     const out = new Set();
-    for (const e of r.edges) if (e.heads) for (const [h] of e.heads) out.add(nodeOf(P, e.tgt).layer + "," + h);
+    for (const e of r.edges) {
+      if (!e.heads) continue;
+      const base = nodeOf(P, e.tgt).layer * P.H;
+      for (const hv of e.heads) out.add(base + hv[0]);
+    }
     return out;
   }
   function headActivation(P, pos) { // [L*H]: sum_j attn[l, h, pos, j] (EdgeImportances.head_importance)
@@ -249,7 +254,7 @@
         }
         const shade = Math.round(10 * e.imp);
         const w = Math.round(4 * (e.kind === "residual" ? 0.8 + 3 * e.imp : 0.8 + 6 * e.imp)) / 4;
-        const hot = e.heads && this.only && e.heads.some(([h]) => this.only.has(b.layer + "," + h));
+        const hot = e.heads && this.only && e.heads.some((hv) => this.only.has(b.layer * P.H + hv[0]));
         nHot += hot ? 1 : 0;
         const color = sel && sel.edge === i ? "#d6336c" : e.kind === "residual" ? "#8c8c8c" : hot ? "#e8590c" : BLUES[shade];
         const rank = (sel && sel.edge === i ? 3 : hot ? 2 : e.kind === "residual" ? 0 : 1) * 1000 + w * 10; // paint order
@@ -472,7 +477,7 @@
     for (let l = L - 1; l >= 0; l--) {
       html += `<tr><th>L${l}</th>`;
       for (let h = 0; h < H; h++) {
-        const x = d[l * H + h], s = Math.abs(x) / m, key = l + "," + h;
+        const x = d[l * H + h], s = Math.abs(x) / m, key = l * H + h;
         const c = x >= 0 ? `rgba(214,51,51,${s.toFixed(3)})` : `rgba(38,99,196,${s.toFixed(3)})`;
         const mark = A.heads.has(key) && !B.heads.has(key) ? "A" : B.heads.has(key) && !A.heads.has(key) ? "B" : "";
         html += `<td style="background:${c}" data-head="0,${l},${h}" title="L${l}H${h}: A ${fmt(a[l * H + h])}, B ${fmt(b[l * H + h])}">${mark}</td>`;
