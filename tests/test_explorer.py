@@ -269,3 +269,13 @@ def _synthetic(L: int, H: int, T: int, seed: int = 0) -> PromptView:
     probs = np.sort(rng.dirichlet(np.ones(k), (N, T)).astype(np.float32), -1)[..., ::-1].copy()
     return PromptView(imp=imp, text="synthetic", lens_ids=ids, lens_probs=probs, top_ids=top,
                       top_probs=probs[-1], vocab=vocab, model="synthetic-30x64")
+
+
+def test_page_and_report_modules_need_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, flowray.explorer.page, flowray.explorer.report; "
+            "print(','.join(m for m in ('torch', 'transformers', 'ray') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "", proc.stdout + proc.stderr
