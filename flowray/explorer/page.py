@@ -1,9 +1,9 @@
 """Assemble the explorer's single HTML file: template + inline CSS + inline JS + the data as inline JSON.
 
-Plain SVG drawn by ~600 lines of our own JavaScript, no library: the view is lines, squares and dots on a
-grid, which SVG does natively; a bundled d3 or plotly.js would add 0.3-3.5 MB per page, a licence to ship
-and an API between the data and the drawing, and buy nothing here (no zoomable axes, no transitions). The
-page makes no network request: everything, data included, is in the file.
+No library: ~550 lines of our own JavaScript (``route.js``: the data and extract_route; ``explorer.js``: the
+view, a canvas for the route and SVG for labels). The view is lines, squares and dots on a grid; a bundled
+d3 or plotly.js would add 0.3-3.5 MB per page, a licence to ship and an API between the data and the
+drawing, and buy nothing here (no zoomable axes, no transitions). The page makes no network request: everything, data included, is in the file.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def explorer_html(views: list[PromptView], *, compare: bool = False, tau: float 
     """The page as a string (see ``write_explorer``)."""
     data = encode_page(views, compare=compare, tau=tau, title=title)
     page = _asset("explorer.html")
-    for marker, text in (("/*FLOWRAY_CSS*/", _asset("explorer.css")), ("/*FLOWRAY_JS*/", _asset("explorer.js")),
+    for marker, text in (("/*FLOWRAY_CSS*/", _asset("explorer.css")), ("/*FLOWRAY_JS*/", _asset("route.js") + "\n" + _asset("explorer.js")),
                          ("FLOWRAY_TITLE", _title(data)), ("FLOWRAY_DATA", _inline_json(data))):
         if marker not in page:  # pragma: no cover - guards the packaged template
             raise RuntimeError(f"explorer template lacks its {marker} marker")

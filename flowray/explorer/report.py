@@ -78,6 +78,12 @@ def _figure(storage, rel: str) -> str:
     return f"<figure><img alt='{html.escape(rel)}' src='data:image/png;base64,{data}'><figcaption>{html.escape(rel)}</figcaption></figure>"
 
 
+def _without_title(md: str) -> str:
+    """The summary's own '# title' line repeats the page's title."""
+    first, _, rest = md.partition("\n")
+    return rest if first.startswith("# ") else md
+
+
 def report_html(storage, tables: dict, summary: str, figures: list[str], *, title: str = "flowray run") -> str:
     import polars as pl
 
@@ -94,7 +100,7 @@ def report_html(storage, tables: dict, summary: str, figures: list[str], *, titl
              f"<h1>{html.escape(title)}</h1>",
              "<nav><a href='#summary'>summary</a><a href='#activation'>activation map</a><a href='#roles'>head roles</a>"
              "<a href='#domains'>domain comparison</a></nav>",
-             "<section id='summary'>", markdown_html(summary), "</section>",
+             "<section id='summary'>", markdown_html(_without_title(summary)), "</section>",
              "<section id='activation'><h2>Activation map (paper figure 9a)</h2>",
              _figure(storage, figs["activation_map"]) if "activation_map" in figs else "<p>no figure</p>", "</section>",
              "<section id='roles'><h2>Head roles (paper section 4.3)</h2>",
