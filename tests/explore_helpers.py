@@ -45,10 +45,6 @@ def save_tiny(path: Path, case: str = "llama-gqa") -> Path:
     return path
 
 
-needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None, reason="no Chromium on PATH: the browser tests need Debian's `chromium` (apt-get install -y chromium)")
-
-
 @pytest.fixture(scope="session")
 def browser():
     """A headless Chromium (Debian's) driven by playwright; skips with the reason when either is missing."""

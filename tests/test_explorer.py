@@ -163,6 +163,45 @@ def test_slider_routes_equal_extract_route(browser, pages, views, case, name):
     page.close()
 
 
+def test_the_text_selector_and_the_slider_drive_the_view(browser, pages, views):
+    page = Page(browser, pages["single"])
+    v = views["llama-gqa"][1]
+    page.page.select_option("#prompt", "1")  # the --file page's text selector
+    page.page.fill("#tau-num", "0.1")
+    page.page.dispatch_event("#tau-num", "change")
+    route = extract_route(v.imp, tau=0.1, position=v.position)
+    drawn = page.js("flowray.drawn(0)")
+    assert (drawn["nodes"], drawn["edges"]) == (len(route.nodes), len(route.edges))
+    assert page.page.input_value("select.pos") == str(v.position)
+    assert f"{len(route.edges)} edges" in page.page.inner_text(".stats")
+    page.page.click(f'svg text.tok[data-pos="2"]')  # a click on a token shows its prediction's route
+    route = extract_route(v.imp, tau=0.1, position=2)
+    assert page.js("flowray.drawn(0)")["edges"] == len(route.edges)
+    page.close()
+
+
+@pytest.mark.slow
+def test_smollm2_ioi_page_matches_python(browser, smollm2, tmp_path):
+    """30 layers of real importances: the float32/float64 comparisons of extract_route hold in the page."""
+    from flowray.explorer.build import prompt_view
+
+    from conftest import IOI_PROMPT
+
+    v = prompt_view(smollm2, IOI_PROMPT)
+    assert v.vocab[int(v.top_ids[-1, 0])] == " Mary"
+    page = Page(browser, write_explorer([v], tmp_path / "ioi.html"))
+    assert " Mary" in page.page.inner_text(".pred b")
+    T = v.imp.n_tokens
+    for pos in (T - 1, 6):
+        page.js(f"flowray.setPosition(0, {pos})")
+        for tau in (0.01, 0.02, 0.04, float(v.imp.attn[23, 0, T - 1, 1])):
+            if not 0 < tau < 1:
+                continue
+            page.js(f"flowray.setTau({tau!r})")
+            _assert_same_route(page.js("flowray.route(0)"), extract_route(v.imp, tau=tau, position=pos))
+    page.close()
+
+
 def test_clicking_a_node_shows_its_parts_and_logit_lens(browser, pages, views):
     v = views["llama-gqa"][0]
     page = Page(browser, pages["single"])
@@ -217,7 +256,8 @@ def test_compare_mode_highlights_head_activation_differences(browser, pages, vie
 
 def test_a_tau_change_redraws_in_under_200_ms(browser, tmp_path):
     """Slider input event -> painted frame on a 30-layer x 64-token page, measured and printed."""
-    path = write_explorer([_synthetic(30, 9, 64)], tmp_path / "big.html")
+    view = _synthetic(30, 9, 64)
+    path = write_explorer([view], tmp_path / "big.html")
     page = Page(browser, path)
     times = page.js("""async () => {
         const out = {};
@@ -235,6 +275,8 @@ def test_a_tau_change_redraws_in_under_200_ms(browser, tmp_path):
         return out; }""")
     page.js("flowray.setTau(0.01)")
     big = page.js("flowray.drawn(0)")
+    want = extract_route(view.imp, tau=0.01)
+    assert (big["nodes"], big["edges"]) == (len(want.nodes), len(want.edges))
     medians = {tau: float(np.median(ts)) for tau, ts in times.items()}
     print(f"\ntau change -> painted, 30 layers x 9 heads x 64 tokens (tau 0.01: {big['edges']} edges): median ms "
           + ", ".join(f"tau {tau}: {m:.0f}" for tau, m in medians.items())
