@@ -385,6 +385,7 @@
   $("tau-num").addEventListener("change", (ev) => setTau(+ev.target.value));
 
   if (state.mode === "compare") {
+    $("only-legend").hidden = false;
     state.views = [new View(0, 0), new View(1, 1)];
     state.views[0].el.querySelector(".head").insertAdjacentHTML("afterbegin", "<b>A</b>");
     state.views[1].el.querySelector(".head").insertAdjacentHTML("afterbegin", "<b>B</b>");
