@@ -39,6 +39,7 @@ _EXPORTS = {
     "NodeKind": "flowray.routes",
     "EdgeKind": "flowray.routes",
     "plot_route": "flowray.plots",
+    "explore": "flowray.explorer.build",
     "FlowrayError": "flowray.errors",
 }
 

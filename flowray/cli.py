@@ -16,6 +16,7 @@ from flowray.baselines.options import ABLATION_MODES, DEFAULT_KS
 from flowray.cli_types import backend_arg, positive_int, positive_ints, tau_arg
 from flowray.config import DTYPES
 from flowray.errors import FlowrayError, InputError
+from flowray.explorer.cli import register_cli as register_explore
 from flowray.pipeline.cli import register_cli as register_job
 from flowray.tasks import IOI_TEMPLATE_SETS
 
@@ -251,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_job(sub)
     register_compare(sub)
+    register_explore(sub)
     return parser
 
 
