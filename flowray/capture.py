@@ -51,6 +51,9 @@ CAPTURE_IMPLEMENTATION = "flowray_capture"  # the name registered with transform
 # rows of queries per chunk: a chunk's scores are [B, H, C, p1] for its last row p1, so chunks skip the
 # masked upper triangle (half the work of a full [T, T] product at long contexts)
 _ROW_CHUNK = 128
+# capture_layers(rows=True) still keeps a layer's weights when they have at most this many elements
+# (64 MiB of float32): below it recomputing rows costs more than holding them
+KEEP_WEIGHTS_UP_TO = 1 << 24
 # Inside capture_layers(reuse_probs=True): one [B, H, T, T] buffer that every layer's probabilities go into.
 # A fresh 40 MB tensor per layer costs ~20 ms of page faults at 1024 tokens (glibc maps allocations that
 # large afresh each time), as much as the attention itself; a streaming consumer is done with a layer's
@@ -132,7 +135,9 @@ def _capture_attention(
     g = H // H_kv
     scaling = dh**-0.5 if scaling is None else scaling
     low = torch.finfo(torch.float32).min  # what eager masks add: exp() of it is exactly 0, never NaN
-    rows_mode = getattr(_scratch, "rows", False)
+    # rows mode keeps queries and keys (O(T)) instead of the weights, except where all of a layer's weights
+    # are small: then holding them is cheaper than recomputing every row (short texts, the common case)
+    rows_mode = getattr(_scratch, "rows", False) and B * H * T * T > KEEP_WEIGHTS_UP_TO
     probs = None
     if not rows_mode:
         probs = getattr(_scratch, "probs", None)
@@ -184,7 +189,8 @@ def capture_layers(
     consumers that are done with a record when they return (saves the page faults of a fresh ``[B, H, T, T]``
     tensor per layer); keep it False to hold records beyond the call. With ``rows`` a record's ``probs`` is
     an ``AttentionRows`` (queries and keys, ``O(T)``) that recomputes chunks of weights on demand, when the
-    model runs flowray's capture attention (transformers' eager fallback still gives full weights).
+    model runs flowray's capture attention and a layer's weights would exceed ``KEEP_WEIGHTS_UP_TO``
+    elements (transformers' eager fallback always gives full weights).
     """
     handles = []
     state: dict = {}

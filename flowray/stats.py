@@ -184,7 +184,7 @@ def prediction_stats_padded(
     mask = attention_mask.long()
     position_ids = (mask.cumsum(1) - 1).clamp_min(0)  # [B, T] 0 at each row's first real token
     top: list[torch.Tensor] = []
-    with capture_layers(hf_model, adapter, consume, rows=True), predicted_ids(hf_model, top):
+    with capture_layers(hf_model, adapter, consume, rows=True, reuse_probs=True), predicted_ids(hf_model, top):
         hf_model(input_ids=input_ids.long().to(device), attention_mask=mask.to(device),
                  position_ids=position_ids.to(device), use_cache=False)
     predicted = top[0]  # [B, T] on the device

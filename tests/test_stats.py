@@ -56,7 +56,11 @@ def _assert_equal_to_dense(dense, stats, words, taus):
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_streamed_statistics_equal_the_dense_path(case, padding_side):
+def test_streamed_statistics_equal_the_dense_path(monkeypatch, case, padding_side):
+    import flowray.capture
+
+    if padding_side == "right":  # recompute the attention weights from queries and keys, row chunk by chunk
+        monkeypatch.setattr(flowray.capture, "KEEP_WEIGHTS_UP_TO", 0)
     model = tiny_model(case, seed=3, attn="sdpa")
     gen = torch.Generator().manual_seed(7)
     seqs = [torch.randint(0, VOCAB, (1, T), generator=gen) for T in (13, 5, 22)]
@@ -97,9 +101,11 @@ def test_both_backends_and_both_attention_paths(case, attn):
 @pytest.mark.parametrize("case", ["llama-gqa", "neox-parallel"])
 def test_sparse_edge_matrices_and_chunks_of_predictions(monkeypatch, case):
     """Long texts take the sparse-CSR edge matrices and several chunks of predictions: same routes."""
+    import flowray.capture
     import flowray.stats as stats_module
 
     monkeypatch.setattr(stats_module, "DENSE_EDGES_UP_TO", 0)
+    monkeypatch.setattr(flowray.capture, "KEEP_WEIGHTS_UP_TO", 0)
     monkeypatch.setattr(stats_module, "ROUTE_CHUNK", 4)
     model = tiny_model(case, seed=9, attn="sdpa")
     ids = torch.randint(0, VOCAB, (1, 19), generator=torch.Generator().manual_seed(3))
@@ -138,8 +144,9 @@ def test_the_smollm2_ioi_prompt_equals_the_dense_path(smollm2):
 _PEAK = r"""
 import json, resource, sys, torch, transformers as tf
 sys.path.insert(0, sys.argv[1])
+import flowray.capture
 from flowray.stats import prediction_stats
-from flowray.api import edge_importances
+flowray.capture.KEEP_WEIGHTS_UP_TO = 1 << 20  # 4 MiB: far below one layer's weights at this length
 cfg = tf.LlamaConfig(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                      hidden_size=32, intermediate_size=40, vocab_size=97, max_position_embeddings=4096)
 torch.manual_seed(0)
