@@ -94,7 +94,7 @@ def prediction_stats(
     word_index=None,
     first_subword=None,
     backend: str = "auto",
-    element_budget: int = DEFAULT_ELEMENT_BUDGET,
+    element_budget: int | None = None,
 ) -> PredictionStats:
     """The corpus job's statistics of one ``[1, T]`` sequence, streamed (see the module docstring).
 
@@ -105,7 +105,8 @@ def prediction_stats(
         word_index: optional ``[T]`` ints, the word of each token (-1: no word); with ``first_subword``
             (``[T]`` bools) it gives ``prev_share`` and ``same_word_share``.
         backend: the importance kernel (``"auto"``, ``"cpu"``, ``"torch"``).
-        element_budget: elements of one chunk of importances ``[H, C, T]``; sets ``C``.
+        element_budget: elements of one chunk of importances ``[H, C, T]``; sets ``C`` (None: 4M on the
+            CPU, where chunks stay in cache, 64M on GPUs, where fewer and larger kernels win).
     """
     words = None if word_index is None else [(word_index, first_subword)]
     return prediction_stats_batch(model, [input_ids], taus, words=words, backend=backend,
@@ -121,7 +122,7 @@ def prediction_stats_batch(
     words: list | None = None,
     padding_side: str = "right",
     backend: str = "auto",
-    element_budget: int = DEFAULT_ELEMENT_BUDGET,
+    element_budget: int | None = None,
 ) -> list[PredictionStats]:
     """``prediction_stats`` of several ``[1, T_i]`` sequences in one padded forward pass.
 
@@ -153,11 +154,14 @@ def prediction_stats_padded(
     *,
     words: list | None = None,
     backend: str = "auto",
-    element_budget: int = DEFAULT_ELEMENT_BUDGET,
+    element_budget: int | None = None,
 ) -> list[PredictionStats]:
     """``prediction_stats`` for a padded batch ``[B, T]`` with its attention mask (left or right padding)."""
     hf_model, adapter, _, name = _unpack(model)
     taus = check_taus(taus)
+    device = next(hf_model.parameters()).device
+    if element_budget is None:  # GPUs: one chunk per layer up to long contexts (fewer, larger kernels)
+        element_budget = DEFAULT_ELEMENT_BUDGET if device.type == "cpu" else GPU_ELEMENT_BUDGET
     if isinstance(element_budget, bool) or not isinstance(element_budget, int) or element_budget < 1:
         raise InputError(f"element_budget must be a positive integer; got {element_budget!r}")
     input_ids, attention_mask = torch.as_tensor(input_ids), torch.as_tensor(attention_mask)
@@ -168,7 +172,6 @@ def prediction_stats_padded(
     if words is not None and len(words) != len(spans):
         raise InputError(f"words must hold one (word_index, first_subword) pair per sequence: {len(spans)}; "
                          f"got {len(words)}")
-    device = next(hf_model.parameters()).device
     backend = resolve_backend(backend, device)
     s = adapter.shape
     states = [_Sequence(s.n_layers, s.n_heads, T, s.parallel, min(taus), device,
@@ -292,6 +295,8 @@ class _Sequence:
         )
 
 
+# Elements of one [H, C, T] chunk on GPUs (256 MiB of float32): Llama-2-7B at 2k tokens in one chunk.
+GPU_ELEMENT_BUDGET = 1 << 26
 # Routes of this many predictions at a time: the reached sets are [T, chunk] floats (linear in T).
 ROUTE_CHUNK = 1024
 # Up to this many positions a layer's edges are a dense [T, T] matrix (a GEMM is cheapest); above it a
@@ -327,33 +332,41 @@ def _routes(seq: _Sequence, tau: float, dense: bool | None = None) -> tuple[torc
     """
     L, H, T, dev = seq.L, seq.H, seq.T, seq.head_sum.device
     dense = T <= DENSE_EDGES_UP_TO if dense is None else dense
-    layers = []  # per layer: edge matrix [T, T], head-at-node matrix [H, T], FFN and "through" masks [T]
-    for l in range(L):
-        hit, values = seq.sparse[l]
-        hit = hit[values > tau]  # [N, 3] (h, pos, j)
-        ffn_keep = seq.ffn[l] > tau
-        res_keep = seq.attn_residual[l] > tau
-        self_keep = res_keep | ffn_keep if seq.parallel else res_keep
-        through = None if seq.parallel else ffn_keep | (seq.ffn_residual[l] > tau)
-        selfs = torch.nonzero(self_keep).squeeze(1)
-        E = _edge_matrix(torch.cat([hit[:, 1], selfs]), torch.cat([hit[:, 2], selfs]), T, dense)
-        at_node = torch.zeros(H, T, dtype=torch.float32, device=dev)
-        at_node[hit[:, 0], hit[:, 1]] = 1.0
-        layers.append((E, at_node, ffn_keep.float()[None, :], None if through is None else through.float()[:, None]))
+    # every layer's kept parts at once: [N, 4] (layer, head, pos, j) sub-edges, [L, T] direct parts
+    hit = torch.cat([torch.cat([torch.full_like(h[:, :1], l), h], 1)[v > tau] for l, (h, v) in enumerate(seq.sparse)])
+    ffn_keep = (seq.ffn > tau).float()  # [L, T]
+    res_keep = seq.attn_residual > tau
+    self_keep = res_keep | (seq.ffn > tau) if seq.parallel else res_keep
+    through = None if seq.parallel else ((seq.ffn > tau) | (seq.ffn_residual > tau)).float()[:, :, None]
+    at_node = torch.zeros(L, H, T, dtype=torch.float32, device=dev)  # head with a kept sub-edge at pos
+    at_node[hit[:, 0], hit[:, 1], hit[:, 2]] = 1.0
+    selfs = torch.nonzero(self_keep)  # [S, 2] (layer, pos)
+    if dense:  # [L, T, T]: E[l, j, pos] = 1 when pos keeps a part from j one block down
+        E = torch.zeros(L, T, T, dtype=torch.float32, device=dev)
+        E[hit[:, 0], hit[:, 3], hit[:, 2]] = 1.0
+        E[selfs[:, 0], selfs[:, 1], selfs[:, 1]] = 1.0
+        edges = list(E)
+    else:
+        edges = [_edge_matrix(torch.cat([hit[hit[:, 0] == l, 2], selfs[selfs[:, 0] == l, 1]]),
+                              torch.cat([hit[hit[:, 0] == l, 3], selfs[selfs[:, 0] == l, 1]]), T, dense=False)
+                 for l in range(L)]
     head_keys, ffn_keys = [], []
     for c0 in range(0, T, ROUTE_CHUNK):
         c1 = min(T, c0 + ROUTE_CHUNK)
         P = c1 - c0
         reached = torch.zeros(T, P, dtype=torch.float32, device=dev)  # [pos, p]: p reaches pos atop block l
         reached[torch.arange(c0, c1, device=dev), torch.arange(P, device=dev)] = 1.0
+        heads_on = torch.empty(L, H, P, dtype=torch.bool, device=dev)
+        ffn_on = torch.empty(L, P, dtype=torch.bool, device=dev)
         for l in range(L - 1, -1, -1):
-            E, at_node, ffn_keep, through = layers[l]
-            ffn_on = torch.nonzero((ffn_keep @ reached)[0] > 0).squeeze(1)  # [k] predictions
-            ffn_keys.append((ffn_on + c0) * L + l)
-            M = reached if through is None else reached * through  # [T, P] attention nodes reached
-            hp = torch.nonzero((at_node @ M) > 0)  # [k, 2] (head, p)
-            head_keys.append((hp[:, 1] + c0) * (L * H) + l * H + hp[:, 0])
-            reached = ((E @ M) > 0).float()  # [T, P]
+            ffn_on[l] = (ffn_keep[l] @ reached) > 0  # [P]
+            M = reached if through is None else reached * through[l]  # [T, P] attention nodes reached
+            heads_on[l] = (at_node[l] @ M) > 0  # [H, P]
+            reached = ((edges[l] @ M) > 0).float()  # [T, P]
+        lhp = torch.nonzero(heads_on)  # [k, 3] (layer, head, p)
+        head_keys.append((lhp[:, 2] + c0) * (L * H) + lhp[:, 0] * H + lhp[:, 1])
+        lp = torch.nonzero(ffn_on)  # [k, 2] (layer, p)
+        ffn_keys.append((lp[:, 1] + c0) * L + lp[:, 0])
     return torch.unique(torch.cat(head_keys)), torch.unique(torch.cat(ffn_keys))
 
 

@@ -65,10 +65,15 @@ def _map_stage(config: JobConfig, storage: Storage, pending: list[str], index: d
     texts = {s["shard_id"]: s["texts"] for s in index["shards"]}
     from flowray.pipeline.worker import ShardWorker
 
+    if not os.environ.get("RAY_ADDRESS") and not config.gpus_per_actor:
+        from flowray import cpu_kernel
+
+        cpu_kernel.warm_up()  # replicas on this machine then load cached kernels instead of each compiling
+
     ds = ray.data.from_items([{"shard_id": s} for s in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(
         ShardWorker,
-        fn_constructor_kwargs=dict(run_uri=storage_uri, config=config, crash_once=crash_once),
+        fn_constructor_kwargs=dict(run_uri=storage_uri, config=config, crash_once=crash_once, submitted=time.time()),
         # a shard is a big unit of work: one in flight per actor, so no shard queues behind a busy replica
         compute=ray.data.ActorPoolStrategy(min_size=config.min_actors or config.actors, max_size=config.actors,
                                            max_tasks_in_flight_per_actor=1),

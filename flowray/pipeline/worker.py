@@ -42,20 +42,32 @@ class FlowWorker:
     """
 
     def __init__(self, config: JobConfig):
+        clock = _Clock()
         import torch
 
+        clock.lap("import_torch_s")
+        import transformers  # noqa: F401 - timed on its own: most of a model load is importing its code
+
+        from flowray import cpu_kernel
         from flowray.models.loading import load_model
 
+        clock.lap("import_transformers_s")
         if not config.gpus_per_actor:
             torch.set_num_threads(max(1, int(config.cpus_per_actor)))
         self.config = config
         self.lm = load_model(config.model, dtype=config.dtype, device=config.device,
                              trust_remote_code=config.trust_remote_code)
+        clock.lap("load_model_s")
         self.tokenizer = self.lm.tokenizer
         self.taus = tuple(config.tau)
         self.schema = predictions_schema(self.taus)
         self.shape = self.lm.adapter.shape
         self.pos_tagging = self._tagger()
+        clock.lap("load_tagger_s")
+        if next(self.lm.model.parameters()).device.type == "cpu":
+            cpu_kernel.warm_up(torch.get_num_threads())  # compiled or cached kernels, before the first shard
+        clock.lap("compile_kernels_s")
+        self.startup = clock.laps  # seconds per start-up step, reported in every shard's marker
         self._decoded: dict[int, str] = {}  # token id -> its text, decoded once per actor
 
     def _tagger(self):
@@ -191,6 +203,19 @@ class FlowWorker:
         return predictions, pa.Table.from_pylist(errors, schema=ERRORS)
 
 
+class _Clock:
+    """Named laps of a start-up, in seconds."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self.last, 3)
+        self.last = now
+
+
 def _error_row(doc: dict, exc: Exception) -> dict:
     text = doc.get("text")
     expected = isinstance(exc, FlowrayError)
@@ -209,13 +234,21 @@ class ShardWorker:
     after that shard's first batch, before anything of it is written, once (the marker file says so).
     """
 
-    def __init__(self, *, run_uri: str, config: JobConfig, crash_once: dict | None = None):
+    def __init__(self, *, run_uri: str, config: JobConfig, crash_once: dict | None = None,
+                 submitted: float | None = None):
         from flowray.pipeline.storage import Storage
 
+        started = time.time()
+        t0 = time.perf_counter()
         self.storage = Storage(run_uri)
         self.flow = FlowWorker(config)
         self.crash_once = crash_once
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        # the map stage's start (driver clock) to this constructor: Ray starting the worker process
+        ray_start = None if submitted is None else round(max(0.0, started - submitted), 3)
+        self.startup = {"ray_worker_start_s": ray_start, **self.flow.startup,
+                        "init_s": round(time.perf_counter() - t0, 3)}
+        log.info("actor %s started in %.1f s: %s", self.name, self.startup["init_s"], self.startup)
 
     def _fault(self, shard_id: str):
         spec = self.crash_once
@@ -243,7 +276,7 @@ class ShardWorker:
             summary = {"shard_id": shard_id, "texts": len(docs), "predictions": predictions.num_rows,
                        "errors": errors.num_rows, "seconds": seconds, "worker": self.name,
                        "n_layers": self.flow.shape.n_layers, "n_heads": self.flow.shape.n_heads,
-                       "pos_tagging": self.flow.pos_tagging is not None}
+                       "pos_tagging": self.flow.pos_tagging is not None, "startup": self.startup}
             self.storage.write_json(f"done/{shard_id}.json", summary)  # the commit point
             for k in out:
                 out[k].append(summary[k])
