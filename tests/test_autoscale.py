@@ -17,6 +17,7 @@ import time
 
 import pytest
 import yaml
+from quiet import assert_quiet
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -118,6 +119,7 @@ def test_pool_grows_to_three_nodes_and_survives_losing_one(tmp_path, small_model
     assert done_at_kill < n // per_shard, "the node was lost after the run had finished"
     # three replicas, each on its own fake GPU node, took shards before the node loss
     assert len({node for node in nodes_of_worker.values() if node}) >= 3, nodes_of_worker
+    assert_quiet(output)  # a driver joining a cluster: flowray's progress, not Ray's notices
     run_dir = tmp_path / "runs" / "auto"
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["every_text_exactly_once"] and manifest["counts"]["texts_in"] == n

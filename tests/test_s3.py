@@ -19,6 +19,7 @@ import time
 import pytest
 import yaml
 from conftest import REPO, SHARED_DATA, needs_shared
+from quiet import assert_quiet
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 BUCKET = "flowray-test"
@@ -87,7 +88,8 @@ def s3_run(s3_env, tiny_model_dir):
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     print(f"resume took {time.time() - t0:.0f} s")
     assert again.returncode == 0, again.stderr[-4000:]
-    return {"uri": f"s3://{BUCKET}/runs/s3run", "resumed": before, "shards": n_shards, "stdout": again.stdout}
+    return {"uri": f"s3://{BUCKET}/runs/s3run", "resumed": before, "shards": n_shards, "stdout": again.stdout,
+            "output": again.stdout + again.stderr}
 
 
 def test_a_run_in_a_bucket_survives_a_driver_kill_and_resumes(s3_run):
@@ -103,6 +105,7 @@ def test_a_run_in_a_bucket_survives_a_driver_kill_and_resumes(s3_run):
     assert f"{s3_run['uri']}/summary.md" in s3_run["stdout"]
     assert not [k for k in _keys("runs/s3run/done") if "/.tmp-" in k]  # objects are written whole
     assert not os.path.exists(REPO / "s3:")  # nothing went to a local folder named after the URI
+    assert_quiet(s3_run["output"])  # the embedded run (the demo's path): flowray's progress, not Ray's notices
 
 
 # Every notebook reads a run through analysis/common.py (open_run, Run.table, Run.predictions); these two use

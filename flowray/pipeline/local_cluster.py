@@ -37,7 +37,7 @@ _BASE = {  # the fake provider's settings, as in Ray's fake_multi_node/example.y
 }
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -47,15 +47,18 @@ class LocalAutoscalingCluster:
     """``start()`` -> ``address`` to ``ray.init`` -> ``worker_nodes()`` / ``kill_node()`` -> ``stop()``."""
 
     def __init__(self, *, head_cpus: int, worker_node_types: dict, max_workers: int | None = None,
-                 idle_timeout_minutes: float = 5):
+                 idle_timeout_minutes: float = 5, dashboard_port: int | None = None):
         self.head_cpus = head_cpus
         self.worker_node_types = worker_node_types
         self.max_workers = max_workers or sum(t.get("max_workers", 0) for t in worker_node_types.values())
         self.idle_timeout_minutes = idle_timeout_minutes
         # short: Ray's unix socket paths live under it and must stay below ~107 characters
         self.temp_dir = tempfile.mkdtemp(prefix="frc-", dir="/tmp")
-        self.port = _free_port()
+        self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        # the jobs API (`ray job submit`) lives in the dashboard: only when asked for, and on 127.0.0.1 only
+        self.dashboard_port = dashboard_port
+        self.dashboard_address = f"http://127.0.0.1:{dashboard_port}" if dashboard_port else None
 
     def _config(self) -> dict:
         types = dict(self.worker_node_types)
@@ -71,7 +74,11 @@ class LocalAutoscalingCluster:
         ray_cli = str(Path(sys.executable).with_name("ray"))
         cmd = [ray_cli if os.path.exists(ray_cli) else "ray", "start", "--head", f"--port={self.port}",
                f"--num-cpus={self.head_cpus}", f"--temp-dir={self.temp_dir}", f"--autoscaling-config={config}",
-               "--include-dashboard=false", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
+               "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
+        if self.dashboard_port:
+            cmd += ["--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
+        else:
+            cmd += ["--include-dashboard=false"]
         full_env = {**os.environ, "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1", **(env or {})}
         subprocess.run(cmd, env=full_env, check=True, capture_output=True, text=True, timeout=180)
         log.info("fake autoscaling cluster up at %s (temp dir %s)", self.address, self.temp_dir)
