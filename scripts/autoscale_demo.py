@@ -1,7 +1,7 @@
 """Autoscaling and node loss with SmolLM2, on one machine (Ray's fake multi-node autoscaler).
 
     python scripts/autoscale_demo.py                      # 3 fake GPU nodes at most, one lost mid-run
-    python scripts/autoscale_demo.py --texts 12 --no-kill
+    python scripts/autoscale_demo.py --texts 30 --no-kill    # shorter; the pool may not reach 3
 
 A head with CPUs only and a worker node type with one CPU and one ``GPU`` resource (no hardware: each
 replica's ``device: auto`` falls back to the CPU). The job asks for ``min_actors: 1``, ``actors: 3``,
@@ -45,7 +45,7 @@ def _node_of(cluster, pid: int):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2", help="model spec (default: the packaged SmolLM2)")
-    ap.add_argument("--texts", type=int, default=40, help="texts per domain (prose and code)")
+    ap.add_argument("--texts", type=int, default=120, help="texts per domain (prose, code, ioi)")
     ap.add_argument("--texts-per-shard", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--no-kill", action="store_true", help="do not kill a worker node mid-run")
@@ -60,7 +60,8 @@ def main(argv=None) -> int:
            "actors": 3, "min_actors": 1, "gpus_per_actor": 1, "cpus_per_actor": 1, "device": "auto",
            "batch_size": 2, "general_domain": "prose", "progress_interval_s": 5,
            "corpora": [{"domain": "prose", "source": {"kind": "pydoc_topics"}},
-                       {"domain": "code", "source": {"kind": "stdlib_code", "max_chars": 2000}}]}
+                       {"domain": "code", "source": {"kind": "stdlib_code", "max_chars": 2000}},
+                       {"domain": "ioi", "source": {"kind": "task", "task": "ioi", "variant": "original"}}]}
     cfg_path = out / "autoscale.yaml"
     out.mkdir(parents=True, exist_ok=True)
     cfg_path.write_text(yaml.safe_dump(cfg))

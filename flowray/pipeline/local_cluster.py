@@ -131,6 +131,11 @@ class LocalAutoscalingCluster:
 
         for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
             procs = self._own_processes()
+            for proc in list(procs):  # workers retitle themselves (ray::...): found through their raylet
+                try:
+                    procs += [c for c in proc.children(recursive=True) if c not in procs]
+                except psutil.NoSuchProcess:
+                    pass
             for proc in procs:
                 try:
                     proc.send_signal(sig)
