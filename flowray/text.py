@@ -172,7 +172,8 @@ def universal_tagger() -> Callable[[list[str]], list[str]]:
         raise MissingDependencyError(
             "POS tags need NLTK's English tagger data (taggers/averaged_perceptron_tagger_eng/*.json and "
             f"taggers/universal_tagset/en-ptb.map), found in none of:\n  {looked}\n"
-            "Fix: set FLOWRAY_NLTK_DATA (or NLTK_DATA) to a directory holding them, such as the project's "
+            "Fix: reinstall flowray (its package data, flowray/data/nltk_tagger, holds a copy), set "
+            "FLOWRAY_NLTK_DATA (or NLTK_DATA) to a directory holding them, such as the project's "
             "shared/data/nltk_data, or run `python -m nltk.downloader averaged_perceptron_tagger_eng "
             "universal_tagset`"
         )

@@ -3,14 +3,17 @@
 The head has CPUs only; the worker node type has one CPU and one ``GPU`` resource with no hardware behind
 it. The job asks for ``min_actors: 1``, ``actors: 3``, ``gpus_per_actor: 1``: the autoscaler adds a node
 for the first replica, then more as Ray Data grows the pool, and each replica's model (``device: auto``)
-falls back to the CPU. Once three replicas have committed shards, one worker node is killed (its raylet
-and everything on it, SIGKILL); the run must still finish with every text exactly once.
+falls back to the CPU. A replica that has committed a shard is stalled (SIGSTOP) until the pool has grown, so
+that however fast the replicas are, work is left when the nodes arrive. Once three replicas on three nodes
+have committed shards, they resume and one worker node is killed (its raylet and everything on it,
+SIGKILL); the run must still finish with every text exactly once.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -37,23 +40,6 @@ def fake_cluster():
     assert not cluster._own_processes(), "the fake cluster left processes behind"
 
 
-@pytest.fixture(scope="module")
-def small_model_dir(tmp_path_factory, tiny_model_dir):
-    """A random Llama a little bigger than tiny_model_dir (~0.1 s per 64-token text here): the run must
-    outlast the autoscaler adding two nodes and their replicas loading the model."""
-    import torch
-    import transformers as tf
-
-    path = tmp_path_factory.mktemp("small-llama")
-    tokenizer = tf.AutoTokenizer.from_pretrained(tiny_model_dir)
-    cfg = tf.LlamaConfig(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
-                         hidden_size=64, intermediate_size=256, vocab_size=len(tokenizer), max_position_embeddings=64)
-    torch.manual_seed(0)
-    tf.LlamaForCausalLM(cfg).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def _corpus(tmp_path, n):
     path = tmp_path / "notes.jsonl"
     body = " ".join(f"the quick brown fox number {k} jumps over the lazy dog" for k in range(12))  # > 64 tokens
@@ -76,10 +62,18 @@ def _node_of(cluster, pid: int) -> int | None:
     return None
 
 
-def test_pool_grows_to_three_nodes_and_survives_losing_one(tmp_path, small_model_dir, fake_cluster):
-    n, per_shard = 900, 3  # 300 shards, ~100 s of work for one replica here; the pool reaches 3 after ~60 s
-    cfg = {"run_name": "auto", "model": str(small_model_dir), "output": str(tmp_path / "runs"), "max_tokens": 64,
-           "texts_per_domain": n, "texts_per_shard": per_shard, "tau": [0.05], "actors": 3, "min_actors": 1,
+def _signal(pids, sig) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def test_pool_grows_to_three_nodes_and_survives_losing_one(tmp_path, tiny_model_dir, fake_cluster):
+    n = 90  # one text per shard
+    cfg = {"run_name": "auto", "model": str(tiny_model_dir), "output": str(tmp_path / "runs"), "max_tokens": 20,
+           "texts_per_domain": n, "texts_per_shard": 1, "tau": [0.05], "actors": 3, "min_actors": 1,
            "gpus_per_actor": 1, "cpus_per_actor": 1, "device": "auto", "batch_size": 1, "general_domain": "notes",
            "progress_interval_s": 2,
            "corpora": [{"domain": "notes", "source": {"kind": "jsonl", "paths": [str(_corpus(tmp_path, n))]}}]}
@@ -92,7 +86,8 @@ def test_pool_grows_to_three_nodes_and_survives_losing_one(tmp_path, small_model
     done_dir = tmp_path / "runs" / "auto" / "done"
     nodes_of_worker: dict[str, int | None] = {}  # "host:pid" of a replica -> the raylet pid of its node
     seen: set[str] = set()
-    killed = None
+    stalled: set[int] = set()
+    killed = done_at_kill = None
     deadline = time.time() + 420
     try:
         while driver.poll() is None and time.time() < deadline:
@@ -102,21 +97,28 @@ def test_pool_grows_to_three_nodes_and_survives_losing_one(tmp_path, small_model
                 seen.add(marker.name)
                 worker = json.loads(marker.read_text())["worker"]
                 if nodes_of_worker.get(worker) is None:
-                    nodes_of_worker[worker] = _node_of(fake_cluster, int(worker.rsplit(":", 1)[1]))
-            if killed is None and len([w for w, node in nodes_of_worker.items() if node]) >= 3:
-                killed = sorted(r.pid for r in fake_cluster.worker_raylets())[0]
-                victim = next(r for r in fake_cluster.worker_raylets() if r.pid == killed)
-                done_at_kill = len(seen)
+                    pid = int(worker.rsplit(":", 1)[1])
+                    nodes_of_worker[worker] = _node_of(fake_cluster, pid)
+                    if killed is None and nodes_of_worker[worker]:
+                        # A replica that has committed a shard stalls (SIGSTOP) until the pool has grown:
+                        # the replicas' speed then cannot end the run before the autoscaler adds nodes.
+                        _signal([pid], signal.SIGSTOP)
+                        stalled.add(pid)
+            if killed is None and len({node for node in nodes_of_worker.values() if node}) >= 3:
+                _signal(stalled, signal.SIGCONT)
+                victim = fake_cluster.worker_raylets()[0]
+                killed, done_at_kill = victim.pid, len(seen)
                 fake_cluster.kill_node(victim)
-            time.sleep(0.3)
+            time.sleep(0.1)
     finally:
+        _signal(stalled, signal.SIGCONT)
         if driver.poll() is None:
             driver.kill()
         log.close()
     output = (tmp_path / "driver.log").read_text()
     assert driver.returncode == 0, output[-4000:]
     assert killed is not None, f"the pool never reached 3 replicas on 3 nodes: {nodes_of_worker}\n{output[-3000:]}"
-    assert done_at_kill < n // per_shard, "the node was lost after the run had finished"
+    assert done_at_kill < n, "the node was lost after the run had finished"
     # three replicas, each on its own fake GPU node, took shards before the node loss
     assert len({node for node in nodes_of_worker.values() if node}) >= 3, nodes_of_worker
     assert_quiet(output)  # a driver joining a cluster: flowray's progress, not Ray's notices
@@ -125,4 +127,4 @@ def test_pool_grows_to_three_nodes_and_survives_losing_one(tmp_path, small_model
     assert manifest["every_text_exactly_once"] and manifest["counts"]["texts_in"] == n
     assert manifest["counts"]["error_rows"] == 0
     markers = [json.loads(p.read_text()) for p in (run_dir / "done").glob("*.json")]
-    assert len(markers) == n // per_shard and len({m["worker"] for m in markers}) >= 3
+    assert len(markers) == n and len({m["worker"] for m in markers}) >= 3
