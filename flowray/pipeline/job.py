@@ -61,22 +61,21 @@ def _map_stage(config: JobConfig, storage: Storage, pending: list[str], index: d
         # (100% at most) never reaches: the pool would stay at min_actors. 100% = every replica is busy.
         ctx.autoscaling_config.actor_pool_util_upscaling_threshold = 1.0
     log.info("Ray prints a `core_worker.cc ... constructor arguments in the object store` line per replica: "
-             "expected (Ray Data keeps the workers' settings, a model name, in the object store for the whole "
-             "stage, so a restarted replica finds them; ray#53727)")
+             "expected (Ray Data keeps the workers' settings, the job config and run URI, a few kB and no weights, "
+             "in the object store for the whole stage, so a restarted replica finds them; ray#53727)")
     storage_uri = storage.uri if not storage.is_local else os.path.abspath(storage.uri)
     texts = {s["shard_id"]: s["texts"] for s in index["shards"]}
-    flow_kwargs = dict(
-        model=config.model, dtype=config.dtype, device=config.device, taus=config.tau,
-        max_tokens=config.max_tokens, truncate=config.truncate, batch_size=config.batch_size,
-        trust_remote_code=config.trust_remote_code,
-        torch_threads=max(1, int(config.cpus_per_actor)) if not config.gpus_per_actor else None,
-    )
     from flowray.pipeline.worker import ShardWorker
+
+    if not os.environ.get("RAY_ADDRESS") and not config.gpus_per_actor:
+        from flowray import cpu_kernel
+
+        cpu_kernel.warm_up()  # replicas on this machine then load cached kernels instead of each compiling
 
     ds = ray.data.from_items([{"shard_id": s} for s in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(
         ShardWorker,
-        fn_constructor_kwargs=dict(run_uri=storage_uri, crash_once=crash_once, **flow_kwargs),
+        fn_constructor_kwargs=dict(run_uri=storage_uri, config=config, crash_once=crash_once, submitted=time.time()),
         # a shard is a big unit of work: one in flight per actor, so no shard queues behind a busy replica
         compute=ray.data.ActorPoolStrategy(min_size=config.min_actors or config.actors, max_size=config.actors,
                                            max_tasks_in_flight_per_actor=1),

@@ -73,9 +73,6 @@ class Storage:
             return os.path.join(self._fs()[1], rel)
         return self.uri.rstrip("/") + "/" + rel
 
-    def child(self, rel: str) -> Storage:
-        return Storage(self.path(rel))
-
     # --- writing ---------------------------------------------------------------------------------
     def write_bytes(self, rel: str, data: bytes) -> None:
         fs, root = self._fs()
