@@ -78,12 +78,17 @@ class HeadOutputs:
 
     values: torch.Tensor  # [H_kv, T, dh] float32, value bias included
     w_o: torch.Tensor  # [H, dh, d] float32
+    w_flat: torch.Tensor  # [d, H * dh]  W_O^T of every head side by side: s_p W_O^h^T for all h in one GEMM
     F: torch.Tensor  # [H, T, d]  f^h(x_j) = v_j W_O^h
     f_max: torch.Tensor  # [H, T]   max_d |F_hj|: bounds which coordinates a sub-edge can overshoot
 
 
-def head_outputs_of(values: torch.Tensor, w_o: torch.Tensor, *, backend: str = "auto") -> HeadOutputs:
-    """``HeadOutputs`` from values ``[H_kv, T, dh]`` and W_O ``[H, dh, d]`` (any float dtype)."""
+def head_outputs_of(values: torch.Tensor, w_o: torch.Tensor, *, backend: str = "auto",
+                    w_flat: torch.Tensor | None = None) -> HeadOutputs:
+    """``HeadOutputs`` from values ``[H_kv, T, dh]`` and W_O ``[H, dh, d]`` (any float dtype).
+
+    ``w_flat``: ``flat_output_projection(w_o)``, when the caller computes it once for several sequences.
+    """
     H = w_o.shape[0]
     if values.shape[0] == 0 or H % values.shape[0]:
         raise ValueError(f"query heads H={H} must be a multiple of kv heads H_kv={values.shape[0]}")
@@ -93,7 +98,15 @@ def head_outputs_of(values: torch.Tensor, w_o: torch.Tensor, *, backend: str = "
         f_max = torch.from_numpy(cpu_kernel.f_max(F.numpy(), torch.get_num_threads()))
     else:
         f_max = F.abs().amax(-1)
-    return HeadOutputs(values=values, w_o=w_o, F=F, f_max=f_max)
+    if w_flat is None:
+        w_flat = flat_output_projection(w_o)
+    return HeadOutputs(values=values, w_o=w_o, w_flat=w_flat, F=F, f_max=f_max)
+
+
+def flat_output_projection(w_o: torch.Tensor) -> torch.Tensor:
+    """``[H, dh, d]`` -> ``[d, H * dh]`` float32 contiguous (column block h is ``W_O^h^T``)."""
+    H, dh, d = w_o.shape
+    return w_o.float().permute(2, 0, 1).reshape(d, H * dh).contiguous()
 
 
 def sub_edge_rows(
@@ -129,7 +142,7 @@ def sub_edge_rows(
         # sign(y) with -1 for -0.0: any sign works where y_d = 0 (|0 - aF| = -a s F + 2 relu(a s F) for
         # s = +-1), and copysign is 10x faster than a where()
         s = torch.ones_like(y).copysign_(y)  # [C, d]
-        G = torch.einsum("pd,hed->hpe", s, w_o)  # [H, C, dh]  s_p W_O^h^T
+        G = (s @ heads.w_flat).view(-1, H, dh).transpose(0, 1)  # [H, C, dh]  s_p W_O^h^T, one GEMM
         # s_p . F_hj = G_hp . v_j, one GEMM per kv head: its query heads' rows of G stacked ([group * C, dh])
         torch.bmm(G.reshape(H_kv, -1, dh), values[:, :J].transpose(1, 2), out=out.view(H_kv, -1, J))
         cpu_kernel.prox_rows(out.numpy(), probs.contiguous().numpy(), heads.F.numpy(), heads.f_max.numpy(),
@@ -217,7 +230,7 @@ def _sub_edge_rows_torch(y, probs, heads: HeadOutputs, p0: int, element_budget, 
     values, w_o, F, F_max = heads.values, heads.w_o, heads.F, heads.f_max
     group = H // values.shape[0]
     s = torch.where(y >= 0, 1.0, -1.0).to(y.dtype)  # [C, d]
-    G = torch.einsum("pd,hed->hpe", s, w_o)  # [H, C, dh]  s_p W_O^h^T, so s_p . F_hj = G_hp . v_j
+    G = (s @ heads.w_flat).view(C, H, -1).transpose(0, 1)  # [H, C, dh]  s_p W_O^h^T, so s_p . F_hj = G_hp . v_j
     v_t = values[:, :J].repeat_interleave(group, dim=0).transpose(1, 2)  # [H, dh, J]
     # only the dense_rank + 1 smallest |y| coordinates matter: pairs reaching beyond go the dense way
     width = min(dense_rank + 1, d)

@@ -32,6 +32,7 @@ from flowray.importance import (
     DEFAULT_ELEMENT_BUDGET,
     direct_node,
     finish_rows,
+    flat_output_projection,
     head_outputs_of,
     resolve_backend,
     sub_edge_rows,
@@ -181,8 +182,9 @@ def prediction_stats_padded(
     def consume(rec: LayerActivations) -> None:
         w_o, _bias = adapter.output_projection(layers[rec.layer])  # the bias is in the node, in no edge
         w_o = w_o.detach().float()  # [H, dh, d]
+        w_flat = flat_output_projection(w_o)  # [d, H * dh], once per layer for every sequence
         for b, span in enumerate(spans):
-            states[b].add_layer(rec, b, span, w_o, backend, element_budget)
+            states[b].add_layer(rec, b, span, w_o, w_flat, backend, element_budget)
 
     mask = attention_mask.long()
     position_ids = (mask.cumsum(1) - 1).clamp_min(0)  # [B, T] 0 at each row's first real token
@@ -217,13 +219,14 @@ class _Sequence:
             self.prev = torch.zeros(L, H, T, **zeros)  # e^h_{pos,pos-1}
             self.same = torch.zeros(L, H, T, **zeros)  # sum over earlier subwords of pos's word
 
-    def add_layer(self, rec: LayerActivations, b: int, span: tuple[int, int], w_o, backend: str, budget: int):
+    def add_layer(self, rec: LayerActivations, b: int, span: tuple[int, int], w_o, w_flat, backend: str,
+                  budget: int):
         l, (start, T), H = rec.layer, span, self.H
         rows = slice(start, start + T)
         x = rec.inputs[b, rows].float()  # [T, d]
         attn_out = rec.attn_out[b, rows].float()
         out = rec.outputs[b, rows].float()
-        heads = head_outputs_of(rec.values[b, :, rows], w_o, backend=backend)  # F [H, T, d] once per layer
+        heads = head_outputs_of(rec.values[b, :, rows], w_o, backend=backend, w_flat=w_flat)  # F [H, T, d]
         if self.parallel:
             y, parts = out, torch.stack([x, out - x - attn_out])  # [T, d], [2, T, d]
         else:
