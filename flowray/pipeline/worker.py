@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from flowray.errors import FlowrayError, InputError, MissingDependencyError
+from flowray.pipeline.commit import commit_shard
 from flowray.tables import ERRORS, TextRows, head_shares, predictions_schema
 
 log = logging.getLogger(__name__)
@@ -220,14 +221,12 @@ class ShardWorker:
             self._maybe_crash(shard_id)  # mid-shard: half the texts done, nothing written yet
             p2, e2 = self.flow.process(docs[half:])
             predictions, errors = pa.concat_tables([predictions, p2]), pa.concat_tables([errors, e2])
-            self.storage.write_table(f"errors/{shard_id}.parquet", errors)
-            self.storage.write_table(f"predictions/{shard_id}.parquet", predictions)
             seconds = time.perf_counter() - t0
             summary = {"shard_id": shard_id, "texts": len(docs), "predictions": predictions.num_rows,
                        "errors": errors.num_rows, "seconds": seconds, "worker": self.name,
                        "n_layers": self.flow.shape.n_layers, "n_heads": self.flow.shape.n_heads,
                        "pos_tagging": self.flow.pos_tagging is not None}
-            self.storage.write_json(f"done/{shard_id}.json", summary)  # the commit point
+            commit_shard(self.storage, shard_id, predictions, errors, summary)  # tables, then the marker
             for k in out:
                 out[k].append(summary[k])
         return out
