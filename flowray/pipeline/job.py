@@ -16,6 +16,7 @@ from flowray.config import JobConfig
 from flowray.pipeline.commit import pending_shards
 from flowray.pipeline.prepare import check_run_directory, prepare
 from flowray.pipeline.reduce import invalidate_manifest, reduce_run
+from flowray.pipeline.resources import check_cluster_resources
 from flowray.pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ def _map_stage(config: JobConfig, storage: Storage, pending: list[str], index: d
             need = int(config.actors * max(config.cpus_per_actor, 1)) + 1
             ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
                      configure_logging=True, logging_level=logging.WARNING, **ray_init)
+    check_cluster_resources(config.cpus_per_actor, config.gpus_per_actor)  # fail fast, never wait forever
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
     storage_uri = storage.uri if not storage.is_local else os.path.abspath(storage.uri)
