@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -141,6 +142,8 @@ class JobConfig:
         for name in ("cpus_per_actor", "gpus_per_actor", "progress_interval_s"):
             value = getattr(self, name)
             _check_type(name, value, int, float)
+            if not math.isfinite(value):
+                raise ConfigError(f"{name}: expected a finite number; got {value!r}")
             if value < 0 or (name != "gpus_per_actor" and value == 0):
                 raise ConfigError(f"{name}: expected a {'non-negative' if name == 'gpus_per_actor' else 'positive'} number; got {value!r}")
         if not self.tau:
