@@ -37,3 +37,12 @@ def test_no_ray_means_no_autoscaler_known():
     from flowray.pipeline.resources import _autoscaler_running
 
     assert _autoscaler_running(wait_s=0) is False
+
+
+def test_a_plain_rays_read_only_node_types_are_no_autoscaler():
+    from flowray.pipeline.resources import _configured_node_types
+
+    laptop = {"node_type_mapping": {"a0fa": "node_a0fa"}, "legacy": True}  # as ray.init() reports itself
+    cluster = {"node_type_mapping": {"a0fa": "ray.head.default"}}  # a cluster.yaml's node types
+    assert not _configured_node_types(laptop) and _configured_node_types(cluster)
+    assert not _configured_node_types({})

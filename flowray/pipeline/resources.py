@@ -40,10 +40,17 @@ def check_actor_fits(request: dict[str, float], nodes: list[dict[str, float]], *
         f"{have}, and no autoscaler is configured to add nodes; {fix}")
 
 
-def _autoscaler_running(wait_s: float = 10.0) -> bool:
-    """A Ray autoscaler with a cluster config reports itself in the GCS; a plain Ray's monitor does not.
+def _configured_node_types(report: dict) -> bool:
+    """Whether the autoscaler's report names real node types (a cluster config), not the read-only
+    provider's anonymous ``node_<id>`` ones that every plain Ray (a laptop, ``ray start``) reports."""
+    mapping = report.get("node_type_mapping") or {}
+    return any(kind != f"node_{node}" for node, kind in mapping.items())
 
-    The monitor writes its status a few seconds after the head starts: wait up to ``wait_s`` for it.
+
+def _autoscaler_running(wait_s: float = 15.0) -> bool:
+    """A Ray autoscaler with a cluster config (node types it can launch) is running.
+
+    Ray's monitor reports every few seconds after the head starts: wait up to ``wait_s`` for its report.
     """
     try:
         from ray.autoscaler.v2.utils import is_autoscaler_v2
@@ -54,8 +61,9 @@ def _autoscaler_running(wait_s: float = 10.0) -> bool:
         deadline = time.time() + wait_s
         while _internal_kv_initialized():
             raw = _internal_kv_get("__autoscaling_status")  # ray_constants.DEBUG_AUTOSCALING_STATUS
-            if raw:
-                return bool(json.loads(raw).get("autoscaler_report"))
+            report = json.loads(raw).get("autoscaler_report") if raw else None
+            if report:
+                return _configured_node_types(report)
             if time.time() > deadline:
                 break
             time.sleep(0.5)
