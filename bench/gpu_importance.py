@@ -19,9 +19,13 @@ The issue's targets: importances at most 2x the forward pass at 512 tokens, and 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # flowray from this checkout, installed or not
 
 
 def llama2_7b_config(tiny: bool):

@@ -6,6 +6,7 @@
     imp = flowray.edge_importances(lm, ids)          # one forward pass, every edge
     route = flowray.extract_route(imp, tau=0.04)     # typed graph, JSON / networkx
     flowray.plot_route(route, "route.png")
+    stats = flowray.prediction_stats(lm, ids, taus=(0.01, 0.04))  # corpus statistics, streamed, O(T) memory
 
 Attributes load lazily, so ``import flowray.routes`` stays free of torch-heavy imports.
 """
@@ -23,6 +24,12 @@ _EXPORTS = {
     "EdgeImportances": "flowray.api",
     "edge_importances_batch": "flowray.api",
     "edge_importances_padded": "flowray.api",
+    "prediction_stats": "flowray.stats",
+    "prediction_stats_batch": "flowray.stats",
+    "prediction_stats_padded": "flowray.stats",
+    "PredictionStats": "flowray.stats",
+    "expert_importances": "flowray.experts",
+    "ExpertImportances": "flowray.experts",
     "extract_route": "flowray.routes",
     "route_masks": "flowray.routes",
     "Route": "flowray.routes",
@@ -32,6 +39,7 @@ _EXPORTS = {
     "NodeKind": "flowray.routes",
     "EdgeKind": "flowray.routes",
     "plot_route": "flowray.plots",
+    "explore": "flowray.explorer.build",
     "FlowrayError": "flowray.errors",
 }
 

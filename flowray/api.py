@@ -344,6 +344,8 @@ def _layer_importances(
     out = rec.outputs[b, rows].float()  # [T, d]
     values = rec.values[b, :, rows].float()  # [H_kv, T, dh]
     probs = rec.probs[b, :, rows, rows].float()  # [H, T, T]  (padding columns hold 0 probability)
+    if rec.row_scale is not None:  # post-attention norm: sub-edges are gamma * alpha f(x_j) / r_pos
+        probs = probs * rec.row_scale[b, rows].float()[None, :, None]
     # on the CPU the kernel writes straight into the result; elsewhere it fills a device tensor we copy back
     dest = buf.attn[l] if x.device.type == "cpu" else None
     if parallel:

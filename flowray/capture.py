@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from flowray.errors import UnsupportedArchitectureError
+from flowray.models.attention import attention_implementation
 from flowray.models.base import Adapter
 
 
@@ -24,10 +25,22 @@ class LayerActivations:
 
     layer: int
     inputs: torch.Tensor  # [B, T, d]  x^{l-1}: the residual stream entering the block
-    attn_out: torch.Tensor  # [B, T, d]  attention block output (W_O applied, output bias included)
+    attn_out: torch.Tensor  # [B, T, d]  what the attention adds to the residual (W_O and its bias applied;
+    #                         post-attention norm applied too where the block has one: Gemma 2/3, OLMo-2)
     values: torch.Tensor  # [B, H_kv, T, d_head]  value vectors incl. value bias
-    probs: torch.Tensor  # [B, H, T, T]  post-softmax attention weights, (query pos, source j)
+    probs: torch.Tensor | AttentionRows  # [B, H, T, T] post-softmax weights (query pos, source j), or
+    #   with capture_layers(rows=True) an AttentionRows that recomputes any rows of them on demand
     outputs: torch.Tensor  # [B, T, d]  x^l: the residual stream leaving the block
+    # [B, T] float32  1/r_pos of the post-attention norm per query position (None: no such norm, i.e. 1);
+    # the sub-edges are row_scale[pos] * probs[h, pos, j] * v_j (W_O diag(gamma))^h
+    row_scale: torch.Tensor | None = None
+
+    def prob_rows(self, b: int, start: int, p0: int, p1: int) -> torch.Tensor:
+        """``[H, C, p1]`` weights of row ``b``'s real positions ``p0 .. p1 - 1`` over its sources ``< p1``,
+        for a row whose real tokens start at ``start`` (left padding); positions count from ``start``."""
+        if isinstance(self.probs, AttentionRows):
+            return self.probs.rows(b, start, p0, p1)
+        return self.probs[b, :, start + p0 : start + p1, start : start + p1]
 
 
 def _first(output):
@@ -38,8 +51,9 @@ CAPTURE_IMPLEMENTATION = "flowray_capture"  # the name registered with transform
 # rows of queries per chunk: a chunk's scores are [B, H, C, p1] for its last row p1, so chunks skip the
 # masked upper triangle (half the work of a full [T, T] product at long contexts)
 _ROW_CHUNK = 128
-_REGISTER_LOCK = threading.Lock()
-_registered: set[str] = set()
+# capture_layers(rows=True) still keeps a layer's weights when they have at most this many elements
+# (64 MiB of float32): below it recomputing rows costs more than holding them
+KEEP_WEIGHTS_UP_TO = 1 << 24
 # Inside capture_layers(reuse_probs=True): one [B, H, T, T] buffer that every layer's probabilities go into.
 # A fresh 40 MB tensor per layer costs ~20 ms of page faults at 1024 tokens (glibc maps allocations that
 # large afresh each time), as much as the attention itself; a streaming consumer is done with a layer's
@@ -47,7 +61,53 @@ _registered: set[str] = set()
 _scratch = threading.local()
 
 
-def _capture_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **_kwargs):
+def _chunk_weights(q: torch.Tensor, key: torch.Tensor, attention_mask, p0: int, p1: int, low: float,
+                   softcap: float | None = None) -> torch.Tensor:
+    """Attention weights of query rows ``p0 .. p1 - 1`` over keys ``< p1``: ``[B, H, C, p1]`` float32.
+
+    q ``[B, H_kv, g, T, dh]`` queries already scaled; key ``[B, H_kv, T, dh]``; attention_mask as
+    ``_capture_attention`` takes it; softcap: Gemma 2's attention-logit soft-capping (``softcap *
+    tanh(scores / softcap)`` before the mask). The forward pass and ``AttentionRows`` both call this, so
+    recomputed rows are the forward's own weights.
+    """
+    B, H_kv, g, _, dh = q.shape
+    C = p1 - p0
+    rows = q[:, :, :, p0:p1].reshape(B, H_kv, g * C, dh)  # the group's query heads stacked
+    scores = torch.matmul(rows, key[:, :, :p1].transpose(-1, -2)).view(B, H_kv * g, C, p1).float()  # [B, H, C, p1]
+    if softcap:
+        scores = scores.div_(softcap).tanh_().mul_(softcap)
+    if attention_mask is None:
+        future = torch.ones(C, C, dtype=torch.bool, device=q.device).triu_(1)
+        scores[..., p0:p1].masked_fill_(future, low)  # causal: only the diagonal block has future keys
+    elif attention_mask.dtype == torch.bool:
+        scores.masked_fill_(~attention_mask[:, :, p0:p1, :p1], low)
+    else:
+        scores += attention_mask[:, :, p0:p1, :p1]
+    return torch.softmax(scores, dim=-1)
+
+
+class AttentionRows:
+    """One layer's attention weights, kept as the queries and keys that make them (``O(T)`` memory).
+
+    ``rows(b, start, p0, p1)`` recomputes ``[H, C, p1]`` weights for a chunk of query rows exactly as the
+    forward pass computed them, so a consumer never holds a ``[H, T, T]`` tensor.
+    """
+
+    def __init__(self, q: torch.Tensor, key: torch.Tensor, attention_mask, dtype: torch.dtype, softcap=None):
+        self.q, self.key, self.mask, self.dtype = q, key, attention_mask, dtype  # q [B, H_kv, g, T, dh]
+        self.softcap = softcap
+
+    def rows(self, b: int, start: int, p0: int, p1: int) -> torch.Tensor:
+        q = self.q[b : b + 1, :, :, start:]  # [1, H_kv, g, T_b, dh]
+        key = self.key[b : b + 1, :, start:]
+        mask = None if self.mask is None else self.mask[b : b + 1, :, start:, start:]
+        low = torch.finfo(torch.float32).min
+        return _chunk_weights(q, key, mask, p0, p1, low, self.softcap).to(self.dtype)[0]  # [H, C, p1]
+
+
+def _capture_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **_kwargs
+):
     """Eager attention that also returns the probabilities, with less work than transformers' eager one.
 
     The same maths as every supported family's ``eager_attention_forward`` (``softmax(q k^T * scaling +
@@ -55,11 +115,13 @@ def _capture_attention(module, query, key, value, attention_mask, scaling=None, 
     ``h // group``), computed in chunks of query rows against only the keys they can see, with the scale
     folded into the queries, the mask applied in place and no ``repeat_kv`` copies. At 1024 tokens on
     SmolLM2 transformers' eager attention doubles the cost of a forward pass; this keeps the capture close
-    to the default (sdpa) forward.
+    to the default (sdpa) forward. ``softcap`` (Gemma 2's attention-logit soft-capping) maps the scaled
+    scores to ``softcap * tanh(scores / softcap)`` before the mask, as Gemma 2's eager function does.
 
     query ``[B, H, T, dh]``; key, value ``[B, H_kv, T, dh]``; attention_mask: None (causal, no padding),
     a boolean ``[B, 1, T, T]`` (True: attend) or an additive float mask. Returns the output
-    ``[B, T, H, dh]`` and the weights ``[B, H, T, T]`` (exactly 0 above the diagonal and where masked).
+    ``[B, T, H, dh]`` and the weights ``[B, H, T, T]`` (exactly 0 above the diagonal and where masked), or
+    inside ``capture_layers(rows=True)`` an ``AttentionRows`` instead of the weights.
     """
     if module.training and dropout:
         raise UnsupportedArchitectureError("flowray captures attention in eval mode only; call model.eval()")
@@ -73,49 +135,30 @@ def _capture_attention(module, query, key, value, attention_mask, scaling=None, 
     g = H // H_kv
     scaling = dh**-0.5 if scaling is None else scaling
     low = torch.finfo(torch.float32).min  # what eager masks add: exp() of it is exactly 0, never NaN
-    probs = getattr(_scratch, "probs", None)
-    if probs is None or probs.shape != (B, H, T, T) or probs.dtype != query.dtype or probs.device != query.device:
-        probs = torch.empty(B, H, T, T, dtype=query.dtype, device=query.device)
-        if getattr(_scratch, "reuse", False):
-            _scratch.probs = probs
+    # rows mode keeps queries and keys (O(T)) instead of the weights, except where all of a layer's weights
+    # are small: then holding them is cheaper than recomputing every row (short texts, the common case)
+    rows_mode = getattr(_scratch, "rows", False) and B * H * T * T > KEEP_WEIGHTS_UP_TO
+    probs = None
+    if not rows_mode:
+        probs = getattr(_scratch, "probs", None)
+        if probs is None or probs.shape != (B, H, T, T) or probs.dtype != query.dtype or probs.device != query.device:
+            probs = torch.empty(B, H, T, T, dtype=query.dtype, device=query.device)
+            if getattr(_scratch, "reuse", False):
+                _scratch.probs = probs
     out = torch.empty(B, T, H, dh, dtype=query.dtype, device=query.device)
     q_all = (query * scaling).view(B, H_kv, g, T, dh)
     for p0 in range(0, T, _ROW_CHUNK):
         p1 = min(T, p0 + _ROW_CHUNK)
         C = p1 - p0
-        q = q_all[:, :, :, p0:p1].reshape(B, H_kv, g * C, dh)  # the group's query heads stacked
-        scores = torch.matmul(q, key[:, :, :p1].transpose(-1, -2)).view(B, H, C, p1).float()  # [B, H, C, p1]
-        if attention_mask is None:
-            future = torch.ones(C, C, dtype=torch.bool, device=query.device).triu_(1)
-            scores[..., p0:p1].masked_fill_(future, low)  # causal: only the diagonal block has future keys
-        elif attention_mask.dtype == torch.bool:
-            scores.masked_fill_(~attention_mask[:, :, p0:p1, :p1], low)
-        else:
-            scores += attention_mask[:, :, p0:p1, :p1]
-        weights = torch.softmax(scores, dim=-1).to(query.dtype)  # [B, H, C, p1]
-        probs[:, :, p0:p1, :p1] = weights
-        probs[:, :, p0:p1, p1:] = 0.0
+        weights = _chunk_weights(q_all, key, attention_mask, p0, p1, low, softcap).to(query.dtype)  # [B, H, C, p1]
+        if probs is not None:
+            probs[:, :, p0:p1, :p1] = weights
+            probs[:, :, p0:p1, p1:] = 0.0
         chunk = torch.matmul(weights.view(B, H_kv, g * C, p1), value[:, :, :p1])  # [B, H_kv, g * C, dh]
         out[:, p0:p1] = chunk.view(B, H, C, dh).transpose(1, 2)
+    if rows_mode:
+        return out, AttentionRows(q_all, key, attention_mask, query.dtype, softcap)
     return out, probs
-
-
-def register_attention(name: str, attention, mask: str) -> None:
-    """Register ``attention`` with transformers' AttentionInterface under ``name``, once per process.
-
-    ``mask`` names the mask function transformers builds masks with for it: ``"eager"`` (an additive float
-    mask, always) or ``"sdpa"`` (None when plain causal, else boolean). Without a registered mask function
-    transformers builds *no* mask for an unknown name, so no causality.
-    """
-    with _REGISTER_LOCK:
-        if name in _registered:
-            return
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
-
-        AttentionInterface.register(name, attention)
-        AttentionMaskInterface.register(name, {"eager": eager_mask, "sdpa": sdpa_mask}[mask])
-        _registered.add(name)
 
 
 @contextlib.contextmanager
@@ -125,23 +168,9 @@ def eager_attention(model: torch.nn.Module) -> Iterator[None]:
     Models whose attention implementation transformers cannot switch to a registered function fall back
     to transformers' own ``"eager"``. The previous implementation is restored on exit.
     """
-    config = model.config
-    previous = getattr(config, "_attn_implementation", None)
-    if previous in (CAPTURE_IMPLEMENTATION, "eager"):
+    with attention_implementation(model, CAPTURE_IMPLEMENTATION, _capture_attention, mask="sdpa",  # plain causal: ours
+                                  fallback="eager", accept=("eager",)):
         yield
-        return
-    register_attention(CAPTURE_IMPLEMENTATION, _capture_attention, "sdpa")  # we apply plain causal ourselves
-    try:
-        model.set_attn_implementation(CAPTURE_IMPLEMENTATION)
-    except (ValueError, TypeError, KeyError):
-        pass
-    if getattr(config, "_attn_implementation", None) != CAPTURE_IMPLEMENTATION:
-        model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        if previous is not None:
-            model.set_attn_implementation(previous)
 
 
 @contextlib.contextmanager
@@ -151,13 +180,17 @@ def capture_layers(
     consumer: Callable[[LayerActivations], None],
     *,
     reuse_probs: bool = False,
+    rows: bool = False,
 ) -> Iterator[None]:
     """Within the block, every forward pass of ``model`` calls ``consumer`` once per decoder layer.
 
     Hooks are attached on entry and always removed on exit, so a long-lived actor's model stays clean.
     With ``reuse_probs`` every layer's ``probs`` lives in one buffer that the next layer overwrites: for
     consumers that are done with a record when they return (saves the page faults of a fresh ``[B, H, T, T]``
-    tensor per layer); keep it False to hold records beyond the call.
+    tensor per layer); keep it False to hold records beyond the call. With ``rows`` a record's ``probs`` is
+    an ``AttentionRows`` (queries and keys, ``O(T)``) that recomputes chunks of weights on demand, when the
+    model runs flowray's capture attention and a layer's weights would exceed ``KEEP_WEIGHTS_UP_TO``
+    elements (transformers' eager fallback always gives full weights).
     """
     handles = []
     state: dict = {}
@@ -180,8 +213,17 @@ def capture_layers(
                 )
             state["attn_out"], state["probs"] = output[0], output[1]
 
+        def on_post_attention(norm, args, output):
+            # the norm's output is what enters the residual; 1 / r_pos of its input rescales alpha's rows
+            state["attn_out"] = _first(output)
+            state["row_scale"] = adapter.post_attention_scale(norm, args[0])  # [B, T]
+
+        needed = {"inputs", "values", "attn_out", "probs"}
+        if adapter.post_attention(layer) is not None:
+            needed.add("row_scale")
+
         def post_layer(_module, _args, output):
-            missing = {"inputs", "values", "attn_out", "probs"} - state.keys()
+            missing = needed - state.keys()
             if missing:
                 raise UnsupportedArchitectureError(
                     f"layer {index}: hooks did not see {sorted(missing)}; the {adapter.family} adapter's "
@@ -190,16 +232,20 @@ def capture_layers(
             consumer(LayerActivations(layer=index, outputs=_first(output), **state))
             state.clear()
 
-        return pre_layer, on_values, on_attention, post_layer
+        return pre_layer, on_values, on_attention, on_post_attention, post_layer
 
     try:
         for index, layer in enumerate(adapter.layers()):
-            pre_layer, on_values, on_attention, post_layer = make_hooks(index, layer)
+            pre_layer, on_values, on_attention, on_post_attention, post_layer = make_hooks(index, layer)
             handles.append(layer.register_forward_pre_hook(pre_layer, with_kwargs=True))
             handles.append(adapter.value_module(layer).register_forward_hook(on_values))
             handles.append(adapter.attention(layer).register_forward_hook(on_attention))
+            post_norm = adapter.post_attention(layer)
+            if post_norm is not None:  # it runs after the attention module: its output replaces attn_out
+                handles.append(post_norm.register_forward_hook(on_post_attention))
             handles.append(layer.register_forward_hook(post_layer))
         _scratch.reuse = reuse_probs
+        _scratch.rows = rows
         with eager_attention(model):
             yield
     finally:
@@ -207,6 +253,7 @@ def capture_layers(
             handle.remove()
         state.clear()
         _scratch.reuse = False
+        _scratch.rows = False
         _scratch.probs = None
 
 
@@ -216,3 +263,38 @@ def capture_all(model: torch.nn.Module, adapter: Adapter, input_ids: torch.Tenso
     with capture_layers(model, adapter, records.append), torch.no_grad():
         model(input_ids=input_ids, use_cache=False)
     return records
+
+
+# Positions per chunk of the streamed argmax: [B, chunk, V] logits at a time instead of [B, T, V].
+_ARGMAX_CHUNK = 256
+
+
+@contextlib.contextmanager
+def predicted_ids(model: torch.nn.Module, sink: list) -> Iterator[None]:
+    """Within the block, a forward pass appends its top-1 next-token ids ``[B, T]`` to ``sink`` without the
+    ``[B, T, V]`` logits: the output embedding gets the final hidden states, computes the argmax in chunks of
+    positions and passes on only the last position (the model's logits then hold that one position).
+
+    Exact for models whose logits are the output embedding's output or a monotone map of it (soft-capping,
+    scaling by a positive constant); the hook is removed on exit.
+    """
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise UnsupportedArchitectureError(
+            f"the output embedding is a {type(head).__name__}, not a Linear layer; flowray cannot stream its argmax"
+        )
+
+    def pre_hook(_module, args):
+        hidden = args[0]  # [B, T, d]
+        top = torch.empty(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+        for c0 in range(0, hidden.shape[1], _ARGMAX_CHUNK):
+            c1 = min(hidden.shape[1], c0 + _ARGMAX_CHUNK)
+            top[:, c0:c1] = torch.nn.functional.linear(hidden[:, c0:c1], head.weight, head.bias).argmax(-1)
+        sink.append(top)
+        return (hidden[:, -1:], *args[1:])
+
+    handle = head.register_forward_pre_hook(pre_hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -8,41 +8,26 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
+from flowray.baselines.options import ABLATION_MODES, DEFAULT_KS
+from flowray.cli_types import backend_arg, positive_int, positive_ints, tau_arg
+from flowray.config import DTYPES
 from flowray.errors import FlowrayError, InputError
+from flowray.explorer.cli import register_cli as register_explore
+from flowray.pipeline.cli import register_cli as register_job
+from flowray.tasks import IOI_TEMPLATE_SETS
 
 log = logging.getLogger("flowray")
 
 
 # --- shared options -------------------------------------------------------------------------------
-def tau_arg(value: str) -> float:
-    """argparse type: a route threshold strictly inside (0, 1)."""
-    try:
-        tau = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"tau must be a number in (0, 1); got {value!r}") from None
-    if not 0 < tau < 1:
-        raise argparse.ArgumentTypeError(f"tau must lie strictly between 0 and 1 (paper: 0.01-0.04); got {value!r}")
-    return tau
-
-
-def positive_int(value: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {value!r}")
-    return n
-
-
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2",
                    help="alias 'smollm2' (packaged SmolLM2-135M), a HF model directory, a .gguf file or a hub id")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
 
@@ -54,7 +39,7 @@ def _add_text_args(p: argparse.ArgumentParser) -> None:
                      help="several texts: a .txt file (one text per non-blank line) or .jsonl with a 'text' field")
     p.add_argument("--max-tokens", type=positive_int, default=None,
                    help="keep only the first N tokens of each text (needed for texts longer than the context)")
-    p.add_argument("--backend", choices=["auto", "cpu", "torch"], default="auto",
+    p.add_argument("--backend", type=backend_arg, default="auto",
                    help="importance kernel: 'cpu' (compiled loop, CPU only), 'torch' (any device) or 'auto' "
                    "(cpu on the CPU, torch elsewhere)")
     p.add_argument("--chunk-size", type=positive_int, default=None,
@@ -237,6 +222,61 @@ def cmd_importances(args) -> int:
     return failures.close(len(texts))
 
 
+# --- flowray compare --------------------------------------------------------------------------------
+def add_compare_arguments(p: argparse.ArgumentParser) -> None:
+    """The comparison's options (shared by ``flowray compare`` and ``bench/compare_baselines.py``)."""
+    p.add_argument("--model", default="smollm2", help="model spec (default: the packaged SmolLM2-135M)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--n", type=positive_int, default=50, help="IOI prompts (default 50, as in the paper)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--templates", choices=list(IOI_TEMPLATE_SETS), default="both")
+    p.add_argument("--tau", type=tau_arg, default=0.03, help="route threshold (default 0.03, paper figure 6)")
+    p.add_argument("--ks", type=positive_ints, default=DEFAULT_KS,
+                   help="heads to ablate, comma-separated (default " + ",".join(map(str, DEFAULT_KS)) + ")")
+    p.add_argument("--random-draws", type=positive_int, default=5, help="random head sets per k (default 5)")
+    p.add_argument("--top", type=positive_int, default=10, help="head top-k for the overlap (default 10)")
+    p.add_argument("--pair-k", type=positive_int, default=5, help="token-pair top-k per prompt (default 5)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="rows per forward pass in the sweeps (default 128)")
+    p.add_argument("--route-batch", type=positive_int, default=8,
+                   help="prompts per edge_importances_batch call in the batched routes timing, and per "
+                        "interleaved measurement chunk (default 8)")
+    p.add_argument("--ablation", choices=list(ABLATION_MODES), default="mean")
+    p.add_argument("--out", type=Path, default=Path("compare-out"), help="output directory (report.md, figures)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_compare(args, command: str | None = None) -> dict:
+    """``flowray.baselines.run_comparison`` with the options of ``add_compare_arguments``; returns its summary."""
+    from flowray.baselines.run import run_comparison
+
+    return run_comparison(
+        model=args.model, n=args.n, seed=args.seed, out_dir=args.out, tau=args.tau, ks=args.ks,
+        random_draws=args.random_draws, progress=not args.no_progress, top=args.top, pair_k=args.pair_k,
+        batch_size=args.batch_size, route_batch=args.route_batch, ablation=args.ablation,
+        templates=args.templates, device=args.device,
+        command=command,
+    )
+
+
+def cmd_compare(args) -> int:
+    from flowray.baselines.report import print_summary
+
+    command = "flowray " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    print_summary(run_compare(args, command=command))
+    return 0
+
+
+def register_compare(subparsers) -> argparse.ArgumentParser:
+    """Add ``flowray compare`` to the CLI's subparsers (handler returns an exit code)."""
+    p = subparsers.add_parser(
+        "compare",
+        help="time and compare routes with activation patching and attention knockout on IOI (writes report.md)",
+    )
+    add_compare_arguments(p)
+    p.set_defaults(handler=cmd_compare)
+    return p
+
+
 # --- parser ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -263,23 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help=".npz file (with --file: a directory of NNNNN.npz)")
     p.set_defaults(handler=cmd_importances)
 
-    for register in _extra_commands():
-        register(sub)
+    register_job(sub)
+    register_compare(sub)
+    register_explore(sub)
     return parser
-
-
-def _extra_commands():
-    """Subcommands owned by other modules (imported lazily so `flowray route` stays light)."""
-    registrars = []
-    for module, name in (("flowray.pipeline.cli", "register_cli"), ("flowray.compare", "register_cli")):
-        try:
-            mod = __import__(module, fromlist=[name])
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue
-        registrars.append(getattr(mod, name))
-    return registrars
 
 
 def main(argv: list[str] | None = None) -> int:

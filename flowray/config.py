@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flowray.checks import check_tau
 from flowray.errors import ConfigError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -150,8 +151,7 @@ class JobConfig:
             raise ConfigError("tau: expected at least one threshold in (0, 1)")
         for t in self.tau:
             _check_type("tau", t, int, float)
-            if not 0 < t < 1:
-                raise ConfigError(f"tau: every threshold must lie strictly between 0 and 1; got {t!r}")
+            check_tau(t, name="tau: every threshold", error=ConfigError)
         if len(set(self.tau)) != len(self.tau):
             raise ConfigError(f"tau: thresholds must be distinct; got {list(self.tau)!r}")
         for name in ("truncate", "trust_remote_code"):

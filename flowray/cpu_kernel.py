@@ -21,16 +21,37 @@ import numpy as np
 # numba is imported on the first kernel call, not here: its thread pool is sized when it is imported
 AVAILABLE = importlib.util.find_spec("numba") is not None
 numba = None  # the module, once imported (the compiled functions below refer to numba.prange)
-# Smallest |y_p| coordinates kept per position (see _prox_inplace): 16 covers 86% of the sub-edges that need
+# Smallest |y_p| coordinates kept per position (see _prox_rows): 16 covers 86% of the sub-edges that need
 # a correction at 256 tokens on SmolLM2 (bench/kernel_cases.py); 8 was no faster in the kernel there.
 FEW = 16
 
 
-def _prox_inplace(out, probs, F, y, few):  # pragma: no cover - compiled
-    """Turn ``out[h, p, j] = s_p . F_hj`` (j <= p) into ``prox(alpha[h, p, j] F_hj, y_p)``; zero j > p.
+def _f_max(F):  # pragma: no cover - compiled
+    """``max_d |F[h, j, d]|`` ``[H, T]`` for F ``[H, T, d]`` float32, once per layer (every row chunk reads it).
 
-    out, probs: ``[H, T, T]`` float32; F: ``[H, T, d]``; y: ``[T, d]``; few: how many of the smallest
-    ``|y_p|`` coordinates to keep per position.
+    On the bits: clearing the sign bit is abs(), and non-negative floats (NaN above inf) order like their
+    bits as integers, whose max LLVM vectorises (a float max it may not reorder).
+    """
+    H, T, d = F.shape
+    F_bits = F.view(np.int32)
+    f_max_bits = np.empty((H, T), dtype=np.int32)
+    for task in numba.prange(H * T):
+        h = task // T
+        j = task - h * T
+        m = np.int32(0)
+        for k in range(d):
+            m = max(m, F_bits[h, j, k] & np.int32(0x7FFFFFFF))
+        f_max_bits[h, j] = m
+    return f_max_bits.view(np.float32)
+
+
+def _prox_rows(out, probs, F, f_max, y, p0, few):  # pragma: no cover - compiled
+    """Turn ``out[h, r, j] = s_p . F_hj`` (j <= p) into ``prox(alpha[h, r, j] F_hj, y_r)``; zero j > p.
+
+    A chunk of ``C`` query rows at positions ``p = p0 + r``: out, probs ``[H, C, J]`` float32 with
+    ``J >= p0 + C`` sources; F ``[H, T, d]`` and f_max ``[H, T]`` (``T >= J``; only ``j < J`` is read);
+    y ``[C, d]`` the chunk's nodes; few: how many of the smallest ``|y_p|`` coordinates to keep per row.
+    The whole sequence is one chunk with ``p0 = 0``, ``C = J = T``.
 
     Only coordinates with ``|y_d| < a |F_d| <= a max|F_hj|`` can overshoot, so each sub-edge takes the
     cheapest exact case:
@@ -42,78 +63,68 @@ def _prox_inplace(out, probs, F, y, few):  # pragma: no cover - compiled
     - otherwise ``sum_d (|y_d| - |y_d - a F_d|)`` over all ``d`` in one branch-free loop that LLVM
       vectorises (each term is small where ``a F_d`` is, so float32 keeps it accurate).
     """
-    H, T, d = F.shape
+    H, C, J = out.shape
+    d = F.shape[2]
     zero = np.float32(0.0)
-    # max_d |F_hj,d| on the bits: clearing the sign bit is abs(), and non-negative floats (NaN above inf)
-    # order like their bits as integers, whose max LLVM vectorises (a float max it may not reorder)
-    F_bits = F.view(np.int32)
-    f_max_bits = np.empty((H, T), dtype=np.int32)
-    for task in numba.prange(H * T):
-        h = task // T
-        j = task - h * T
-        m = np.int32(0)
-        for k in range(d):
-            m = max(m, F_bits[h, j, k] & np.int32(0x7FFFFFFF))
-        f_max_bits[h, j] = m
-    f_max = f_max_bits.view(np.float32)
     n_few = min(few, d)
-    # per position: the n_few smallest |y_p| ascending (their coordinates and signs), then a bound that
+    # per row: the n_few smallest |y_p| ascending (their coordinates and signs), then a bound that
     # every other coordinate reaches: the next smallest |y_p| (inf when there is none)
-    small = np.full((T, n_few + 1), np.inf, dtype=np.float32)
-    small_at = np.zeros((T, n_few + 1), dtype=np.int64)
-    small_sign = np.ones((T, n_few), dtype=np.float32)
-    for p in numba.prange(T):
-        vals, at = small[p], small_at[p]
+    small = np.full((C, n_few + 1), np.inf, dtype=np.float32)
+    small_at = np.zeros((C, n_few + 1), dtype=np.int64)
+    small_sign = np.ones((C, n_few), dtype=np.float32)
+    for r in numba.prange(C):
+        vals, at = small[r], small_at[r]
         for k in range(d):  # insertion into the sorted n_few + 1 smallest
-            u = abs(y[p, k])
+            u = abs(y[r, k])
             if u < vals[n_few]:
-                r = n_few
-                while r > 0 and vals[r - 1] > u:
-                    vals[r] = vals[r - 1]
-                    at[r] = at[r - 1]
-                    r -= 1
-                vals[r] = u
-                at[r] = k
-        for r in range(n_few):
-            if y[p, at[r]] < 0:
-                small_sign[p, r] = -1.0
-    for task in numba.prange(H * T):
-        h = task // T
-        p = task - h * T
-        yp = y[p]
-        smallest = small[p, 0]
-        bound = small[p, n_few]
+                q = n_few
+                while q > 0 and vals[q - 1] > u:
+                    vals[q] = vals[q - 1]
+                    at[q] = at[q - 1]
+                    q -= 1
+                vals[q] = u
+                at[q] = k
+        for q in range(n_few):
+            if y[r, at[q]] < 0:
+                small_sign[r, q] = -1.0
+    for task in numba.prange(H * C):
+        h = task // C
+        r = task - h * C
+        p = p0 + r
+        yp = y[r]
+        smallest = small[r, 0]
+        bound = small[r, n_few]
         for j in range(p + 1):
-            a = probs[h, p, j]
-            lin = a * out[h, p, j]  # a (s . F): exact when no coordinate of a F overshoots y
+            a = probs[h, r, j]
+            lin = a * out[h, r, j]  # a (s . F): exact when no coordinate of a F overshoots y
             if not lin > zero:  # prox = relu(lin - 2 * overshoot) with overshoot >= 0
-                out[h, p, j] = zero
+                out[h, r, j] = zero
                 continue
             thr = a * f_max[h, j]
             if thr <= smallest:  # a |F_d| <= thr <= |y_d| everywhere: nothing overshoots
-                out[h, p, j] = lin
+                out[h, r, j] = lin
                 continue
             Fj = F[h, j]
             if thr <= bound:  # only the n_few smallest coordinates can overshoot
                 over = zero
-                for r in range(n_few):  # zero wherever a coordinate does not overshoot
-                    over += max(a * small_sign[p, r] * Fj[small_at[p, r]] - small[p, r], zero)
+                for q in range(n_few):  # zero wherever a coordinate does not overshoot
+                    over += max(a * small_sign[r, q] * Fj[small_at[r, q]] - small[r, q], zero)
                 v = lin - np.float32(2.0) * over
             else:
                 v = zero
                 for k in range(d):  # from 0 to a fixed count over contiguous rows: LLVM vectorises this
                     v += abs(yp[k]) - abs(yp[k] - a * Fj[k])
-            out[h, p, j] = v if v > zero else zero
-        for j in range(p + 1, T):
-            out[h, p, j] = zero
+            out[h, r, j] = v if v > zero else zero
+        for j in range(p + 1, J):
+            out[h, r, j] = zero
 
 
-def _normalise_inplace(sub, y, parts):  # pragma: no cover - compiled
-    """Finish one layer's nodes: direct parts' proximities, then every part divided by the node's total.
+def _normalise_rows(sub, y, parts, p0):  # pragma: no cover - compiled
+    """Finish a chunk of nodes: direct parts' proximities, then every part divided by the node's total.
 
-    sub: ``[H, T, T]`` sub-edge proximities (``H`` may be 0), scaled in place; y: ``[T, d]`` the nodes;
-    parts: ``[K, T, d]`` the direct parts. Returns their importances ``[K, T]``. A node whose parts all
-    have proximity 0 gets 0 everywhere (not NaN).
+    sub: ``[H, C, J]`` sub-edge proximities of rows at positions ``p0 + r`` (``H`` may be 0), scaled in
+    place; y: ``[C, d]`` the nodes; parts: ``[K, C, d]`` the direct parts. Returns their importances
+    ``[K, C]``. A node whose parts all have proximity 0 gets 0 everywhere (not NaN).
     """
     H = sub.shape[0]
     K, T, d = parts.shape
@@ -133,7 +144,7 @@ def _normalise_inplace(sub, y, parts):  # pragma: no cover - compiled
         for h in range(H):
             row = sub[h, p]
             acc = zero
-            for j in range(p + 1):
+            for j in range(p0 + p + 1):
                 acc += row[j]
             total += acc
         scale = np.float32(1.0 / total) if total > 0.0 else zero
@@ -141,7 +152,7 @@ def _normalise_inplace(sub, y, parts):  # pragma: no cover - compiled
             direct[k, p] *= scale
         for h in range(H):
             row = sub[h, p]
-            for j in range(p + 1):
+            for j in range(p0 + p + 1):
                 row[j] *= scale
     return direct
 
@@ -171,17 +182,40 @@ def _kernels(threads: int) -> dict:
             jit = numba.njit(
                 parallel=True, cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "nsz", "contract"}
             )
-            _compiled["prox"] = jit(_prox_inplace)
-            _compiled["normalise"] = jit(_normalise_inplace)
+            _compiled["f_max"] = jit(_f_max)
+            _compiled["prox"] = jit(_prox_rows)
+            _compiled["normalise"] = jit(_normalise_rows)
     numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
     return _compiled
 
 
-def prox_inplace(out: np.ndarray, probs: np.ndarray, F: np.ndarray, y: np.ndarray, threads: int) -> None:
-    """Sub-edge proximities in place on ``threads`` threads (see ``_prox_inplace`` for the arrays)."""
-    _kernels(threads)["prox"](out, probs, F, y, FEW)
+def warm_up(threads: int = 1) -> None:
+    """Compile (first time, ~7 s) or load from numba's cache (~0.4 s) every kernel, on tiny arrays.
+
+    The corpus job calls it in the driver before actors start, so that replicas on the same machine load
+    the cached machine code instead of each compiling it, and in each actor's start-up, so that its first
+    shard is not slowed by it.
+    """
+    if not AVAILABLE:
+        return
+    F = np.ones((1, 2, 3), dtype=np.float32)
+    fm = f_max(F, threads)
+    out, probs, y = np.ones((1, 2, 2), np.float32), np.ones((1, 2, 2), np.float32), np.ones((2, 3), np.float32)
+    prox_rows(out, probs, F, fm, y, 0, threads)
+    normalise_rows(out, y, y[None].copy(), 0, threads)
 
 
-def normalise_inplace(sub: np.ndarray, y: np.ndarray, parts: np.ndarray, threads: int) -> np.ndarray:
-    """Direct parts' importances ``[K, T]``, sub-edge proximities ``[H, T, T]`` made importances in place."""
-    return _kernels(threads)["normalise"](sub, y, parts)
+def f_max(F: np.ndarray, threads: int) -> np.ndarray:
+    """``max_d |F|`` ``[H, T]`` of head outputs ``[H, T, d]`` on ``threads`` threads."""
+    return _kernels(threads)["f_max"](F)
+
+
+def prox_rows(out: np.ndarray, probs: np.ndarray, F: np.ndarray, f_max: np.ndarray, y: np.ndarray, p0: int,
+              threads: int) -> None:
+    """Sub-edge proximities of a chunk of query rows, in place (see ``_prox_rows`` for the arrays)."""
+    _kernels(threads)["prox"](out, probs, F, f_max, y, p0, FEW)
+
+
+def normalise_rows(sub: np.ndarray, y: np.ndarray, parts: np.ndarray, p0: int, threads: int) -> np.ndarray:
+    """Direct parts' importances ``[K, C]``; sub-edge proximities ``[H, C, J]`` made importances in place."""
+    return _kernels(threads)["normalise"](sub, y, parts, p0)

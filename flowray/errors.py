@@ -38,3 +38,7 @@ def require(module: str, pip_name: str | None = None, feature: str = "this featu
             f"{feature} needs the {module!r} package, which is not installed; "
             f"install it with `pip install {pip_name or module}`"
         ) from exc
+
+
+class UnsupportedVersionError(FlowrayError, ImportError):
+    """An installed library outside the versions whose internals flowray knows; the message names the pip command."""

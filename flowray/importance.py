@@ -72,6 +72,73 @@ def head_outputs(values: torch.Tensor, w_o: torch.Tensor) -> torch.Tensor:
     return torch.bmm(v, w_o)  # [H, T, d]
 
 
+@dataclass(frozen=True)
+class HeadOutputs:
+    """One layer's head outputs for one sequence, computed once and read by every chunk of query rows."""
+
+    values: torch.Tensor  # [H_kv, T, dh] float32, value bias included
+    w_o: torch.Tensor  # [H, dh, d] float32
+    F: torch.Tensor  # [H, T, d]  f^h(x_j) = v_j W_O^h
+    f_max: torch.Tensor  # [H, T]   max_d |F_hj|: bounds which coordinates a sub-edge can overshoot
+
+
+def head_outputs_of(values: torch.Tensor, w_o: torch.Tensor, *, backend: str = "auto") -> HeadOutputs:
+    """``HeadOutputs`` from values ``[H_kv, T, dh]`` and W_O ``[H, dh, d]`` (any float dtype)."""
+    H = w_o.shape[0]
+    if values.shape[0] == 0 or H % values.shape[0]:
+        raise ValueError(f"query heads H={H} must be a multiple of kv heads H_kv={values.shape[0]}")
+    values, w_o = values.float(), w_o.float()
+    F = head_outputs(values, w_o)  # [H, T, d]
+    if resolve_backend(backend, F.device) == "cpu":
+        f_max = torch.from_numpy(cpu_kernel.f_max(F.numpy(), torch.get_num_threads()))
+    else:
+        f_max = F.abs().amax(-1)
+    return HeadOutputs(values=values, w_o=w_o, F=F, f_max=f_max)
+
+
+def sub_edge_rows(
+    y: torch.Tensor,
+    probs: torch.Tensor,
+    heads: HeadOutputs,
+    p0: int = 0,
+    *,
+    backend: str = "auto",
+    element_budget: int = DEFAULT_ELEMENT_BUDGET,
+    dense_rank: int = DEFAULT_DENSE_RANK,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Proximities of the sub-edges of ``C`` consecutive query rows, positions ``p0 .. p0 + C - 1``.
+
+    Args:
+        y: ``[C, d]`` the rows' nodes, float32.
+        probs: ``[H, C, J]`` their attention weights over sources ``j < J`` (``J >= p0 + C``; entries with
+            ``j > p`` are ignored).
+        heads: the layer's ``HeadOutputs`` (``T >= J`` sources).
+        out: optional contiguous float32 ``[H, C, J]`` tensor to write into.
+    Returns:
+        ``[H, C, J]`` proximities, zero for ``j > p``.
+    """
+    H, C, J = probs.shape
+    backend = resolve_backend(backend, y.device)
+    if out is None:
+        out = torch.empty(H, C, J, dtype=torch.float32, device=y.device)
+    y, probs = y.float(), probs.float()
+    if backend == "cpu":
+        values, w_o = heads.values, heads.w_o
+        H_kv, dh = values.shape[0], w_o.shape[1]
+        # sign(y) with -1 for -0.0: any sign works where y_d = 0 (|0 - aF| = -a s F + 2 relu(a s F) for
+        # s = +-1), and copysign is 10x faster than a where()
+        s = torch.ones_like(y).copysign_(y)  # [C, d]
+        G = torch.einsum("pd,hed->hpe", s, w_o)  # [H, C, dh]  s_p W_O^h^T
+        # s_p . F_hj = G_hp . v_j, one GEMM per kv head: its query heads' rows of G stacked ([group * C, dh])
+        torch.bmm(G.reshape(H_kv, -1, dh), values[:, :J].transpose(1, 2), out=out.view(H_kv, -1, J))
+        cpu_kernel.prox_rows(out.numpy(), probs.contiguous().numpy(), heads.F.numpy(), heads.f_max.numpy(),
+                             y.contiguous().numpy(), p0, torch.get_num_threads())
+        return out
+    out.copy_(_sub_edge_rows_torch(y, probs, heads, p0, element_budget, dense_rank))
+    return out
+
+
 def sub_edge_proximity(
     y: torch.Tensor,
     probs: torch.Tensor,
@@ -91,8 +158,8 @@ def sub_edge_proximity(
         probs: ``[H, T, T]`` attention weights ``alpha[h, pos, j]``; entries with ``j > pos`` are ignored.
         values: ``[H_kv, T, dh]`` value vectors (value bias included); H must be a multiple of H_kv.
         w_o: ``[H, dh, d]`` each head's slice of the output projection.
-        chunk_size: query positions per chunk (peak extra memory ~ ``H * chunk_size * T`` floats);
-            None picks the largest chunk within ``element_budget``.
+        chunk_size: query positions per chunk of the ``"torch"`` backend (peak extra memory ~
+            ``H * chunk_size * T`` floats); None picks the largest chunk within ``element_budget``.
         dense_rank: pairs with more crossing candidates than this get a direct ``O(d)`` L1 distance
             instead of the ragged correction (same result; a speed knob only).
         backend: ``"cpu"`` (the compiled loop of ``flowray.cpu_kernel``; CPU tensors only), ``"torch"``
@@ -111,13 +178,21 @@ def sub_edge_proximity(
     elif out.shape != (H, T, T) or out.dtype != torch.float32 or out.device != y.device:
         raise ValueError(f"out must be a float32 [H, T, T] = {[H, T, T]} tensor on {y.device}; got "
                          f"{out.dtype} {list(out.shape)} on {out.device}")
-    y, probs, values, w_o = (t.float() for t in (y, probs, values, w_o))
-    if backend == "cpu":
-        if out.is_contiguous():
-            return _sub_edge_proximity_cpu(y, probs, values, w_o, out)
-        dense = torch.empty(out.shape, dtype=out.dtype)
-        return out.copy_(_sub_edge_proximity_cpu(y, probs, values, w_o, dense))
-    out.copy_(_sub_edge_proximity_torch(y, probs, values, w_o, chunk_size, element_budget, dense_rank))
+    heads = head_outputs_of(values, w_o, backend=backend)
+    y, probs = y.float(), probs.float()
+    if backend == "cpu":  # one chunk: the compiled loop needs no bound on its work memory
+        dest = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype)
+        sub_edge_rows(y, probs, heads, 0, backend="cpu", out=dest)
+        return dest if dest is out else out.copy_(dest)
+    if chunk_size is None:
+        # chunks skip the zero upper triangle; more than a few per layer only adds Python overhead
+        chunk_size = max(1, min(DEFAULT_CHUNK, element_budget // max(1, H * T)))
+    out.zero_()
+    for p0 in range(0, T, chunk_size):
+        p1 = min(T, p0 + chunk_size)
+        # positions p0..p1-1 only read sources j < p1: the chunk is [H, C, p1], not [H, C, T]
+        out[:, p0:p1, :p1] = _sub_edge_rows_torch(y[p0:p1], probs[:, p0:p1, :p1], heads, p0, element_budget,
+                                                  dense_rank)
     return out
 
 
@@ -135,77 +210,48 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _sub_edge_proximity_cpu(y, probs, values, w_o, out: torch.Tensor) -> torch.Tensor:
-    """The GEMM term by torch, the overshoot correction by the compiled loop; writes ``out`` in place."""
-    H, T, _ = probs.shape
-    H_kv, dh = values.shape[0], w_o.shape[1]
-    # sign(y) with -1 for -0.0: any sign works where y_d = 0 (|0 - aF| = -a s F + 2 relu(a s F) for s = +-1),
-    # and copysign is 10x faster than a where()
-    s = torch.ones_like(y).copysign_(y)  # [T, d]
-    G = torch.einsum("pd,hed->hpe", s, w_o)  # [H, T, dh]  s_p W_O^h^T
-    # s_p . F_hj = G_hp . v_j, one GEMM per kv head: its query heads' rows of G stacked ([group * T, dh])
-    torch.bmm(G.reshape(H_kv, -1, dh), values.transpose(1, 2), out=out.view(H_kv, -1, T))
-    F = head_outputs(values, w_o)  # [H, T, d]
-    cpu_kernel.prox_inplace(
-        out.numpy(), probs.contiguous().numpy(), F.numpy(), y.contiguous().numpy(), torch.get_num_threads()
-    )
-    return out
-
-
-def _sub_edge_proximity_torch(y, probs, values, w_o, chunk_size, element_budget, dense_rank) -> torch.Tensor:
-    """The vectorised torch path: chunks of query positions, a ragged gather for the correction."""
-    H, T, _ = probs.shape
+def _sub_edge_rows_torch(y, probs, heads: HeadOutputs, p0: int, element_budget, dense_rank) -> torch.Tensor:
+    """The vectorised torch path for one chunk of rows (see ``sub_edge_rows``): a ragged gather corrects."""
+    H, C, J = probs.shape
     d = y.shape[-1]
-    if chunk_size is None:
-        # chunks skip the zero upper triangle; more than a few per layer only adds Python overhead
-        chunk_size = max(1, min(DEFAULT_CHUNK, element_budget // max(1, H * T)))
+    values, w_o, F, F_max = heads.values, heads.w_o, heads.F, heads.f_max
     group = H // values.shape[0]
-
-    F = head_outputs(values, w_o)  # [H, T, d]
-    F_max = F.abs().amax(-1)  # [H, T]   max_d |F_hj|, bounds which coordinates can cross
-    s = torch.where(y >= 0, 1.0, -1.0).to(y.dtype)  # [T, d]
-    G = torch.einsum("pd,hed->hpe", s, w_o)  # [H, T, dh]  s_p W_O^h^T, so s_p . F_hj = G_hp . v_j
-    v_t = values.repeat_interleave(group, dim=0).transpose(1, 2)  # [H, dh, T]
+    s = torch.where(y >= 0, 1.0, -1.0).to(y.dtype)  # [C, d]
+    G = torch.einsum("pd,hed->hpe", s, w_o)  # [H, C, dh]  s_p W_O^h^T, so s_p . F_hj = G_hp . v_j
+    v_t = values[:, :J].repeat_interleave(group, dim=0).transpose(1, 2)  # [H, dh, J]
     # only the dense_rank + 1 smallest |y| coordinates matter: pairs reaching beyond go the dense way
     width = min(dense_rank + 1, d)
-    small_abs_y, order = torch.topk(y.abs(), width, dim=-1, largest=False, sorted=True)  # [T, width]
-    small_y = torch.gather(y, 1, order)  # [T, width]  y at those coordinates, ascending |y|
+    small_abs_y, order = torch.topk(y.abs(), width, dim=-1, largest=False, sorted=True)  # [C, width]
+    small_y = torch.gather(y, 1, order)  # [C, width]  y at those coordinates, ascending |y|
     max_n = min(dense_rank, d)  # ragged pairs have 1 <= n <= max_n crossing candidates
-
-    out = torch.zeros(H, T, T, dtype=y.dtype, device=y.device)
-    causal = torch.ones(T, T, dtype=torch.bool, device=y.device).tril_()  # [pos, j]
-    for p0 in range(0, T, chunk_size):
-        p1 = min(T, p0 + chunk_size)
-        C = p1 - p0
-        # positions p0..p1-1 only read sources j < p1: the chunk is [H, C, p1], not [H, C, T]
-        a = probs[:, p0:p1, :p1] * causal[p0:p1, :p1]  # [H, C, J] with J = p1
-        lin = a * torch.bmm(G[:, p0:p1], v_t[:, :, :p1])  # [H, C, J]  a * (s . F)
-        thr = a * F_max[:, None, :p1]  # [H, C, J]  only coordinates with |y_d| < thr can cross
-        prox = lin.clamp_min(0)  # exact for every pair with no crossing candidate
-        # lin <= 0 means prox 0 whatever the correction; thr <= min|y| means no coordinate can cross
-        cand = (lin > 0) & (thr > small_abs_y[p0:p1, 0][None, :, None])
-        flat = torch.nonzero(cand.view(-1)).squeeze(1)  # [Q] into the [H, C, J] chunk
-        if flat.numel():
-            a_q, thr_q, lin_q = a.view(-1)[flat], thr.view(-1)[flat], lin.view(-1)[flat]
-            h_q = torch.div(flat, C * p1, rounding_mode="floor")
-            p_q = torch.div(flat, p1, rounding_mode="floor") % C + p0  # absolute position
-            j_q = flat % p1
-            if width > max_n:  # thr > u_{max_n}: more than max_n candidates -> direct L1 over all d
-                dense = thr_q > small_abs_y[p_q, max_n]
-            else:
-                dense = torch.zeros_like(cand.view(-1)[flat])
-            new = torch.empty_like(lin_q)
-            if bool(dense.any()):
-                yd = y[p_q[dense]]  # [Qd, d]
-                dist = (yd - a_q[dense, None] * F[h_q[dense], j_q[dense]]).abs().sum(-1)  # [Qd]
-                new[dense] = (yd.abs().sum(-1) - dist).clamp_min(0)
-            sp = ~dense
-            n = _count_below(small_abs_y, p_q[sp], thr_q[sp], max_n)  # [Qs] exact, in [1, max_n]
-            corr = _ragged_correction(n, a_q[sp], h_q[sp], p_q[sp], j_q[sp], F, small_y, order, element_budget)
-            new[sp] = (lin_q[sp] - 2 * corr).clamp_min(0)
-            prox.view(-1)[flat] = new
-        out[:, p0:p1, :p1] = prox
-    return out
+    causal = torch.arange(J, device=y.device)[None, :] <= torch.arange(p0, p0 + C, device=y.device)[:, None]
+    a = probs * causal  # [H, C, J]
+    lin = a * torch.bmm(G, v_t)  # [H, C, J]  a * (s . F)
+    thr = a * F_max[:, None, :J]  # [H, C, J]  only coordinates with |y_d| < thr can cross
+    prox = lin.clamp_min(0)  # exact for every pair with no crossing candidate
+    # lin <= 0 means prox 0 whatever the correction; thr <= min|y| means no coordinate can cross
+    cand = (lin > 0) & (thr > small_abs_y[:, 0][None, :, None])
+    flat = torch.nonzero(cand.view(-1)).squeeze(1)  # [Q] into the [H, C, J] chunk
+    if flat.numel():
+        a_q, thr_q, lin_q = a.view(-1)[flat], thr.view(-1)[flat], lin.view(-1)[flat]
+        h_q = torch.div(flat, C * J, rounding_mode="floor")
+        r_q = torch.div(flat, J, rounding_mode="floor") % C  # row within the chunk
+        j_q = flat % J
+        if width > max_n:  # thr > u_{max_n}: more than max_n candidates -> direct L1 over all d
+            dense = thr_q > small_abs_y[r_q, max_n]
+        else:
+            dense = torch.zeros_like(cand.view(-1)[flat])
+        new = torch.empty_like(lin_q)
+        if bool(dense.any()):
+            yd = y[r_q[dense]]  # [Qd, d]
+            dist = (yd - a_q[dense, None] * F[h_q[dense], j_q[dense]]).abs().sum(-1)  # [Qd]
+            new[dense] = (yd.abs().sum(-1) - dist).clamp_min(0)
+        sp = ~dense
+        n = _count_below(small_abs_y, r_q[sp], thr_q[sp], max_n)  # [Qs] exact, in [1, max_n]
+        corr = _ragged_correction(n, a_q[sp], h_q[sp], r_q[sp], j_q[sp], F, small_y, order, element_budget)
+        new[sp] = (lin_q[sp] - 2 * corr).clamp_min(0)
+        prox.view(-1)[flat] = new
+    return prox
 
 
 def _count_below(sorted_rows: torch.Tensor, rows: torch.Tensor, thr: torch.Tensor, hi_bound: int) -> torch.Tensor:
@@ -317,23 +363,22 @@ def attention_node(
     sub = sub_edge_proximity(
         y, probs, values, w_o, chunk_size=chunk_size, element_budget=element_budget, backend=backend, out=out
     )
-    if resolve_backend(backend, y.device) == "cpu" and sub.is_contiguous():
-        direct = _normalise_cpu(sub, y, direct_parts)
-        return NodeImportances(attn=sub, direct=direct)
+    return finish_rows(sub, y, direct_parts, 0, backend=backend)
+
+
+def finish_rows(sub: torch.Tensor | None, y: torch.Tensor, direct_parts: torch.Tensor, p0: int = 0, *,
+                backend: str = "auto") -> NodeImportances:
+    """Normalise a chunk of nodes: sub-edge proximities ``[H, C, J]`` (rows at positions ``p0 + r``; scaled
+    in place) or None, nodes ``y`` ``[C, d]`` and direct parts ``[K, C, d]`` -> importances."""
+    if resolve_backend(backend, y.device) == "cpu" and (sub is None or sub.is_contiguous()):
+        C = y.shape[0]
+        sub_np = np.zeros((0, C, C), dtype=np.float32) if sub is None else sub.numpy()
+        direct = cpu_kernel.normalise_rows(sub_np, y.float().contiguous().numpy(),
+                                           direct_parts.float().contiguous().numpy(), p0, torch.get_num_threads())
+        return NodeImportances(attn=sub, direct=torch.from_numpy(direct))
     return normalise(sub, proximity(direct_parts.float(), y.float()), inplace=True)
 
 
 def direct_node(y: torch.Tensor, direct_parts: torch.Tensor, *, backend: str = "auto") -> NodeImportances:
     """Importances for nodes made only of direct parts ``[K, T, d]`` (e.g. residual + FFN)."""
-    if resolve_backend(backend, y.device) == "cpu":
-        return NodeImportances(attn=None, direct=_normalise_cpu(None, y, direct_parts))
-    return normalise(None, proximity(direct_parts.float(), y.float()))
-
-
-def _normalise_cpu(sub: torch.Tensor | None, y: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
-    """``normalise(sub, proximity(parts, y), inplace=True)`` in one compiled pass; returns ``[K, T]``."""
-    T = y.shape[0]
-    sub_np = np.zeros((0, T, T), dtype=np.float32) if sub is None else sub.numpy()
-    y_np = y.float().contiguous().numpy()
-    parts_np = parts.float().contiguous().numpy()
-    return torch.from_numpy(cpu_kernel.normalise_inplace(sub_np, y_np, parts_np, torch.get_num_threads()))
+    return finish_rows(None, y, direct_parts, 0, backend=backend)

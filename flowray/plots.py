@@ -1,4 +1,7 @@
-"""matplotlib figures. Each function takes data (and optionally an Axes) and returns the Figure."""
+"""matplotlib figures. Each function takes data (and optionally an Axes) and returns the Figure.
+
+Routes (paper figure 1), the corpus job's figures (9a, 10) and the baselines comparison's figures.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,8 @@ import numpy as np
 from flowray.routes import EdgeKind, NodeKind, Route
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot, on the Agg backend when there is no display (headless machines, Ray workers)."""
     import matplotlib
 
     if matplotlib.get_backend().lower() not in ("agg", "svg", "pdf") and not _has_display():
@@ -53,7 +57,7 @@ def plot_route(route: Route, path: str | Path | None = None, ax=None, *, max_wid
     join streams with a width proportional to their importance (hover-free: the strongest heads of the
     widest edges are written beside them); FFNs are squares on the stream, darker when more important.
     """
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.collections import LineCollection
 
     T = route.position + 1  # later tokens cannot be on the route
@@ -107,6 +111,17 @@ def plot_route(route: Route, path: str | Path | None = None, ax=None, *, max_wid
     for x, y, text in labels[:40]:  # only the widest edges get head labels
         ax.text(x, y, text, fontsize=6, ha="right", va="top", color="#08306b", zorder=6)
 
+    _route_axes(ax, route, plt, top_level)
+    fig.tight_layout()
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def _route_axes(ax, route: Route, plt, top_level: float) -> None:
+    """Ticks (tokens below, layers on the left), title and legend of ``plot_route``."""
+    T, L, parallel = route.position + 1, route.n_layers, route.parallel
+    xs = np.arange(T)
     ax.set_xlim(-0.7, T - 0.3)
     ax.set_ylim(-0.6, top_level + 0.8)
     ax.set_xticks(xs)
@@ -137,10 +152,6 @@ def plot_route(route: Route, path: str | Path | None = None, ax=None, *, max_wid
         ],
         loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False,
     )
-    fig.tight_layout()
-    if path is not None:
-        save_figure(fig, path)
-    return fig
 
 
 def _grid(df, value: str, n_layers: int, n_heads: int) -> np.ndarray:
@@ -158,7 +169,7 @@ def activation_map(head_activation, ffn_activation, component_importance, head_r
     (yellow) and subword-merging heads (red) marked, and each layer's FFN importance beside it."""
     import polars as pl
 
-    plt = _pyplot()
+    plt = pyplot()
     act = head_activation.filter((pl.col("domain") == domain) & ((pl.col("tau") - tau).abs() < 1e-9))
     grid = _grid(act, "frequency", n_layers, n_heads)
     ffn = component_importance.filter((pl.col("domain") == domain) & (pl.col("component") == "ffn")).sort("layer")
@@ -190,7 +201,7 @@ def domain_comparison(component_importance, specialisation, *, general: str, n_l
     specialised for a domain (high there, low in general) are outlined; FFN importance per layer below."""
     import polars as pl
 
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.colors import PowerNorm
 
     domains = [general] + sorted(set(component_importance["domain"].to_list()) - {general})
@@ -222,4 +233,108 @@ def domain_comparison(component_importance, specialisation, *, general: str, n_l
             axes[1, col].set_yticks([])
     fig.colorbar(im, ax=axes[0, :].tolist(), fraction=0.02, pad=0.01, label="mean head importance")
     fig.suptitle("Average importance of heads and FFNs per domain; cyan: specialised for that domain", fontsize=10)
+    return fig
+
+
+# --- the baselines comparison (flowray.baselines) -----------------------------------------------------
+def plot_faithfulness(faith: dict, ax=None):
+    """LD retained vs number of ablated heads: one line per ranking, random as mean +- sd band.
+
+    ``faith``: the ``faithfulness`` part of ``flowray.baselines.run_comparison``'s summary.
+    """
+    plt = pyplot()
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    else:
+        fig = ax.figure
+    ks = faith["ks"]
+    styles = {"random": {"color": "#888888", "ls": "--"}}
+    for name, per_k in faith["curves"].items():
+        mean = np.array([per_k[str(k)]["mean"] for k in ks])
+        sd = np.array([per_k[str(k)]["sd"] for k in ks])
+        label = name if name != "random" else f"random heads (mean +- sd, {faith['random_draws']} draws)"
+        ax.plot(ks, mean, marker="o", label=label, **styles.get(name, {}))
+        if name == "random":
+            ax.fill_between(ks, mean - sd, mean + sd, color="#bbbbbb", alpha=0.4)
+    ax.axhline(1.0, color="black", lw=0.6)
+    ax.axhline(0.0, color="black", lw=0.6, ls=":")
+    ax.set_xscale("log")
+    ax.set_xticks(ks)
+    ax.set_xticklabels([str(k) for k in ks])
+    ax.set_xlabel(f"heads {faith['ablation']}-ablated (k)")
+    ax.set_ylabel("logit difference retained (ablated / clean)")
+    ax.legend(fontsize=8)
+    ax.set_title("Faithfulness: ablating the top-k heads of each ranking")
+    return fig
+
+
+def plot_head_grids(effect: np.ndarray, freq: np.ndarray, diff: np.ndarray, axes=None):
+    """Three layer x head heatmaps: patching effect, route activation frequency, contrastive difference."""
+    plt = pyplot()
+    L, H = effect.shape
+    if axes is None:
+        fig, axes = plt.subplots(3, 1, figsize=(max(6.0, 0.32 * L + 2), 3 * (0.3 * H + 1.2)))
+    else:
+        fig = axes[0].figure
+    panels = [
+        (effect, "activation patching effect (normalised LD drop)", "RdBu_r", True),
+        (freq, "route activation frequency (prompts)", "Blues", False),
+        (diff, "route frequency: prompts - ABC twins", "RdBu_r", True),
+    ]
+    for ax, (data, title, cmap, symmetric) in zip(axes, panels):
+        vmax = float(np.abs(data).max()) or 1.0
+        im = ax.imshow(data.T, aspect="auto", origin="lower", cmap=cmap,
+                       vmin=-vmax if symmetric else 0.0, vmax=vmax if symmetric else max(vmax, 1e-9))
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("head")
+        ax.set_xticks(range(0, L, max(1, L // 15)))
+        ax.set_yticks(range(H))
+        fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    return fig
+
+
+def plot_effect_scatter(effect: np.ndarray, diff: np.ndarray, top: int = 10, ax=None, *, rho: float | None = None):
+    """Each head: patching effect (x) vs route frequency difference (y), both ``[L, H]``; the top heads by
+    patching are labelled; ``rho`` (their Spearman correlation) goes into the title when given."""
+    plt = pyplot()
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6.0, 4.6))
+    else:
+        fig = ax.figure
+    H = effect.shape[1]
+    ax.scatter(effect.ravel(), diff.ravel(), s=12, color="#3a6ea5", alpha=0.7)
+    for idx in np.argsort(-effect.ravel())[:top]:
+        ax.annotate(f"{idx // H}.{idx % H}", (effect.ravel()[idx], diff.ravel()[idx]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.axhline(0, color="black", lw=0.5)
+    ax.axvline(0, color="black", lw=0.5)
+    ax.set_xlabel("activation patching effect")
+    ax.set_ylabel("route frequency difference (prompts - twins)")
+    ax.set_title("Heads: patching vs flow" + (f" (rho = {rho:.2f})" if rho is not None else ""))
+    return fig
+
+
+def plot_pair_example(delta: np.ndarray, flow: np.ndarray, tokens: list[str], axes=None):
+    """One prompt: knockout |LD change| and route flow per token pair (query i rows, source j columns)."""
+    plt = pyplot()
+    T = delta.shape[0]
+    if axes is None:
+        fig, axes = plt.subplots(1, 2, figsize=(2 * (0.35 * T + 2), 0.35 * T + 1.8))
+    else:
+        fig = axes[0].figure
+    k = np.where(np.tril(np.ones((T, T), dtype=bool), -1), np.abs(np.nan_to_num(delta)), np.nan)
+    r = np.where(np.tril(np.ones((T, T), dtype=bool), -1), flow, np.nan)
+    for ax, data, title in ((axes[0], k, "knockout |LD change|"), (axes[1], r, "route flow (sum over layers)")):
+        im = ax.imshow(data, cmap="Greens")
+        ax.set_title(title, fontsize=10)
+        ax.set_xticks(range(T))
+        ax.set_yticks(range(T))
+        ax.set_xticklabels([repr(t)[1:-1] for t in tokens], rotation=90, fontsize=7)
+        ax.set_yticklabels([repr(t)[1:-1] for t in tokens], fontsize=7)
+        ax.set_xlabel("source j")
+        ax.set_ylabel("query i")
+        fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.tight_layout()
     return fig

@@ -16,6 +16,7 @@ This module sees numpy arrays only (no torch, transformers or ray).
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
+from flowray.checks import check_tau
 from flowray.errors import InputError
 
 SCHEMA_ID = "flowray.route/1"
@@ -195,7 +197,7 @@ ROUTE_JSON_SCHEMA = {
     "properties": {
         "schema": {"const": SCHEMA_ID},
         "model": {"type": "string"},
-        "tau": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
+        "tau": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},  # flowray.checks.check_tau
         "position": {"type": "integer", "minimum": 0},
         "n_layers": {"type": "integer", "minimum": 1},
         "n_heads": {"type": "integer", "minimum": 1},
@@ -249,12 +251,6 @@ ROUTE_JSON_SCHEMA = {
 
 
 # --- construction -----------------------------------------------------------------------------------
-def check_tau(tau: float) -> float:
-    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not 0 <= float(tau) < 1:
-        raise InputError(f"tau must be a number in [0, 1) (the paper uses 0.01 to 0.04); got {tau!r}")
-    return float(tau)
-
-
 def check_position(position: int, n_tokens: int) -> int:
     """Accept ``-n_tokens <= position < n_tokens``; return the non-negative index."""
     if isinstance(position, bool) or not isinstance(position, (int, np.integer)):
@@ -410,3 +406,37 @@ def route_masks(imp: Importances, tau: float) -> RouteMasks:
         heads[:, l, :] = (Mf @ keep.any(2).T.astype(np.float32)) > 0  # [P, H]
         reached[:, l] = R
     return RouteMasks(tau=tau, heads=heads, ffn=ffn_on, reached=reached)
+
+
+# --- flow through a route -----------------------------------------------------------------------------
+def route_flows(route: Route, n_tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flow through a route (top node = 1): ``(head_flow [L, H], pair_flow [T, T], pair_importance [T, T])``.
+
+    ``pair_*[i, j]`` (query i, source j != i) sums the route's attention edges j -> i over layers:
+    ``pair_flow`` their flow, ``pair_importance`` their raw (locally renormalised) importance. A route's edge
+    importances are local (renormalised at each node), so each node gets a weight: 1 at the top, and every
+    edge passes ``weight(upper node) * importance`` down to its lower node.
+    """
+
+    def level(node) -> int:
+        if node.kind is NodeKind.EMBED:
+            return 0
+        return 2 * node.layer + (1 if node.kind is NodeKind.ATTN else 2)
+
+    weight = defaultdict(float)
+    weight[route.top] = 1.0
+    head_flow = np.zeros((route.n_layers, route.n_heads))
+    pair_flow = np.zeros((n_tokens, n_tokens))
+    pair_imp = np.zeros((n_tokens, n_tokens))
+    # upper nodes first, so a node's weight is complete before its own edges pass it on
+    for e in sorted(route.edges, key=lambda e: -level(e.target)):
+        flow = weight[e.target] * e.importance
+        weight[e.source] += flow
+        if e.kind is EdgeKind.ATTENTION:
+            for h in e.heads:
+                head_flow[e.target.layer, h.head] += weight[e.target] * h.importance
+            i, j = e.target.position, e.source.position
+            if i != j:
+                pair_flow[i, j] += flow
+                pair_imp[i, j] += e.importance
+    return head_flow, pair_flow, pair_imp

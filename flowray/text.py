@@ -9,13 +9,16 @@ non-space character (" ", "\\n", special tokens with empty spans) belong to no w
 POS tags come from NLTK's averaged perceptron tagger mapped to the universal tagset (Petrov et al.
 2012), as in the paper, and every subword of a word gets its word's tag. The whole text is tagged as
 one word sequence (no sentence splitting, so punkt is not needed). The tagger data is found offline by
-``find_nltk_data``; nothing is downloaded and ``nltk.data.path`` is left untouched.
+``find_nltk_data``; when no nltk_data directory has it, the copy shipped inside the package
+(``flowray/data/nltk_tagger``, xz-compressed JSON, see its NOTICE.md for provenance and licences) is used,
+so a fresh machine tags too. Nothing is downloaded, no pickle is read and ``nltk.data.path`` is left untouched.
 """
 
 from __future__ import annotations
 
 import bisect
 import json
+import lzma
 import os
 import re
 from collections.abc import Callable
@@ -42,6 +45,8 @@ _TAGGER_FILES = ("weights", "tagdict", "classes")  # averaged_perceptron_tagger_
 _UNIVERSAL_MAP = Path("taggers") / "universal_tagset" / "en-ptb.map"
 _SHARED_NLTK = Path("shared") / "data" / "nltk_data"
 _ENGLISH = {"en", "eng"}
+# The same files shipped with flowray (MIT tagger, CC-BY-SA-4.0 map): flat, the JSON xz-compressed.
+PACKAGED_TAGGER = Path(__file__).resolve().parent / "data" / "nltk_tagger"
 
 
 @dataclass(frozen=True)
@@ -101,24 +106,43 @@ class UniversalTagger:
         from nltk.tag.perceptron import PerceptronTagger
 
         self.directory = directory
-        root = Path(directory)
-        params = []
-        for name in _TAGGER_FILES:
-            with open(root / _TAGGER_DIR / f"averaged_perceptron_tagger_eng.{name}.json", encoding="utf-8") as f:
-                params.append(json.load(f))
+        weights, tagdict, classes = (_read_json(path) for path in _tagger_paths(Path(directory)))
         # Loaded by hand rather than through nltk.data.find, which would need nltk.data.path changed.
         self._tagger = PerceptronTagger(load=False)
-        weights, tagdict, classes = params
         self._tagger.model.weights = weights
         self._tagger.tagdict = tagdict
         self._tagger.classes = self._tagger.model.classes = set(classes)
-        self._to_universal = _read_map(root / _UNIVERSAL_MAP)
+        self._to_universal = _read_map(_map_path(Path(directory)))
 
     def __call__(self, words: list[str]) -> list[str]:
         """Universal tags (NOUN, VERB, ., ...) for a word sequence; unknown Treebank tags map to X."""
         if not words:
             return []
         return [self._to_universal.get(tag, "X") for _, tag in self._tagger.tag(list(words))]
+
+
+def _tagger_paths(directory: Path) -> list[Path]:
+    """weights, tagdict, classes: an nltk_data layout, or the package's flat ``*.json.xz`` copy."""
+    if directory == PACKAGED_TAGGER:
+        return [directory / f"averaged_perceptron_tagger_eng.{name}.json.xz" for name in _TAGGER_FILES]
+    return [directory / _TAGGER_DIR / f"averaged_perceptron_tagger_eng.{name}.json" for name in _TAGGER_FILES]
+
+
+def _map_path(directory: Path) -> Path:
+    return directory / "en-ptb.map" if directory == PACKAGED_TAGGER else directory / _UNIVERSAL_MAP
+
+
+def _read_json(path: Path):
+    """Plain JSON (never pickle), xz-decompressed when the name ends in .xz."""
+    opener = lzma.open if path.suffix == ".xz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def packaged_tagger_dir() -> str | None:
+    """The tagger data shipped inside flowray, or None when the package was installed without it."""
+    complete = all(p.is_file() for p in _tagger_paths(PACKAGED_TAGGER)) and _map_path(PACKAGED_TAGGER).is_file()
+    return str(PACKAGED_TAGGER) if complete else None
 
 
 def _read_map(path: Path) -> dict[str, str]:
@@ -139,15 +163,17 @@ def _load_tagger(directory: str) -> UniversalTagger:
 def universal_tagger() -> Callable[[list[str]], list[str]]:
     """The cached English universal-tagset tagger: ``tagger(words) -> tags``.
 
-    Raises MissingDependencyError, naming every place looked at, when the data cannot be found.
+    Uses ``find_nltk_data()``, else the copy shipped in the package. Raises MissingDependencyError, naming
+    every place looked at, when neither is there.
     """
-    directory = find_nltk_data()
+    directory = find_nltk_data() or packaged_tagger_dir()
     if directory is None:
-        looked = "\n  ".join(str(d) for d in _candidate_dirs())
+        looked = "\n  ".join(str(d) for d in (*_candidate_dirs(), PACKAGED_TAGGER))
         raise MissingDependencyError(
             "POS tags need NLTK's English tagger data (taggers/averaged_perceptron_tagger_eng/*.json and "
             f"taggers/universal_tagset/en-ptb.map), found in none of:\n  {looked}\n"
-            "Fix: set FLOWRAY_NLTK_DATA (or NLTK_DATA) to a directory holding them, such as the project's "
+            "Fix: reinstall flowray (its package data, flowray/data/nltk_tagger, holds a copy), set "
+            "FLOWRAY_NLTK_DATA (or NLTK_DATA) to a directory holding them, such as the project's "
             "shared/data/nltk_data, or run `python -m nltk.downloader averaged_perceptron_tagger_eng "
             "universal_tagset`"
         )

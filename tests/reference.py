@@ -8,39 +8,79 @@ accident). Memory grows as T^2 * H * d: only for tiny models and short sequences
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 
-def _family(model):
-    """Per layer: (layer, attention module, attn_norm, W_V [Hkv, d, dh], b_V [Hkv, dh] | None,
-    W_O [H, dh, d], b_O [d] | None, parallel)."""
+@dataclass
+class _Layer:
+    """One block as the reference reads it, from the HF modules (not from flowray's adapters)."""
+
+    layer: torch.nn.Module
+    attention: torch.nn.Module  # returns (W_O output incl. bias, weights)
+    value_input: torch.nn.Module | None  # the module whose output the values are computed from (None: layer input)
+    Wv: torch.Tensor  # [Hkv, d, dh]
+    bv: torch.Tensor | None  # [Hkv, dh]
+    Wo: torch.Tensor  # [H, dh, d]
+    bo: torch.Tensor | None  # [d]
+    parallel: bool
+    ffn: torch.nn.Module  # its output is what the FFN adds to the residual
+    post_norm: torch.nn.Module | None = None  # RMSNorm between attention output and residual add
+    post_gain: torch.Tensor | None = None  # [d] gamma of post_norm
+    post_eps: float = 0.0
+    clip_v: float | None = None  # OLMoE's clip_qkv
+
+
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "gemma", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gemma2",
+              "gemma3_text", "olmo2", "olmo3", "phi3")
+
+
+def _family(model) -> list[_Layer]:
     cfg = model.config
     t = cfg.model_type
+    blocks = None
+    if t == "gemma3":  # image-text Gemma 3: its language model is Gemma 3 text
+        cfg, blocks = cfg.text_config, model.model.language_model.layers
+        t = cfg.model_type
 
-    def lin_v(lin, n_kv, dh):
-        w = lin.weight.detach().double()  # [n_kv*dh, d]
+    def lin_v(w, b, n_kv, dh):
+        w = w.detach().double()  # [n_kv*dh, d]
         W = w.view(n_kv, dh, -1).transpose(1, 2)  # [n_kv, d, dh]
-        b = None if lin.bias is None else lin.bias.detach().double().view(n_kv, dh)
-        return W, b
+        return W, None if b is None else b.detach().double().view(n_kv, dh)
 
     def lin_o(lin, n_h, dh):
         w = lin.weight.detach().double()  # [d, n_h*dh]
         return w.T.reshape(n_h, dh, -1), None if lin.bias is None else lin.bias.detach().double()
 
     out = []
-    if t in ("llama", "mistral", "qwen2"):
+    if t in LLAMA_LIKE:
         H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
         dh = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
-        for layer in model.model.layers:
+        for layer in model.model.layers if blocks is None else blocks:
             a = layer.self_attn
-            out.append((layer, a, layer.input_layernorm, *lin_v(a.v_proj, Hkv, dh), *lin_o(a.o_proj, H, dh), False))
+            if t == "phi3":  # fused [q | k | v] rows
+                start = (H + Hkv) * dh
+                Wv, bv = lin_v(a.qkv_proj.weight[start:], None, Hkv, dh)
+            else:
+                Wv, bv = lin_v(a.v_proj.weight, a.v_proj.bias, Hkv, dh)
+            entry = _Layer(layer, a, getattr(layer, "input_layernorm", None), Wv, bv, *lin_o(a.o_proj, H, dh), False,
+                           getattr(layer, "post_feedforward_layernorm", None) or layer.mlp,
+                           clip_v=getattr(cfg, "clip_qkv", None) if t == "olmoe" else None)
+            if t in ("gemma2", "gemma3_text", "olmo2", "olmo3"):  # y = x + RMSNorm(attn): gamma = 1 + w (Gemma) or w
+                norm = layer.post_attention_layernorm
+                entry.post_norm = norm
+                entry.post_gain = norm.weight.detach().double() + (1.0 if t.startswith("gemma") else 0.0)
+                entry.post_eps = norm.eps if hasattr(norm, "eps") else norm.variance_epsilon
+            out.append(entry)
     elif t == "opt":
         H = cfg.num_attention_heads
         dh = cfg.hidden_size // H
         for layer in model.model.decoder.layers:
             a = layer.self_attn
-            out.append((layer, a, layer.self_attn_layer_norm, *lin_v(a.v_proj, H, dh), *lin_o(a.out_proj, H, dh), False))
+            out.append(_Layer(layer, a, layer.self_attn_layer_norm, *lin_v(a.v_proj.weight, a.v_proj.bias, H, dh),
+                              *lin_o(a.out_proj, H, dh), False, layer.fc2))
     elif t == "gpt2":
         H, d = cfg.n_head, cfg.n_embd
         dh = d // H
@@ -51,7 +91,7 @@ def _family(model):
             bv = b[2 * d:].reshape(H, dh)
             Wo = layer.attn.c_proj.weight.detach().double().reshape(H, dh, d)
             bo = layer.attn.c_proj.bias.detach().double()
-            out.append((layer, layer.attn, layer.ln_1, Wv, bv, Wo, bo, False))
+            out.append(_Layer(layer, layer.attn, layer.ln_1, Wv, bv, Wo, bo, False, layer.mlp))
     elif t == "gpt_neox":
         H, d = cfg.num_attention_heads, cfg.hidden_size
         dh = d // H
@@ -60,8 +100,22 @@ def _family(model):
             w = q.weight.detach().double().view(H, 3, dh, d)[:, 2]  # [H, dh, d]
             Wv = w.transpose(1, 2)
             bv = None if q.bias is None else q.bias.detach().double().view(H, 3, dh)[:, 2]
-            out.append((layer, layer.attention, layer.input_layernorm, Wv, bv, *lin_o(layer.attention.dense, H, dh),
-                        bool(cfg.use_parallel_residual)))
+            out.append(_Layer(layer, layer.attention, layer.input_layernorm, Wv, bv,
+                              *lin_o(layer.attention.dense, H, dh), bool(cfg.use_parallel_residual), layer.mlp))
+    elif t == "gptj":  # x + attn(ln_1(x)) + mlp(ln_1(x))
+        H, d = cfg.n_head, cfg.n_embd
+        dh = d // H
+        for layer in model.transformer.h:
+            a = layer.attn
+            out.append(_Layer(layer, a, layer.ln_1, *lin_v(a.v_proj.weight, None, H, dh), *lin_o(a.out_proj, H, dh),
+                              True, layer.mlp))
+    elif t == "phi":  # x + attn(ln(x)) + mlp(ln(x))
+        H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        dh = cfg.hidden_size // H
+        for layer in model.model.layers:
+            a = layer.self_attn
+            out.append(_Layer(layer, a, layer.input_layernorm, *lin_v(a.v_proj.weight, a.v_proj.bias, Hkv, dh),
+                              *lin_o(a.dense, H, dh), True, layer.mlp))
     else:
         raise KeyError(t)
     return out
@@ -79,23 +133,34 @@ def _normalise(prox_list):
     return [p / total for p in prox_list]
 
 
+def _first(o):
+    return (o[0] if isinstance(o, (tuple, list)) else o).detach()
+
+
 @torch.no_grad()
 def reference_importances(model, input_ids: torch.Tensor) -> dict:
     """float64 numpy arrays attn [L,H,T,T], attn_residual [L,T], ffn [L,T], ffn_residual [L,T] | None,
-    and ``decomposition_error``: max |sum of attention parts + b_O - the attention module's output|."""
+    and ``decomposition_error``: the largest of max |sum of attention parts + bias - what the attention
+    (after its post-norm, if any) really added to the residual| and max |x + attention parts + bias + the
+    FFN's real output - the block's real output|."""
     fam = _family(model)
-    layer_in, layer_out, attn_in, attn_model = {}, {}, {}, {}
+    seen: dict[str, dict] = {k: {} for k in ("layer_in", "layer_out", "attn_in", "attn_model", "post", "ffn")}
+
+    def keep(kind, i, value, first=False):
+        if not (first and i in seen[kind]):
+            seen[kind][i] = value
+
     hooks = []
-    for i, (layer, attention, norm, *_rest) in enumerate(fam):
-        hooks.append(attention.register_forward_hook(
-            lambda m, a, o, i=i: attn_model.__setitem__(i, o[0].detach())))
-        hooks.append(layer.register_forward_pre_hook(
-            lambda m, a, k, i=i: layer_in.__setitem__(i, (a[0] if a else k["hidden_states"]).detach()),
-            with_kwargs=True))
-        hooks.append(layer.register_forward_hook(
-            lambda m, a, o, i=i: layer_out.__setitem__(i, (o[0] if isinstance(o, tuple) else o).detach())))
-        hooks.append(norm.register_forward_hook(
-            lambda m, a, o, i=i: attn_in.setdefault(i, o.detach())))
+    for i, e in enumerate(fam):
+        hooks.append(e.attention.register_forward_hook(lambda m, a, o, i=i: keep("attn_model", i, _first(o))))
+        hooks.append(e.layer.register_forward_pre_hook(
+            lambda m, a, k, i=i: keep("layer_in", i, (a[0] if a else k["hidden_states"]).detach()), with_kwargs=True))
+        hooks.append(e.layer.register_forward_hook(lambda m, a, o, i=i: keep("layer_out", i, _first(o))))
+        hooks.append(e.ffn.register_forward_hook(lambda m, a, o, i=i: keep("ffn", i, _first(o))))
+        if e.value_input is not None:
+            hooks.append(e.value_input.register_forward_hook(lambda m, a, o, i=i: keep("attn_in", i, _first(o), True)))
+        if e.post_norm is not None:
+            hooks.append(e.post_norm.register_forward_hook(lambda m, a, o, i=i: keep("post", i, _first(o))))
     prev = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
@@ -111,36 +176,49 @@ def reference_importances(model, input_ids: torch.Tensor) -> dict:
     attn_res = np.zeros((L, T))
     ffn = np.zeros((L, T))
     ffn_res = np.zeros((L, T))
-    parallel = fam[0][-1]
+    parallel = fam[0].parallel
     decomposition_error = 0.0
-    for l, (_layer, _attention, _norm, Wv, bv, Wo, bo, par) in enumerate(fam):
-        x = layer_in[l][0].double()  # [T, d]
-        out = layer_out[l][0].double()
-        normed = attn_in[l][0].double()  # [T, d]
-        v = torch.einsum("td,kde->kte", normed, Wv)  # [Hkv, T, dh]
-        if bv is not None:
-            v = v + bv[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    for l, e in enumerate(fam):
+        x = seen["layer_in"][l][0].double()  # [T, d]
+        out = seen["layer_out"][l][0].double()
+        normed = x if e.value_input is None else seen["attn_in"][l][0].double()  # [T, d]
+        v = torch.einsum("td,kde->kte", normed, e.Wv)  # [Hkv, T, dh]
+        if e.bv is not None:
+            v = v + e.bv[:, None, :]
+        if e.clip_v is not None:
+            v = v.clamp(-e.clip_v, e.clip_v)
         v = v.repeat_interleave(H // v.shape[0], dim=0)  # [H, T, dh]
-        F = torch.einsum("hte,hed->htd", v, Wo)  # [H, T, d]
+        F = torch.einsum("hte,hed->htd", v, e.Wo)  # [H, T, d]
         A = res.attentions[l][0].double()  # [H, T(pos), T(j)]
-        Z = A[:, :, :, None] * F[:, None, :, :]  # [H, pos, j, d]  the materialised sub-edges
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
-        attn_total = (Z * causal[None, :, :, None]).sum(dim=(0, 2))  # [T, d]
-        if bo is not None:
-            attn_total = attn_total + bo
-        if par:
+        bias = torch.zeros(T, x.shape[1], dtype=torch.float64) if e.bo is None else e.bo.expand(T, -1)  # [T, d]
+        attn_real = seen["attn_model"][l][0].double()  # [T, d]  W_O output, bias included
+        if e.post_norm is not None:
+            # RMSNorm(a) = gamma * a / r with r the forward's own RMS of a: linear once r is fixed
+            r = (attn_real.pow(2).mean(-1) + e.post_eps).sqrt()  # [T]
+            F_rows = F[:, None, :, :] * (e.post_gain / r[:, None])[None, :, None, :]  # [H, pos, j, d]
+            bias = bias * e.post_gain / r[:, None]
+            attn_real = seen["post"][l][0].double()
+        else:
+            F_rows = F[:, None, :, :]
+        Z = A[:, :, :, None] * F_rows  # [H, pos, j, d]  the materialised sub-edges
+        attn_total = (Z * causal[None, :, :, None]).sum(dim=(0, 2)) + bias  # [T, d]
+        if e.parallel:
             ffn_vec = out - x - attn_total
             y = out
         else:
             y = x + attn_total  # x^{lA}
             ffn_vec = out - y
-        # the parts (sub-edges + output bias) must add up to what the attention module really output:
-        # a wrong slice of W_V / W_O or a missed value bias fails here, not silently
-        decomposition_error = max(decomposition_error, float((attn_total - attn_model[l][0].double()).abs().max()))
+        # the parts (sub-edges + output bias) must add up to what the attention really added to the residual,
+        # and with the FFN's real output to the block's real output: a wrong slice of W_V / W_O, a missed
+        # value bias or a wrong norm gain fails here, not silently
+        ffn_real = seen["ffn"][l].reshape(seen["layer_out"][l].shape)[0].double()  # OPT's fc2 sees [B * T, d]
+        decomposition_error = max(decomposition_error, float((attn_total - attn_real).abs().max()),
+                                  float((x + attn_total + ffn_real - out).abs().max()))
         for pos in range(T):
             sub = _prox(Z[:, pos, : pos + 1, :], y[pos])  # [H, pos+1]
             res_p = _prox(x[pos], y[pos])
-            if par:
+            if e.parallel:
                 f_p = _prox(ffn_vec[pos], y[pos])
                 sub_n, res_n, f_n = _normalise([sub, res_p, f_p])
                 ffn[l, pos] = f_n
@@ -183,6 +261,8 @@ def materialising_importances(model, input_ids: torch.Tensor, dtype=torch.float3
         v = rec.values[0].to(dtype).repeat_interleave(H // rec.values.shape[1], 0)  # [H, T, dh]
         F = torch.bmm(v, w_o.to(dtype))  # [H, T, d]
         A = rec.probs[0].to(dtype) * causal  # [H, pos, j]
+        if rec.row_scale is not None:  # post-attention norm: alpha's rows times 1 / r_pos
+            A = A * rec.row_scale[0].to(dtype)[None, :, None]
         Z = torch.einsum("hpj,hjd->pjhd", A, F)  # [T, T, H, d]  every sub-edge, materialised
         y = x + attn_out
         ny = y.abs().sum(-1)  # [T]

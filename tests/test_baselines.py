@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from flowray import baselines as bl
-from flowray.compare import rank_heads, rankdata, route_flows, spearman, top_k
+from flowray.baselines import rank_heads, rankdata, spearman, top_k
 from flowray.errors import FlowrayError, InputError
 from flowray.models.families import adapter_for
+from flowray.routes import route_flows
 from tiny_models import CASES, VOCAB, tiny_model
 
 
@@ -453,7 +454,7 @@ def tiny_lm(smollm2):
 
 
 def test_run_comparison_writes_the_report(tiny_lm, tmp_path):
-    from flowray.compare import run_comparison, write_report
+    from flowray.baselines import run_comparison, write_report
 
     summary = run_comparison(tiny_lm, n=4, seed=1, out_dir=tmp_path, tau=0.05, ks=(1, 3, 100), random_draws=2,
                              progress=False, top=3, batch_size=32, reference_n=4)
@@ -484,10 +485,10 @@ def test_run_comparison_writes_the_report(tiny_lm, tmp_path):
 
 
 def test_cli_registers_compare(tmp_path):
-    from flowray.compare import register_cli
+    from flowray.cli import register_compare
 
     parser = argparse.ArgumentParser()
-    register_cli(parser.add_subparsers(dest="command"))
+    register_compare(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["compare", "--n", "3", "--ks", "1,4", "--out", str(tmp_path), "--no-progress"])
     assert args.n == 3 and args.ks == (1, 4) and callable(args.handler)
     with pytest.raises(SystemExit):

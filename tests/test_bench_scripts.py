@@ -26,3 +26,16 @@ def test_gpu_benchmark_script_runs_its_code_path_on_a_tiny_model():
     rounding = 5e-5 * (1 / forward_s + 1 / flowray_s) * ratio + 0.005  # the seconds are printed to 4 decimals
     assert ratio == pytest.approx(flowray_s / forward_s, abs=rounding)
     assert "# T=96: edge importances fit" in proc.stdout, "the --long context asked for is the one checked"
+
+
+def test_gpu_job_benchmark_runs_its_code_path_on_a_tiny_model():
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_job.py"), "--tiny", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("# cpu (tiny Llama)")
+    fwd, job = lines[2].split(), lines[3].split()
+    assert fwd[0] == "forward" and job[:2] == ["job", "path"]
+    assert float(fwd[2]) > 0 and float(job[3]) > 0  # tokens/s of both, measured
+    assert 0 < float(job[4].rstrip("x")) < 10  # the ratio, printed from the two measurements
+    assert "# T=128: runs" in proc.stdout and "# longest text that ran: 128 tokens" in proc.stdout

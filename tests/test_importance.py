@@ -176,9 +176,9 @@ def test_bad_inputs():
 def test_unsupported_architectures_fail_fast_with_the_supported_list():
     import transformers as tf
 
-    gptj = tf.GPTJForCausalLM(tf.GPTJConfig(n_layer=1, n_head=2, n_embd=8, rotary_dim=2, vocab_size=11))
-    with pytest.raises(UnsupportedArchitectureError, match="'gptj'.*supported families: llama"):
-        flowray.edge_importances(gptj, torch.ones(1, 3, dtype=torch.long))
+    mamba = tf.MambaForCausalLM(tf.MambaConfig(hidden_size=8, num_hidden_layers=1, vocab_size=11))
+    with pytest.raises(UnsupportedArchitectureError, match="'mamba'.*supported families: llama"):
+        flowray.edge_importances(mamba, torch.ones(1, 3, dtype=torch.long))
     post_ln = tf.OPTForCausalLM(tf.OPTConfig(num_hidden_layers=1, num_attention_heads=2, hidden_size=8,
                                              ffn_dim=8, do_layer_norm_before=False, vocab_size=11,
                                              word_embed_proj_dim=8))

@@ -87,6 +87,7 @@ def test_job_on_local_ray_with_two_actors(tmp_path, tiny_model_dir, local_ray):
         assert (run_dir / fig).read_bytes()[:4] == b"\x89PNG"
     assert manifest["shards_verified"] == 7 and manifest["exactly_once"] == {"texts_planned": 14, "texts_found": 14}
     assert "previous-token heads" in (run_dir / "summary.md").read_text()
+    assert (run_dir / "report.html").is_file() and "(report.html)" in (run_dir / "summary.md").read_text()
     # re-running the finished run resumes: nothing to do, same outputs
     again = run_job(cfg)
     assert again.manifest["counts"]["shards_resumed"] == 7

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,10 +38,14 @@ def test_ray_job_submit_against_a_local_head(tmp_path, tiny_model_dir):
                     f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats"],
                    env=env, check=True, capture_output=True, timeout=120)
     try:
-        proc = subprocess.run(
-            [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO),
-             "--", sys.executable, "jobs/flow_routes.py", "--config", str(cfg_path)],
-            env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+        for attempt in range(10):  # the head's job agent can start a few seconds after `ray start` returns
+            proc = subprocess.run(
+                [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO),
+                 "--", sys.executable, "jobs/flow_routes.py", "--config", str(cfg_path)],
+                env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+            if "No available agent to submit job" not in proc.stderr + proc.stdout:
+                break
+            time.sleep(3)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "succeeded" in proc.stdout
         assert "run submitted: 6 texts" in proc.stdout  # the job's own closing lines, streamed back

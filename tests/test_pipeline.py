@@ -21,6 +21,13 @@ from flowray.tables import (
 TAUS = (0.02, 0.05)
 
 
+def _worker_config(model_dir, **kw):
+    from flowray.config import CorpusConfig, JobConfig
+
+    return JobConfig(corpora=(CorpusConfig(domain="d", source={"kind": "pydoc_topics"}),), model=str(model_dir),
+                     tau=TAUS, **kw)
+
+
 def _doc(doc_id, text, *, is_task=False, meta=None, language="en"):
     return {"shard_id": "s-00000", "doc_id": doc_id, "domain": "d", "language": language, "is_task": is_task,
             "text": text, "meta": json.dumps(meta or {})}
@@ -30,7 +37,7 @@ def _doc(doc_id, text, *, is_task=False, meta=None, language="en"):
 def worker(tiny_model_dir):
     from flowray.pipeline.worker import FlowWorker
 
-    return FlowWorker(model=str(tiny_model_dir), taus=TAUS, max_tokens=12, truncate=True, batch_size=3)
+    return FlowWorker(_worker_config(tiny_model_dir, max_tokens=12, truncate=True, batch_size=3))
 
 
 @pytest.mark.slow
@@ -93,7 +100,7 @@ def test_worker_tags_parts_of_speech(worker):
 def test_worker_without_truncation_reports_too_long_texts(tiny_model_dir):
     from flowray.pipeline.worker import FlowWorker
 
-    w = FlowWorker(model=str(tiny_model_dir), taus=TAUS, max_tokens=4, truncate=False)
+    w = FlowWorker(_worker_config(tiny_model_dir, max_tokens=4, truncate=False))
     preds, errors = w.process([_doc("long", "one two three four five six"), _doc("ok", "one two")])
     assert preds.column("doc_id").unique().to_pylist() == ["ok"]
     assert "max_tokens=4" in errors.column("error")[0].as_py()

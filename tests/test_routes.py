@@ -69,14 +69,17 @@ def test_route_stops_where_no_part_survives():
     assert route.edges == () and route.nodes == (Node(0, 2, NodeKind.BLOCK),)
 
 
+TINY_TAU = 1e-9  # tau must lie strictly between 0 and 1 (flowray.checks.check_tau): nearly the whole graph
+
+
 @pytest.fixture(scope="module", params=["llama-gqa", "neox-parallel", "opt"])
 def tiny_imp(request):
     ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(5))
     return flowray.edge_importances(tiny_model(request.param, seed=2), ids)
 
 
-def test_tau_zero_reaches_every_position(tiny_imp):
-    route = extract_route(tiny_imp, tau=0.0)
+def test_tiny_tau_reaches_every_position(tiny_imp):
+    route = extract_route(tiny_imp, tau=TINY_TAU)
     assert route.positions() == set(range(tiny_imp.n_tokens))
 
 
@@ -85,7 +88,7 @@ def _edge_keys(route):
 
 
 def test_larger_tau_gives_a_subgraph(tiny_imp):
-    routes = [extract_route(tiny_imp, tau=t) for t in (0.0, 0.01, 0.04, 0.1, 0.3)]
+    routes = [extract_route(tiny_imp, tau=t) for t in (TINY_TAU, 0.01, 0.04, 0.1, 0.3)]
     for small, large in zip(routes, routes[1:]):
         assert set(large.nodes) <= set(small.nodes)
         assert _edge_keys(large) <= _edge_keys(small)
@@ -93,7 +96,7 @@ def test_larger_tau_gives_a_subgraph(tiny_imp):
     assert len(routes[-1].edges) < len(routes[0].edges)
 
 
-@pytest.mark.parametrize("tau", [0.0, 0.02, 0.08])
+@pytest.mark.parametrize("tau", [TINY_TAU, 0.02, 0.08])
 def test_vectorised_masks_equal_the_graph_walk(tiny_imp, tau):
     masks = route_masks(tiny_imp, tau)
     L = tiny_imp.n_layers
@@ -144,3 +147,23 @@ def test_bad_tau_and_position(tiny_imp):
         extract_route(tiny_imp, position=1.5)
     with pytest.raises(InputError, match="not a flowray route"):
         Route.from_dict({"schema": "other"})
+
+
+@pytest.mark.parametrize("tau", [0, 0.0, 1, 1.0, -0.1, True])
+def test_one_tau_rule_for_library_config_and_cli(tau):
+    """The library, the job config and the CLI accept exactly the same thresholds (flowray.checks)."""
+    import argparse
+
+    from flowray.cli_types import tau_arg
+    from flowray.config import JobConfig
+    from flowray.errors import ConfigError
+    from flowray.routes import check_tau
+
+    with pytest.raises(InputError, match="strictly between 0 and 1"):
+        check_tau(tau)
+    with pytest.raises(ConfigError, match="strictly between 0 and 1|expected an integer or a number"):
+        JobConfig.from_dict({"corpora": [{"domain": "p", "source": {"kind": "pydoc_topics"}}], "tau": [tau]})
+    if not isinstance(tau, bool):
+        with pytest.raises(argparse.ArgumentTypeError, match="strictly between 0 and 1"):
+            tau_arg(str(tau))
+    assert check_tau(0.04) == tau_arg("0.04") == 0.04

@@ -219,6 +219,7 @@ def test_shared_data_is_found_by_walking_up(tmp_path, monkeypatch):
 def test_missing_data_raises_with_where_it_looked_and_the_fix(tmp_path, monkeypatch):
     nowhere = tmp_path / "nowhere"
     monkeypatch.setattr(ftext, "_candidate_dirs", lambda: [nowhere])
+    monkeypatch.setattr(ftext, "PACKAGED_TAGGER", tmp_path / "not-installed")  # a build without package data
     assert find_nltk_data() is None
     with pytest.raises(MissingDependencyError, match="FLOWRAY_NLTK_DATA") as info:
         universal_tagger()
@@ -227,3 +228,45 @@ def test_missing_data_raises_with_where_it_looked_and_the_fix(tmp_path, monkeypa
         align_words("The cat", [(0, 3), (3, 7)])
     # other languages need no tagger at all
     assert align_words("Le chat", [(0, 2), (2, 7)], language="fr").pos == [None, None]
+
+
+# ------------------------------------------------------------------------- tagger shipped in the package
+
+
+def test_the_packaged_tagger_is_used_when_no_nltk_data_is_found(tmp_path, monkeypatch):
+    """A fresh machine: no shared/data, no nltk.download, no NLTK_DATA; POS tags still come out."""
+    monkeypatch.setattr(ftext, "_candidate_dirs", lambda: [tmp_path / "nowhere"])
+    assert find_nltk_data() is None
+    tagger = universal_tagger()
+    assert tagger.directory == str(ftext.PACKAGED_TAGGER)
+    words = ["The", "cat", "sat", "on", "the", "mat", "."]
+    assert tagger(words) == ["DET", "NOUN", "VERB", "ADP", "DET", "NOUN", "."]
+    offsets = [(0, 3), (3, 7), (7, 11), (11, 14), (14, 18), (18, 22), (22, 23)]
+    assert align_words("The cat sat on the mat.", offsets).pos == ["DET", "NOUN", "VERB", "ADP", "DET", "NOUN", "."]
+
+
+def test_the_packaged_files_are_the_nltk_files_small_and_documented():
+    import hashlib
+    import lzma
+
+    notice = (ftext.PACKAGED_TAGGER / "NOTICE.md").read_text()
+    assert "MIT" in notice and "CC-BY-SA-4.0" in notice and "Provenance" in notice
+    committed = sum(p.stat().st_size for p in ftext.PACKAGED_TAGGER.iterdir())
+    assert committed < 1_200_000, f"the shipped tagger data grew to {committed} bytes; keep it xz-compressed"
+    uncompressed = 0
+    for path in sorted(ftext.PACKAGED_TAGGER.iterdir()):
+        if path.suffix not in (".xz", ".map"):
+            continue
+        data = lzma.decompress(path.read_bytes()) if path.suffix == ".xz" else path.read_bytes()
+        uncompressed += len(data)
+        assert hashlib.sha256(data).hexdigest() in notice, f"{path.name}: its checksum is not the one NOTICE.md gives"
+    assert 5_000_000 < uncompressed < 6_500_000
+
+
+@needs_shared
+def test_the_packaged_tagger_tags_like_the_shared_nltk_data():
+    packaged = ftext.UniversalTagger(str(ftext.PACKAGED_TAGGER))
+    shared = ftext.UniversalTagger(str(NLTK_DATA))
+    with open(SHARED_DATA / "c4_sample" / "c4_en_sample_1000.jsonl") as f:
+        words = words_of(json.loads(next(f))["text"])
+    assert packaged(words) == shared(words)

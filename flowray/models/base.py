@@ -10,7 +10,12 @@ An adapter maps flowray's canonical pieces onto a HF causal LM:
 - ``output_projection(layer)``: W_O split per head, ``[H, d_head, d_model]``, and its bias;
 - ``head_output_module(layer)``: the module whose *input* is the concatenation of the heads' outputs
   (W_O itself), used by the interventions in ``flowray.baselines``;
-- ``shape.parallel``: GPT-NeoX style ``x + attn(ln1(x)) + mlp(ln2(x))`` blocks.
+- ``shape.parallel``: GPT-NeoX style ``x + attn(ln1(x)) + mlp(ln2(x))`` blocks;
+- ``post_attention(layer)``: the norm between the attention output and the residual add, for blocks
+  ``y = x + RMSNorm_post(attn_out)`` (Gemma 2/3, OLMo-2), else None. Such a norm is linear in its input
+  once its per-position normaliser ``r_pos`` is fixed at the forward pass's own value, so each sub-edge is
+  ``gamma * alpha f(x_j) / r_pos`` exactly: ``output_projection`` folds ``gamma`` into W_O, and
+  ``post_attention_scale`` gives ``1 / r_pos`` (the capture's ``row_scale``, which scales alpha's rows).
 """
 
 from __future__ import annotations
@@ -66,8 +71,25 @@ class Adapter:
         """Raise UnsupportedArchitectureError for config settings this adapter cannot decompose."""
 
     @classmethod
-    def read_shape(cls, config) -> ModelShape:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def read_shape(cls, config) -> ModelShape:
+        """The dimensions under HF's standard config names; configs with names of their own (GPT-2's ``n_layer``,
+        ``n_head``, ``n_embd``, ``n_positions``) map them onto these through ``attribute_map``. Families whose
+        configs differ further override this."""
+        n_heads = config.num_attention_heads
+        return ModelShape(
+            n_layers=config.num_hidden_layers,
+            n_heads=n_heads,
+            n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // n_heads,
+            d_model=config.hidden_size,
+            parallel=cls.parallel_blocks(config),
+            max_positions=cls._max_positions(config, "max_position_embeddings"),
+        )
+
+    @classmethod
+    def parallel_blocks(cls, config) -> bool:
+        """GPT-NeoX style ``x + attn(ln1(x)) + mlp(ln2(x))`` blocks (one node per layer)? Default: sequential."""
+        return False
 
     # --- modules ---------------------------------------------------------------------------------
     def layers(self) -> list[nn.Module]:  # pragma: no cover - abstract
@@ -115,6 +137,32 @@ class Adapter:
             )
         return fn
 
+    def post_attention(self, layer: nn.Module) -> nn.Module | None:
+        """The norm applied to the attention output before the residual add (None: there is none)."""
+        return None
+
+    def post_attention_scale(self, norm: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """``1 / r_pos`` ``[B, T]`` (float32) of the RMSNorm ``norm`` on its input ``[B, T, d]``: the
+        forward's own ``rsqrt(mean(x^2) + eps)``, in float32 as HF's RMSNorms compute it."""
+        eps = getattr(norm, "eps", None)
+        if eps is None:
+            eps = norm.variance_epsilon
+        return torch.rsqrt(inputs.float().pow(2).mean(-1) + eps)
+
+    def ffn_module(self, layer: nn.Module) -> nn.Module:  # pragma: no cover - abstract
+        """The FFN (MLP or MoE block) whose output is what the FFN adds to the residual."""
+        raise NotImplementedError
+
+    def experts_module(self, layer: nn.Module) -> nn.Module | None:
+        """The routed experts of a MoE FFN, called as ``experts(hidden [N, d], top_k_index [N, k],
+        top_k_weights [N, k]) -> [N, d]`` (the router-weighted sum); None for a dense FFN."""
+        return None
+
+    @property
+    def n_experts(self) -> int:
+        """Routed experts per MoE layer (0: a dense model)."""
+        return int(getattr(self.config, "num_local_experts", None) or getattr(self.config, "num_experts", None) or 0)
+
     # --- embedding side (SVD of W_OV onto the vocabulary, logit metrics) --------------------------
     def final_norm(self) -> nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -139,6 +187,14 @@ class Adapter:
             if isinstance(value, int) and value > 0:
                 return value
         return None
+
+
+def refuse(family: str, problems: list[str]) -> None:
+    """UnsupportedArchitectureError listing every config setting ``family``'s adapter cannot decompose."""
+    if problems:
+        raise UnsupportedArchitectureError(
+            f"{family}: flowray cannot decompose this config exactly: " + "; ".join(problems)
+        )
 
 
 def linear_value_weight(lin: nn.Linear, n_kv: int, head_dim: int):

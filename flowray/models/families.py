@@ -5,14 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from flowray.errors import UnsupportedArchitectureError
-from flowray.models.base import Adapter, ModelShape, linear_value_weight
-
-
-def _refuse(family: str, problems: list[str]) -> None:
-    if problems:
-        raise UnsupportedArchitectureError(
-            f"{family}: flowray cannot decompose this config exactly: " + "; ".join(problems)
-        )
+from flowray.models.base import Adapter, linear_value_weight
+from flowray.models.base import refuse as _refuse
 
 
 class _SelfAttentionWithVProj:
@@ -29,10 +23,15 @@ class _SelfAttentionWithVProj:
 
 
 class LlamaAdapter(_SelfAttentionWithVProj, Adapter):
-    """Llama 2/3, Mistral, Qwen2, SmolLM2: pre-RMSNorm, rotary, grouped-query attention."""
+    """Llama 2/3, Mistral, Qwen2, SmolLM2: pre-RMSNorm, rotary, grouped-query attention.
+
+    Also Gemma 1 (pre-norms only, with ``(1 + weight)`` gains), Qwen3 (q/k norms: they only change alpha)
+    and the MoE FFNs of Mixtral, Qwen2-MoE and Qwen3-MoE (the FFN part is the router-weighted sum of the
+    chosen experts: one edge, ``out - mid``).
+    """
 
     family = "llama"
-    model_types = ("llama", "mistral", "qwen2")
+    model_types = ("llama", "mistral", "qwen2", "gemma", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
 
     @classmethod
     def check_config(cls, config) -> None:
@@ -44,25 +43,17 @@ class LlamaAdapter(_SelfAttentionWithVProj, Adapter):
             problems.append(f"num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}")
         _refuse(cls.family, problems)
 
-    @classmethod
-    def read_shape(cls, config) -> ModelShape:
-        n_heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
-        return ModelShape(
-            n_layers=config.num_hidden_layers,
-            n_heads=n_heads,
-            n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
-            head_dim=head_dim,
-            d_model=config.hidden_size,
-            parallel=False,
-            max_positions=cls._max_positions(config, "max_position_embeddings"),
-        )
-
     def layers(self):
         return list(self.model.model.layers)
 
     def head_output_module(self, layer):
         return layer.self_attn.o_proj
+
+    def ffn_module(self, layer):
+        return layer.mlp
+
+    def experts_module(self, layer):
+        return getattr(layer.mlp, "experts", None)  # MoE blocks (Mixtral, OLMoE, Qwen-MoE) hold `experts`
 
     def attention_norm(self, layer):
         return layer.input_layernorm
@@ -83,18 +74,6 @@ class GPT2Adapter(Adapter):
         if getattr(config, "add_cross_attention", False):
             problems.append("add_cross_attention=True (cross-attention blocks are not part of the route graph)")
         _refuse(cls.family, problems)
-
-    @classmethod
-    def read_shape(cls, config) -> ModelShape:
-        return ModelShape(
-            n_layers=config.n_layer,
-            n_heads=config.n_head,
-            n_kv_heads=config.n_head,
-            head_dim=config.n_embd // config.n_head,
-            d_model=config.n_embd,
-            parallel=False,
-            max_positions=cls._max_positions(config, "n_positions", "max_position_embeddings"),
-        )
 
     def layers(self):
         return list(self.model.transformer.h)
@@ -159,18 +138,6 @@ class OPTAdapter(_SelfAttentionWithVProj, Adapter):
             )
         _refuse(cls.family, problems)
 
-    @classmethod
-    def read_shape(cls, config) -> ModelShape:
-        return ModelShape(
-            n_layers=config.num_hidden_layers,
-            n_heads=config.num_attention_heads,
-            n_kv_heads=config.num_attention_heads,
-            head_dim=config.hidden_size // config.num_attention_heads,
-            d_model=config.hidden_size,
-            parallel=False,
-            max_positions=cls._max_positions(config, "max_position_embeddings"),
-        )
-
     def layers(self):
         return list(self.model.model.decoder.layers)
 
@@ -199,16 +166,8 @@ class GPTNeoXAdapter(Adapter):
     model_types = ("gpt_neox",)
 
     @classmethod
-    def read_shape(cls, config) -> ModelShape:
-        return ModelShape(
-            n_layers=config.num_hidden_layers,
-            n_heads=config.num_attention_heads,
-            n_kv_heads=config.num_attention_heads,
-            head_dim=config.hidden_size // config.num_attention_heads,
-            d_model=config.hidden_size,
-            parallel=bool(getattr(config, "use_parallel_residual", True)),
-            max_positions=cls._max_positions(config, "max_position_embeddings"),
-        )
+    def parallel_blocks(cls, config) -> bool:
+        return bool(getattr(config, "use_parallel_residual", True))
 
     def layers(self):
         return list(self.model.gpt_neox.layers)
@@ -242,7 +201,11 @@ class GPTNeoXAdapter(Adapter):
         return self.model.gpt_neox.final_layer_norm
 
 
-FAMILIES: tuple[type[Adapter], ...] = (LlamaAdapter, GPT2Adapter, OPTAdapter, GPTNeoXAdapter)
+# the newer families subclass the adapters above, so they are imported here, after them (flowray.models'
+# __init__ imports this module first, so flowray.models.recent always finds them defined)
+from flowray.models.recent import RECENT_FAMILIES  # noqa: E402
+
+FAMILIES: tuple[type[Adapter], ...] = (LlamaAdapter, GPT2Adapter, OPTAdapter, GPTNeoXAdapter, *RECENT_FAMILIES)
 
 
 def supported_model_types() -> list[str]:

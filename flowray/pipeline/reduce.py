@@ -134,6 +134,8 @@ def reduce_run(config: JobConfig, storage: Storage, index: dict, *, started: flo
     n_predictions = sum(preds.num_rows for _, _, preds, _ in loaded)
     pos_tagging = all(m.get("pos_tagging") for m in markers.values())
     summary = _summary(tables, errors, config, pos_tagging, empty_domains)
+    from flowray.explorer.report import write_report  # report.html (figures + tables), linked from summary.md
+    summary += write_report(storage, tables, summary, figures, title=f"flowray run {config.run_name}")
     storage.write_text("summary.md", summary)
     manifest = {
         "run_name": config.run_name,

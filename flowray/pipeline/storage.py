@@ -2,6 +2,15 @@
 
 Every file is written whole: locally to a temporary name then renamed (atomic on POSIX), in a bucket by a
 single PUT (objects appear whole or not at all). Readers therefore never see half a shard.
+
+Buckets are reached with pyarrow's own settings, the standard ones of each cloud (nothing flowray-specific):
+- S3 and S3-compatible stores (MinIO, Ceph, R2, moto): ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``
+  (or ``AWS_PROFILE``, or a node's IAM role), ``AWS_DEFAULT_REGION``, and ``AWS_ENDPOINT_URL`` for a store
+  other than AWS (``http://host:9000``). Query options in the URI also work:
+  ``s3://bucket/prefix?endpoint_override=host:9000&scheme=http``.
+- GCS: ``gs://bucket/prefix`` with Application Default Credentials (``GOOGLE_APPLICATION_CREDENTIALS`` or
+  the VM's service account).
+Every process that touches the run needs them: the driver, each Ray worker node and the notebooks.
 """
 
 from __future__ import annotations
@@ -10,11 +19,22 @@ import io
 import json
 import os
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from flowray.errors import FlowrayError
+
+
+class StorageError(FlowrayError):
+    """A bucket (s3://, gs://) could not be reached, read or written."""
+
+
+_SETTINGS = ("S3: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE / an IAM role), AWS_DEFAULT_REGION, "
+             "AWS_ENDPOINT_URL for an S3-compatible store; GCS: GOOGLE_APPLICATION_CREDENTIALS")
 
 
 @dataclass(frozen=True)
@@ -30,7 +50,22 @@ class Storage:
     def _fs(self) -> tuple[pafs.FileSystem, str]:
         if self.is_local:
             return pafs.LocalFileSystem(), os.path.abspath(self.uri.removeprefix("file://"))
-        return pafs.FileSystem.from_uri(self.uri)
+        with self._bucket("open"):
+            return pafs.FileSystem.from_uri(self.uri)
+
+    @contextmanager
+    def _bucket(self, action: str, rel: str = ""):
+        """Bucket errors (no such bucket, refused credentials, no endpoint) named, with the settings to check."""
+        try:
+            yield
+        except (OSError, pa.ArrowException) as exc:
+            if self.is_local or isinstance(exc, FileNotFoundError):
+                raise
+            where = f"{self.uri.rstrip('/')}/{rel}" if rel else self.uri
+            raise StorageError(
+                f"could not {action} {where}: {exc}; check that the bucket exists and that this process (driver, "
+                f"every Ray worker node, the notebooks) has its credentials and endpoint: {_SETTINGS}"
+            ) from exc
 
     def path(self, rel: str) -> str:
         """A path inside the run that pyarrow/polars readers understand (local path or full URI)."""
@@ -38,22 +73,19 @@ class Storage:
             return os.path.join(self._fs()[1], rel)
         return self.uri.rstrip("/") + "/" + rel
 
-    def child(self, rel: str) -> Storage:
-        return Storage(self.path(rel))
-
     # --- writing ---------------------------------------------------------------------------------
     def write_bytes(self, rel: str, data: bytes) -> None:
         fs, root = self._fs()
         target = f"{root}/{rel}"
         parent = target.rsplit("/", 1)[0]
-        fs.create_dir(parent, recursive=True)
         if self.is_local:
+            fs.create_dir(parent, recursive=True)
             tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
             with fs.open_output_stream(tmp) as fh:
                 fh.write(data)
             fs.move(tmp, target)  # atomic rename
         else:
-            with fs.open_output_stream(target) as fh:
+            with self._bucket("write", rel), fs.open_output_stream(target) as fh:  # one PUT: whole or absent
                 fh.write(data)
 
     def write_text(self, rel: str, text: str) -> None:
@@ -76,7 +108,8 @@ class Storage:
     # --- reading ---------------------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
         fs, root = self._fs()
-        return fs.get_file_info(f"{root}/{rel}").type != pafs.FileType.NotFound
+        with self._bucket("look up", rel):
+            return fs.get_file_info(f"{root}/{rel}").type != pafs.FileType.NotFound
 
     def read_bytes(self, rel: str) -> bytes:
         fs, root = self._fs()

@@ -18,15 +18,17 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from flowray.config import JobConfig
 from flowray.errors import FlowrayError, InputError, MissingDependencyError
 from flowray.pipeline.commit import commit_shard
-from flowray.tables import ERRORS, TextRows, head_shares, predictions_schema
+from flowray.tables import ERRORS, TextRows, predictions_schema
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class _Prepared:
+    index: int  # the doc's place in the input (rows are written in input order)
     doc: dict
     ids: list[int]  # kept token ids
     next_ids: list[int | None]
@@ -34,36 +36,40 @@ class _Prepared:
 
 
 class FlowWorker:
-    """Texts -> one row per prediction (``tables.predictions_schema``) + one row per failed text (``ERRORS``)."""
+    """Texts -> one row per prediction (``tables.predictions_schema``) + one row per failed text (``ERRORS``).
 
-    def __init__(
-        self,
-        *,
-        model: str,
-        taus,
-        max_tokens: int,
-        truncate: bool = True,
-        batch_size: int = 4,
-        dtype: str = "float32",
-        device: str = "auto",
-        trust_remote_code: bool = False,
-        torch_threads: int | None = None,
-    ):
+    Configured by the validated ``JobConfig`` alone (model, dtype, device, taus, max_tokens, truncate,
+    batch_size, per-actor CPUs); it declares no defaults of its own.
+    """
+
+    def __init__(self, config: JobConfig):
+        clock = _Clock()
         import torch
 
+        clock.lap("import_torch_s")
+        import transformers  # noqa: F401 - timed on its own: most of a model load is importing its code
+
+        from flowray import cpu_kernel
         from flowray.models.loading import load_model
 
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
-        self.lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        clock.lap("import_transformers_s")
+        if not config.gpus_per_actor:
+            torch.set_num_threads(max(1, int(config.cpus_per_actor)))
+        self.config = config
+        self.lm = load_model(config.model, dtype=config.dtype, device=config.device,
+                             trust_remote_code=config.trust_remote_code)
+        clock.lap("load_model_s")
         self.tokenizer = self.lm.tokenizer
-        self.taus = tuple(taus)
-        self.max_tokens = max_tokens
-        self.truncate = truncate
-        self.batch_size = batch_size
+        self.taus = tuple(config.tau)
         self.schema = predictions_schema(self.taus)
         self.shape = self.lm.adapter.shape
         self.pos_tagging = self._tagger()
+        clock.lap("load_tagger_s")
+        if next(self.lm.model.parameters()).device.type == "cpu":
+            cpu_kernel.warm_up(torch.get_num_threads())  # compiled or cached kernels, before the first shard
+        clock.lap("compile_kernels_s")
+        self.startup = clock.laps  # seconds per start-up step, reported in every shard's marker
+        self._decoded: dict[int, str] = {}  # token id -> its text, decoded once per actor
 
     def _tagger(self):
         from flowray.text import universal_tagger
@@ -74,8 +80,18 @@ class FlowWorker:
             log.warning("POS tags disabled (pos/next_pos will be null): %s", exc)
             return None
 
+    def _decode(self, ids) -> list[str]:
+        out = []
+        for i in ids:
+            i = int(i)
+            text = self._decoded.get(i)
+            if text is None:
+                text = self._decoded[i] = self.tokenizer.decode([i])
+            out.append(text)
+        return out
+
     # --- per text --------------------------------------------------------------------------------
-    def _prepare(self, doc: dict) -> _Prepared:
+    def _prepare(self, index: int, doc: dict) -> _Prepared:
         from flowray.text import align_words
 
         text = doc.get("text")
@@ -87,18 +103,19 @@ class FlowWorker:
         ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
         if not ids:
             raise InputError("text encodes to no tokens")
-        if len(ids) > self.max_tokens and not self.truncate:
-            raise InputError(f"text is {len(ids)} tokens long, more than max_tokens={self.max_tokens} "
+        max_tokens = self.config.max_tokens
+        if len(ids) > max_tokens and not self.config.truncate:
+            raise InputError(f"text is {len(ids)} tokens long, more than max_tokens={max_tokens} "
                              "(truncate: false)")
         context = self.shape.max_positions
-        keep = min(len(ids), self.max_tokens, context or len(ids))
+        keep = min(len(ids), max_tokens, context or len(ids))
         next_ids = ids[1 : keep + 1] + [None] * (keep + 1 - len(ids))
         if doc.get("is_task"):
             next_ids[keep - 1] = self._answer_id(ids[:keep], json.loads(doc.get("meta") or "{}"))
         tagger = self.pos_tagging if self.pos_tagging is not None else (lambda words: [None] * len(words))
         look = min(len(ids), keep + 1)  # words of the kept tokens and of the next one
         words = align_words(text, offsets[:look], language=doc.get("language", "en"), tagger=tagger)
-        return _Prepared(doc=doc, ids=ids[:keep], next_ids=next_ids, words=words)
+        return _Prepared(index=index, doc=doc, ids=ids[:keep], next_ids=next_ids, words=words)
 
     def _answer_id(self, ids: list[int], meta: dict) -> int | None:
         """A task's expected next token: the answer as a continuation of the prompt (one token)."""
@@ -110,74 +127,94 @@ class FlowWorker:
         cont = self.tokenizer.encode(answer, add_special_tokens=False)
         return int(cont[0]) if len(cont) == 1 else None
 
-    def _rows(self, prep: _Prepared, imp) -> TextRows:
-        from flowray.routes import route_masks
+    @staticmethod
+    def _word_arrays(prep: _Prepared) -> tuple[np.ndarray, np.ndarray]:
+        T = len(prep.ids)
+        return np.asarray(prep.words.word_index[:T]), np.asarray(prep.words.first_subword[:T], dtype=bool)
 
+    def _rows(self, prep: _Prepared, st) -> TextRows:
         doc, T = prep.doc, len(prep.ids)
-        L, H = imp.n_layers, imp.n_heads
         w = prep.words
-        word_index = np.asarray(w.word_index[:T])
-        first = np.asarray(w.first_subword[:T], dtype=bool)
-        total, prev, same = head_shares(imp.attn, word_index, first)
+        word_index, first = self._word_arrays(prep)
         target = np.zeros(T, dtype=bool)
         if doc.get("is_task"):
             target[-1] = True
         else:
             target[:] = True
-        rows = TextRows(
+        return TextRows(
             domain=doc["domain"], shard_id=doc["shard_id"], doc_id=doc["doc_id"],
-            token_ids=np.asarray(prep.ids), tokens=list(imp.tokens),
+            token_ids=np.asarray(prep.ids), tokens=self._decode(prep.ids),
             next_ids=prep.next_ids,
-            next_tokens=[None if i is None else self.tokenizer.decode([i]) for i in prep.next_ids],
-            predicted_ids=imp.predicted_ids,
-            predicted_tokens=[self.tokenizer.decode([int(i)]) for i in imp.predicted_ids],
+            next_tokens=[None if i is None else self._decode([i])[0] for i in prep.next_ids],
+            predicted_ids=st.predicted_ids,
+            predicted_tokens=self._decode(st.predicted_ids),
             word_index=word_index, first_subword=first,
             pos=list(w.pos[:T]),
             next_pos=[w.pos[p + 1] if p + 1 < len(w.pos) and prep.next_ids[p] is not None and
                       not (doc.get("is_task") and p == T - 1) else None for p in range(T)],
             target=target,
-            components=imp.component_importance(),
-            prev_share=prev, same_word_share=same,
+            components=st.components,
+            prev_share=st.prev_share, same_word_share=st.same_word_share,
+            route_heads=dict(st.route_heads), route_ffn=dict(st.route_ffn),
         )
-        for tau in self.taus:
-            masks = route_masks(imp, tau)
-            flat = masks.heads.reshape(T, L * H)
-            rows.route_heads[tau] = [np.flatnonzero(flat[p]) for p in range(T)]
-            rows.route_ffn[tau] = [np.flatnonzero(masks.ffn[p]) for p in range(T)]
-        return rows
 
     # --- batches ---------------------------------------------------------------------------------
-    def process(self, docs: list[dict]) -> tuple[pa.Table, pa.Table]:
-        """Every doc ends up exactly once: as prediction rows or as one error row."""
+    def _stats(self, group: list[_Prepared]) -> list:
         import torch
 
-        from flowray.api import edge_importances_batch
+        from flowray.stats import prediction_stats_batch
 
+        return prediction_stats_batch(self.lm, [torch.tensor([p.ids]) for p in group], self.taus,
+                                      words=[self._word_arrays(p) for p in group])
+
+    def process(self, docs: list[dict], on_batch=None) -> tuple[pa.Table, pa.Table]:
+        """Every doc ends up exactly once: as prediction rows or as one error row.
+
+        Texts are bucketed by length (sorted, then ``batch_size`` at a time) so that padding stays small;
+        one forward pass per batch. ``on_batch()``, when given, runs after each batch (progress, tests).
+        """
         tables, errors, ready = [], [], []
-        for doc in docs:
+        for index, doc in enumerate(docs):
             try:
-                ready.append(self._prepare(doc))
+                ready.append(self._prepare(index, doc))
             except Exception as exc:  # noqa: BLE001 - any failure of one text becomes data, not a crash
                 errors.append(_error_row(doc, exc))
-        for start in range(0, len(ready), self.batch_size):
-            group = ready[start : start + self.batch_size]
+        ready.sort(key=lambda p: len(p.ids))
+        size = self.config.batch_size
+        for start in range(0, len(ready), size):
+            group = ready[start : start + size]
             try:
-                imps = edge_importances_batch(self.lm, [torch.tensor([p.ids]) for p in group])
-                done = list(zip(group, imps))
+                done = list(zip(group, self._stats(group)))
             except Exception:  # noqa: BLE001 - retry one by one so only the culprit fails
                 done = []
                 for prep in group:
                     try:
-                        done.append((prep, edge_importances_batch(self.lm, [torch.tensor([prep.ids])])[0]))
+                        done.append((prep, self._stats([prep])[0]))
                     except Exception as exc:  # noqa: BLE001
                         errors.append(_error_row(prep.doc, exc))
-            for prep, imp in done:
+            for prep, st in done:
                 try:
-                    tables.append(self._rows(prep, imp).table(self.schema))
+                    tables.append((prep.index, self._rows(prep, st).table(self.schema)))
                 except Exception as exc:  # noqa: BLE001
                     errors.append(_error_row(prep.doc, exc))
-        predictions = pa.concat_tables(tables) if tables else self.schema.empty_table()
+            if on_batch is not None:
+                on_batch()
+        tables.sort(key=lambda item: item[0])
+        predictions = pa.concat_tables([t for _, t in tables]) if tables else self.schema.empty_table()
         return predictions, pa.Table.from_pylist(errors, schema=ERRORS)
+
+
+class _Clock:
+    """Named laps of a start-up, in seconds."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self.last, 3)
+        self.last = now
 
 
 def _error_row(doc: dict, exc: Exception) -> dict:
@@ -192,23 +229,40 @@ def _error_row(doc: dict, exc: Exception) -> dict:
 
 
 class ShardWorker:
-    """The actor class of the Ray pipeline: one shard id in, its outputs written, a summary row out."""
+    """The actor class of the Ray pipeline: one shard id in, its outputs written, a summary row out.
 
-    def __init__(self, *, run_uri: str, crash_once: dict | None = None, **flow_kwargs):
+    ``crash_once`` is fault injection for tests (``{"shard_id": ..., "marker": path}``): the worker dies
+    after that shard's first batch, before anything of it is written, once (the marker file says so).
+    """
+
+    def __init__(self, *, run_uri: str, config: JobConfig, crash_once: dict | None = None,
+                 submitted: float | None = None):
         from flowray.pipeline.storage import Storage
 
+        started = time.time()
+        t0 = time.perf_counter()
         self.storage = Storage(run_uri)
-        self.flow = FlowWorker(**flow_kwargs)
-        self.crash_once = crash_once  # fault injection for tests: {"shard_id": ..., "marker": path}
+        self.flow = FlowWorker(config)
+        self.crash_once = crash_once
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        # the map stage's start (driver clock) to this constructor: Ray starting the worker process
+        ray_start = None if submitted is None else round(max(0.0, started - submitted), 3)
+        self.startup = {"ray_worker_start_s": ray_start, **self.flow.startup,
+                        "init_s": round(time.perf_counter() - t0, 3)}
+        log.info("actor %s started in %.1f s: %s", self.name, self.startup["init_s"], self.startup)
 
-    def _maybe_crash(self, shard_id: str) -> None:
+    def _fault(self, shard_id: str):
         spec = self.crash_once
-        if spec and spec.get("shard_id") == shard_id and not os.path.exists(spec["marker"]):
+        if not spec or spec.get("shard_id") != shard_id or os.path.exists(spec["marker"]):
+            return None
+
+        def crash() -> None:
             with open(spec["marker"], "w") as fh:
                 fh.write(self.name)
             log.error("fault injection: worker %s dies while processing %s", self.name, shard_id)
             os._exit(17)  # a hard process death, as an OOM kill or a lost node would be
+
+        return crash
 
     def __call__(self, batch: dict) -> dict:
         out = {k: [] for k in ("shard_id", "texts", "predictions", "errors", "seconds", "worker")}
@@ -216,16 +270,12 @@ class ShardWorker:
             shard_id = str(shard_id)
             t0 = time.perf_counter()
             docs = self.storage.read_table(f"shards/{shard_id}.parquet").to_pylist()
-            half = len(docs) // 2
-            predictions, errors = self.flow.process(docs[:half])
-            self._maybe_crash(shard_id)  # mid-shard: half the texts done, nothing written yet
-            p2, e2 = self.flow.process(docs[half:])
-            predictions, errors = pa.concat_tables([predictions, p2]), pa.concat_tables([errors, e2])
+            predictions, errors = self.flow.process(docs, on_batch=self._fault(shard_id))
             seconds = time.perf_counter() - t0
             summary = {"shard_id": shard_id, "texts": len(docs), "predictions": predictions.num_rows,
                        "errors": errors.num_rows, "seconds": seconds, "worker": self.name,
                        "n_layers": self.flow.shape.n_layers, "n_heads": self.flow.shape.n_heads,
-                       "pos_tagging": self.flow.pos_tagging is not None}
+                       "pos_tagging": self.flow.pos_tagging is not None, "startup": self.startup}
             commit_shard(self.storage, shard_id, predictions, errors, summary)  # tables, then the marker
             for k in out:
                 out[k].append(summary[k])

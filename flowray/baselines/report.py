@@ -1,0 +1,325 @@
+"""The comparison's report: ``report.md`` rendered from the summary dict, and the one-line summary.
+
+Everything shown is read from the summary (``summary.json``), so ``write_report`` renders a report again
+without a model. Definitions (stated in the report too):
+
+- logit difference ``LD = logit(answer) - logit(wrong)`` at the last position (IOI: IO minus subject);
+- patching effect of head (l, h): ``mean_p(LD_clean - LD_patched) / mean_p(LD_clean - LD_corrupt)``;
+- activation frequency, contrastive frequency difference, route flow: ``flowray.baselines.agreement``;
+- knockout strength of (i, j) = ``LD_clean - LD_knocked``; rankings use its absolute value;
+- faithfulness: ``flowray.baselines.faithfulness``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from flowray.errors import InputError
+
+
+def _f(x, digits: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def write_report(out_dir: str | Path) -> Path:
+    """Render ``out_dir/report.md`` again from ``out_dir/summary.json`` (no model, nothing re-measured)."""
+    out_dir = Path(out_dir)
+    path = out_dir / "summary.json"
+    if not path.is_file():
+        raise InputError(f"{str(path)!r} does not exist; run run_comparison(out_dir=...) first")
+    report = out_dir / "report.md"
+    report.write_text(render_report(json.loads(path.read_text())))
+    return report
+
+
+def render_report(S: dict) -> str:
+    """The Markdown report of a comparison summary (``summary.json``)."""
+    sections = _setup(S) + _time(S) + _heads(S) + _pairs(S) + _faithfulness(S)
+    return "\n".join(sections + ["", "## Discussion", ""] + _discussion(S) + _figures())
+
+
+def _setup(S: dict) -> list[str]:
+    m, task = S["machine"], S["task"]
+    lines = [
+        "# Information flow routes vs patching baselines (IOI)",
+        "",
+        f"Model `{S['model']}`, {S['n_used']} IOI prompts (of {S['n_requested']} asked for; seed {S['seed']}, "
+        f"templates {S['templates']}, token lengths {S['token_lengths']}), route threshold tau = {S['tau']}.",
+        "",
+        "## Setup",
+        "",
+        "Command:",
+        "",
+        "```",
+        S["command"],
+        "```",
+        "",
+        f"Machine: {m['device']}, CPU `{m['cpu']}`, {m['cpu_count']} cores, torch threads {m['torch_threads']}; "
+        f"torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}; {m['dtype']} weights, "
+        f"attention `{m['attn_implementation']}` for the patching and ablation passes (routes run eager "
+        "attention, knockout runs the model's eager attention through flowray's registered function). "
+        f"1-minute load average {_f(m.get('load_average_start'), 1)} before the run and "
+        f"{_f(m.get('load_average_end'), 1)} at its end (the run's own {m['torch_threads']} threads count; more "
+        "means other processes shared the cores).",
+        "",
+        f"The task: mean logit difference LD = logit(IO) - logit(S) is {_f(task['ld_clean_mean'], 2)} on the "
+        f"prompts and {_f(task['ld_corrupt_mean'], 2)} on their ABC twins; LD > 0 on "
+        f"{100 * task['accuracy_ld_positive']:.0f}% of the prompts. A last-position route at tau = {S['tau']} "
+        f"holds {_f(task['route_heads_mean'], 1)} heads on average ({_f(task['route_heads_contrastive_mean'], 1)} "
+        "on the twins).",
+    ]
+    if S["dropped"]:
+        lines += ["", f"Dropped prompts ({len(S['dropped'])}): " + "; ".join(S["dropped"][:5])]
+    return lines
+
+
+
+def _time(S: dict) -> list[str]:
+    t = S["timing"]
+    return [
+        "",
+        "## Time",
+        "",
+        "All measured in the same process, model loaded once "
+        f"(loading took {_f(t['load_model_s'], 1)} s, not counted), after one untimed warm-up pass of each kind. "
+        f"The methods take turns on chunks of at most {t['routes_batch']} prompts of one token length, so a busy "
+        "spell of the machine slows them alike.",
+        "",
+        "Wall: wall-clock seconds. CPU: process CPU seconds over all threads (about threads x wall when the "
+        "cores are free; steadier than wall when other processes share the machine).",
+        "",
+        "| what | forward passes | wall s | CPU s |",
+        "| --- | ---: | ---: | ---: |",
+        f"| (a) routes of the {S['n_used']} prompts (edge_importances + extract_route, one prompt at a time) | "
+        f"{S['n_used']} | {_f(t['routes_s'], 2)} | {_f(t['routes_cpu_s'], 2)} |",
+        f"| (a') routes of the {S['n_used']} ABC twins (needed for the contrastive difference) | {S['n_used']} | "
+        f"{_f(t['routes_contrastive_s'], 2)} | {_f(t['routes_contrastive_cpu_s'], 2)} |",
+        f"| (a_b) routes of the {S['n_used']} prompts, edge_importances_batch of up to {t['routes_batch']} prompts "
+        f"(same heads as (a): {'yes' if t['routes_batched_same_heads'] else 'NO'}) | "
+        f"{t['routes_batched_calls']} | {_f(t['routes_batched_s'], 2)} | {_f(t['routes_batched_cpu_s'], 2)} |",
+        f"| (b) per-head activation patching, every head of every layer (batch {S['batch_size']}) | "
+        f"{t['patching_forward_passes']} | {_f(t['patching_s'], 1)} | {_f(t['patching_cpu_s'], 1)} |",
+        f"| (c) attention knockout of every token pair j < i (batch {S['batch_size']}) | "
+        f"{t['knockout_forward_passes']} | {_f(t['knockout_s'], 1)} | {_f(t['knockout_cpu_s'], 1)} |",
+        "",
+        "| ratio | wall | CPU |",
+        "| --- | ---: | ---: |",
+        f"| (b) patching / (a) routes | **{_f(t['ratio_patching_over_routes'], 1)}x** | "
+        f"**{_f(t['ratio_cpu_patching_over_routes'], 1)}x** |",
+        f"| (c) knockout / (a) routes | **{_f(t['ratio_knockout_over_routes'], 1)}x** | "
+        f"**{_f(t['ratio_cpu_knockout_over_routes'], 1)}x** |",
+        f"| (b) patching / ((a) + (a')) routes of prompts and twins | {_f(t['ratio_patching_over_routes_both'], 1)}x | "
+        f"{_f(t['ratio_cpu_patching_over_routes_both'], 1)}x |",
+        f"| (c) knockout / ((a) + (a')) | {_f(t['ratio_knockout_over_routes_both'], 1)}x | "
+        f"{_f(t['ratio_cpu_knockout_over_routes_both'], 1)}x |",
+        f"| (b) patching / (a_b) batched routes | {_f(t['ratio_patching_over_routes_batched'], 1)}x | "
+        f"{_f(t['ratio_cpu_patching_over_routes_batched'], 1)}x |",
+        f"| (c) knockout / (a_b) batched routes | {_f(t['ratio_knockout_over_routes_batched'], 1)}x | "
+        f"{_f(t['ratio_cpu_knockout_over_routes_batched'], 1)}x |",
+        "",
+        f"(The faithfulness ablations below took {_f(t['faithfulness_s'], 1)} s; they are an evaluation, not a "
+        "method, and are not in the ratios.)",
+    ]
+
+
+
+def _heads(S: dict) -> list[str]:
+    h = S["heads"]
+    top = h["top"]
+    lines = [
+        "",
+        "## Agreement: heads",
+        "",
+        "Flow ranks heads by their contrastive activation frequency difference (frequency in the last-position "
+        "routes of the prompts minus in the routes of their ABC twins; ties by the difference of mean route flow "
+        "through the head). Patching ranks them by the normalised drop of the mean logit difference when the "
+        "head's output is patched from the twin.",
+        "",
+        "| comparison | value |",
+        "| --- | ---: |",
+        f"| top-{top} overlap, flow difference vs patching | **{h['overlap_diff_vs_patching']} / {top}** "
+        f"(chance {h['chance_overlap']:.2f}) |",
+        f"| top-{top} overlap, plain flow frequency vs patching | {h['overlap_freq_vs_patching']} / {top} |",
+        f"| Spearman, flow difference vs patching effect (all heads) | **{_f(h['spearman_diff_vs_patching'])}** |",
+        f"| Spearman, flow-weighted difference vs patching effect | {_f(h['spearman_diff_flow_vs_patching'])} |",
+        f"| Spearman, plain flow frequency vs patching effect | {_f(h['spearman_freq_vs_patching'])} |",
+        f"| Spearman, abs(flow difference) vs abs(patching effect) | {_f(h['spearman_abs_diff_vs_abs_patching'])} |",
+        f"| heads in every prompt's route (frequency 1) | {h['heads_with_freq_1']} |",
+        "",
+        f"Top {top} heads by patching effect vs by flow difference:",
+        "",
+        "| rank | patching: head | effect | its flow diff | flow: head | flow diff | its effect |",
+        "| ---: | --- | ---: | ---: | --- | ---: | ---: |",
+    ]
+    for r, (a, b) in enumerate(zip(h["top_patching"], h["top_flow_diff"]), 1):
+        lines.append(
+            f"| {r} | {a['layer']}.{a['head']} | {_f(a['patching_effect'])} | {_f(a['flow_diff'], 2)} | "
+            f"{b['layer']}.{b['head']} | {_f(b['flow_diff'], 2)} | {_f(b['patching_effect'])} |"
+        )
+    return lines
+
+
+
+def _pairs(S: dict) -> list[str]:
+    p = S["pairs"]
+    k = p["k"]
+    lines = [
+        "",
+        "## Agreement: token-to-token connections",
+        "",
+        "Knockout strength of (i, j): LD_clean - LD_knocked with the post-softmax weight i -> j zeroed in every "
+        "head of every layer (no renormalisation); ranked by its absolute value. Route strength of (i, j): the "
+        "flow of the route's attention edges j -> i summed over layers (flow = the top node's unit weight passed "
+        "down through the locally renormalised edge importances). Computed per prompt over all pairs j < i, then "
+        "averaged (mean +- sd over prompts). The route's top-k only counts pairs the route contains.",
+        "",
+        "| pairs | top-k overlap | chance | Spearman (flow) | Spearman (raw importance) | Spearman (signed knockout) | route pairs / all pairs | strongest knockout has j = 0 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, label in (("all", "all j < i"), ("no_first", "j >= 1 (first token excluded)")):
+        def g(key, name=name):
+            return p[f"{name}/{key}"]
+
+        lines.append(
+            f"| {label} | {_f(g('overlap')['mean'], 2)} +- {_f(g('overlap')['sd'], 2)} (k = {k}) | "
+            f"{_f(g('chance')['mean'], 2)} | {_f(g('spearman_flow')['mean'], 2)} +- {_f(g('spearman_flow')['sd'], 2)} | "
+            f"{_f(g('spearman_importance')['mean'], 2)} | {_f(g('spearman_signed_flow')['mean'], 2)} | "
+            f"{_f(g('route_pairs')['mean'], 1)} / {_f(g('n_pairs')['mean'], 1)} | "
+            f"{100 * g('strongest_knockout_source_is_first')['mean']:.0f}% |"
+        )
+    return lines
+
+
+
+def _faithfulness(S: dict) -> list[str]:
+    fa = S["faithfulness"]
+    ks = fa["ks"]
+    lines = [
+        "",
+        "## Faithfulness",
+        "",
+        f"The top-k heads of each ranking are {fa['ablation']}-ablated together"
+        + (" (each head's output replaced, at every position, by its mean over ABC twins of the same template and "
+           f"token length: {fa['reference_group_sizes']['groups']} groups, median size "
+           f"{_f(fa['reference_group_sizes']['median'], 1)}, min {fa['reference_group_sizes']['min']})"
+           if fa["ablation"] == "mean" else " (outputs set to zero)")
+        + f"; k random heads are drawn {fa['random_draws']} times. LD retained = mean LD ablated / mean LD clean "
+        f"(mean clean LD {_f(fa['ld_clean_mean'], 2)}). Lower = the heads matter more.",
+        "",
+        "| ranking | " + " | ".join(f"k = {k}" for k in ks) + " |",
+        "| --- | " + " | ".join("---:" for _ in ks) + " |",
+    ]
+    for name, per_k in fa["curves"].items():
+        cells = []
+        for k in ks:
+            c = per_k[str(k)]
+            cells.append(_f(c["mean"]) + (f" +- {_f(c['sd'])}" if name == "random" else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+
+def _figures() -> list[str]:
+    return [
+        "",
+        "## Figures",
+        "",
+        "- `faithfulness.png`: LD retained vs k for each ranking and for random heads.",
+        "- `heads_grid.png`: layer x head grids of the patching effect, the route activation frequency and the "
+        "contrastive frequency difference.",
+        "- `heads_scatter.png`: per head, patching effect vs route frequency difference.",
+        "- `pairs_example.png`: the first prompt's knockout and route token-to-token matrices.",
+        "",
+        "Raw numbers: `summary.json`; per-head arrays: `arrays.npz`.",
+        "",
+    ]
+
+
+def _discussion(S: dict) -> list[str]:
+    t, h, p, fa, m = S["timing"], S["heads"], S["pairs"], S["faithfulness"], S["machine"]
+    out = []
+    device = m["device"]
+    out.append(
+        f"- **Speed.** Here patching every head took {_f(t['ratio_patching_over_routes'], 0)}x and knocking out "
+        f"every token pair {_f(t['ratio_knockout_over_routes'], 0)}x the wall time of the routes of the same prompts "
+        f"({_f(t['ratio_cpu_patching_over_routes'], 0)}x / {_f(t['ratio_cpu_knockout_over_routes'], 0)}x in CPU time; "
+        f"{_f(t['ratio_patching_over_routes_both'], 0)}x / {_f(t['ratio_knockout_over_routes_both'], 0)}x against "
+        "the routes of prompts and twins, which the contrastive ranking needs). The paper's ~100x compares its "
+        "routes (5 s) with ACDC (8 min, GPU, GPT-2 small, 50 IOI prompts): ACDC patches *edges* iteratively and "
+        "is not a per-head sweep, so the numbers are not the same measurement. The ratio here scales with the "
+        "number of heads (patching: L x H passes per prompt) and with T^2 (knockout), so it grows with the model "
+        "and the prompt; routes cost about one forward pass plus the importance maths."
+    )
+    out.append(
+        f"- **Timings are {device} timings** with {m['torch_threads']} torch threads on a shared machine (see the "
+        "load average above). In (a) the routes run one prompt at a time while the baselines are batched "
+        f"({S['batch_size']} rows per pass), which favours the baselines; (a_b) batches the routes too "
+        f"({_f(t['routes_batched_s'], 2)} s, patching {_f(t['ratio_patching_over_routes_batched'], 0)}x, knockout "
+        f"{_f(t['ratio_knockout_over_routes_batched'], 0)}x). On a GPU batching would shrink (b) and (c) more than "
+        "(a). When other processes compete for the cores, the routes (many small operations, each a parallel "
+        "region of every thread) slow down much more than the large batched passes of the baselines, so a busy "
+        "machine understates the ratios: check the load average. Read the ratios as this machine's, not as "
+        "constants."
+    )
+    diff_rho, freq_rho = h["spearman_diff_vs_patching"], h["spearman_freq_vs_patching"]
+    agree = (
+        f"- **Heads.** The contrastive flow difference and patching share {h['overlap_diff_vs_patching']} of their "
+        f"top {h['top']} heads (chance {h['chance_overlap']:.2f}); Spearman over all heads "
+        f"{_f(diff_rho, 2)}, against {_f(freq_rho, 2)} for the plain (non-contrastive) frequency."
+    )
+    if np.isfinite(diff_rho or np.nan) and np.isfinite(freq_rho or np.nan) and diff_rho > freq_rho:
+        agree += (" Subtracting the twins' routes brings flow closer to patching, as the paper's figure 6 "
+                  "(right) suggests: heads used for every prediction drop out of the difference.")
+    out.append(agree)
+    out.append(
+        f"- **Connections.** Knockout and routes agree on the top {p['k']} token pairs "
+        f"{_f(p['all/overlap']['mean'], 2)} of the time (chance {_f(p['all/chance']['mean'], 2)}). The strongest "
+        f"knockout effect comes from a source j = 0 in {100 * p['all/strongest_knockout_source_is_first']['mean']:.0f}% "
+        "of the prompts: zeroing attention to the first token (an attention sink in many models) removes weight "
+        "without renormalising, the kind of 'hemorrhage' the connectome write-up warns about. Without the first "
+        f"token the overlap is {_f(p['no_first/overlap']['mean'], 2)} and the Spearman correlation "
+        f"{_f(p['no_first/spearman_flow']['mean'], 2)} (all pairs: {_f(p['all/spearman_flow']['mean'], 2)})."
+    )
+    curves = fa["curves"]
+    rnd = curves.get("random", {})
+    beats = []
+    for name in ("routes: activation frequency", "routes: contrastive frequency difference"):
+        if name in curves and rnd:
+            below = [k for k in fa["ks"] if curves[name][str(k)]["mean"] < rnd[str(k)]["mean"] - rnd[str(k)]["sd"]]
+            beats.append(f"{name.removeprefix('routes: ')} at {len(below)} of the {len(fa['ks'])} values of k "
+                         f"({', '.join(map(str, below)) or 'none'})")
+    if beats:
+        out.append(
+            "- **Faithfulness.** Ablating the routes' top heads leaves less of the logit difference than ablating "
+            "as many random heads (by more than one sd of the random draws) for " + "; for ".join(beats) + ". The "
+            "most frequent heads include generic ones (frequency 1 in every route, needed by the twins too), which "
+            "the contrastive ranking discounts. The patching curve is not an independent check: replacing "
+            "a head by its mean over ABC twins is close to the very intervention patching ranked the heads by "
+            "(identical where a template group holds only the prompt's own twin). Ablation measures necessity "
+            f"under a distribution shift ({fa['ablation']}-ablation) and downstream heads can compensate "
+            "(self-repair), so a small drop does not prove a head unused."
+        )
+    out.append(
+        "- **What patching sees.** Patching from the ABC twin only finds heads whose output differs between the "
+        "prompt and its twin; the paper's point that the result depends on the contrastive template is not "
+        "tested here (one twin per prompt)."
+    )
+    return out
+
+
+def print_summary(summary: dict, file=None) -> None:
+    file = file or sys.stdout
+    t, h = summary["timing"], summary["heads"]
+    print(
+        f"routes {t['routes_s']:.2f} s | patching {t['patching_s']:.1f} s ({t['ratio_patching_over_routes']:.1f}x, "
+        f"CPU {t['ratio_cpu_patching_over_routes']:.1f}x) | knockout {t['knockout_s']:.1f} s "
+        f"({t['ratio_knockout_over_routes']:.1f}x, CPU {t['ratio_cpu_knockout_over_routes']:.1f}x) | "
+        f"top-{h['top']} overlap {h['overlap_diff_vs_patching']}/{h['top']} | "
+        f"Spearman {_f(h['spearman_diff_vs_patching'], 2)}",
+        file=file,
+    )
+    print(f"report: {summary['report']}", file=file)

@@ -1,0 +1,58 @@
+"""The run's report.html: one offline page with the summary, figures and tables."""
+
+from __future__ import annotations
+
+import re
+
+import polars as pl
+
+from flowray.explorer.report import markdown_html, write_report
+from flowray.pipeline.storage import Storage
+from flowray.tables import Accumulator
+from test_pipeline import _rows
+
+
+def _tables():
+    acc = Accumulator(1, 2, (0.03,), general_domain="gen")
+    acc.update(_rows("gen", 8, prev=[0.9, 0.1], same=[0.9, 0.9], first=False, comps=[0.2, 0.01, 0.5], heads=[0]))
+    acc.update(_rows("code", 5, prev=[0.9, 0.1], same=[0.9, 0.9], first=False, comps=[0.2, 0.3, 0.5], heads=[1]))
+    return acc.tables()
+
+
+def test_report_holds_summary_figures_and_tables_offline(tmp_path):
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from flowray.plots import activation_map, domain_comparison
+
+    st = Storage(str(tmp_path / "run"))
+    t = _tables()
+    figs = []
+    for name, fig in (("activation_map", activation_map(t["head_activation"], t["ffn_activation"],
+                                                        t["component_importance"], t["head_roles"], domain="gen",
+                                                        tau=0.03, n_layers=1, n_heads=2)),
+                      ("domain_comparison", domain_comparison(t["component_importance"], t["domain_specialisation"],
+                                                              general="gen", n_layers=1, n_heads=2))):
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        st.write_bytes(f"figures/{name}.png", buf.getvalue())
+        figs.append(f"figures/{name}.png")
+    summary = "# flowray run `t`\n\n| domain | texts |\n|---|---:|\n| gen | 8 |\n\n## Head roles\n\n- previous-token heads: L0H0\n"
+    link = write_report(st, t, summary, figs, title="flowray run t")
+    assert "[report.html](report.html)" in link
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2
+    assert "<script" not in page and not re.search(r"(src|href)=['\"]https?:", page)
+    for section in ("summary", "activation", "roles", "domains"):
+        assert f"id='{section}'" in page
+    assert "<td>previous_token</td>" in page  # the head roles table
+    spec = t["domain_specialisation"].filter(pl.col("specialised"))
+    assert spec.height and "<td>code</td>" in page
+
+
+def test_summary_markdown_becomes_html():
+    out = markdown_html("# T\n\n| a | b |\n|---|---:|\n| 1 | `x` |\n\n- one\n- two\n\nplain <b>")
+    assert "<table><tr><th>a</th><th>b</th></tr><tr><td>1</td><td><code>x</code></td></tr></table>" in out
+    assert "<ul><li>one</li><li>two</li></ul>" in out and "<p>plain &lt;b&gt;</p>" in out
