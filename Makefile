@@ -36,7 +36,7 @@ demo: setup
 		--tau 0.04 --out runs/default/route.json --plot runs/default/route.png
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -rs
 
 bench: setup
 	$(BIN)/python bench/importance_speed.py

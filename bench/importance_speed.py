@@ -33,7 +33,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-C4 = REPO.parent / "shared" / "data" / "c4_sample" / "c4_en_sample_1000.jsonl"
+sys.path.insert(0, str(REPO))
+from flowray.config import find_shared_data  # noqa: E402  (light: no torch)
+
+C4 = (find_shared_data() or REPO.parent / "shared" / "data") / "c4_sample" / "c4_en_sample_1000.jsonl"
 L, H, D = 30, 9, 576  # SmolLM2-135M
 
 
@@ -45,6 +48,11 @@ def _text() -> str:
     from pydoc_data.topics import topics
 
     return " ".join(topics[k] for k in sorted(topics))
+
+
+def _text_source() -> str:
+    """What ``_text`` returns, for the header (the fallback is not C4)."""
+    return "C4 text (shared sample)" if C4.is_file() else "pydoc topics text (the shared C4 sample is absent)"
 
 
 def _peak_mb() -> float:
@@ -143,7 +151,7 @@ def main() -> int:
 
     print(f"# SmolLM2-135M ({L} layers, {H} heads, d={D}), CPU, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    print(f"# best of {args.repeats} runs after a warm-up, each method interleaved with a forward pass in its own "
+    print(f"# {_text_source()}; best of {args.repeats} runs (naive: {max(1, args.repeats // 2)}) after a warm-up, each method interleaved with a forward pass in its own "
           "process (ratios are to that forward pass); extra MB = peak RSS of one run minus the plain forward's, "
           "one fresh process per (method, T)")
     print(f"{'T':>5} {'forward s':>10} {'flowray s':>10} {'torch s':>8} {'naive s':>8} {'flowray/fwd':>12} "
@@ -189,6 +197,13 @@ def main() -> int:
         if T == 1024:
             verdicts.append(f"T=1024: extra peak {extra:.0f} MB vs outputs {out_mb:.0f} MB, ratio "
                             f"{extra / out_mb:.3f} (target <= 1.10): {'met' if extra <= 1.1 * out_mb else 'NOT met'}")
+        if tor or nv:  # the ratios the README quotes between methods (each timed in its own process)
+            parts = [f"torch/flowray time {tor['seconds'] / flo['seconds']:.2f}"] if tor else []
+            if nv:
+                parts.append(f"naive/flowray time {nv['seconds'] / flo['seconds']:.1f}")
+                if "peak_mb" in nv and extra > 0:
+                    parts.append(f"naive/flowray extra memory {(nv['peak_mb'] - fwd['peak_mb']) / extra:.1f}")
+            print(f"#   T={T}: " + ", ".join(parts) + " (seconds from separate processes)", flush=True)
         if not args.no_naive and not _naive_fits(T):
             print(f"#   naive at T={T}: skipped, does not fit in memory")
     for v in verdicts:

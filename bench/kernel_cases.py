@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from importance_speed import _text  # noqa: E402  (same C4 prose as the speed benchmark)
+from importance_speed import _text, _text_source  # noqa: E402  (same prose as the speed benchmark)
 
 
 def main() -> int:
@@ -31,7 +31,7 @@ def main() -> int:
 
     lm = flowray.load_model("smollm2", device="cpu")
     layers = lm.adapter.layers()
-    print(f"# SmolLM2-135M, C4 text, every layer; FEW = {FEW}")
+    print(f"# SmolLM2-135M, {_text_source()}, every layer; FEW = {FEW}")
     print(f"{'T':>5} {'sub-edges':>10} {'prox 0':>8} {'no overshoot':>13} {'few coords':>11} {'all coords':>11} "
           f"{'few / corrected':>16}")
     for T in args.lengths:

@@ -12,9 +12,11 @@ import torch
 from flowray.capture import LayerActivations, capture_layers
 from flowray.errors import InputError
 from flowray.importance import DEFAULT_ELEMENT_BUDGET, attention_node, direct_node
+from flowray.limits import check_dense_output
 from flowray.models.base import Adapter
 from flowray.models.families import adapter_for
 from flowray.models.loading import LoadedModel
+from flowray.models.modes import eval_mode
 
 FORMAT_VERSION = 1
 
@@ -259,6 +261,7 @@ def edge_importances_padded(
     mask = attention_mask.long()
     position_ids = (mask.cumsum(1) - 1).clamp_min(0)  # [B, T] 0 at each row's first real token
     s = adapter.shape
+    check_dense_output(s.n_layers, s.n_heads, [T for _, T in spans])  # before allocating [L, H, T, T]
     results = [_Buffers(s.n_layers, s.n_heads, T, s.parallel) for _, T in spans]
     layers = adapter.layers()
     kernel = dict(chunk_size=chunk_size, element_budget=element_budget, backend=backend)
@@ -269,7 +272,8 @@ def edge_importances_padded(
         for b, span in enumerate(spans):
             _layer_importances(rec, b, span, w_o, s.parallel, results[b], kernel)
 
-    with capture_layers(hf_model, adapter, consume, reuse_probs=True):  # consume() is done with each layer
+    # eval mode for the pass (dropout would change what is decomposed); the caller's mode is restored
+    with eval_mode(hf_model), capture_layers(hf_model, adapter, consume, reuse_probs=True):
         logits = hf_model(
             input_ids=input_ids.long().to(device),
             attention_mask=mask.to(device),

@@ -49,9 +49,9 @@ def _add_text_args(p: argparse.ArgumentParser) -> None:
 
 def read_texts(path: Path) -> list[str]:
     """Texts from a .txt (one per non-blank line) or .jsonl ('text' field) file."""
-    if not path.is_file():
-        raise InputError(f"text file {str(path)!r} does not exist; check the path")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    from flowray.io_checks import read_text_file
+
+    lines = read_text_file(path, "text file").splitlines()  # missing, a directory, binary: InputError
     if path.suffix == ".jsonl":
         texts = []
         for n, line in enumerate(lines, 1):
@@ -71,12 +71,55 @@ def read_texts(path: Path) -> list[str]:
     return texts
 
 
-def _check_texts(texts: list[str]) -> None:
-    """Reject empty texts before the (slow) model load."""
+def _check_texts(texts: list[str], many: bool = False) -> None:
+    """Reject an empty --text before the (slow) model load (with --file, an empty text is one failure)."""
     for i, text in enumerate(texts):
-        if not text.strip():
-            where = "" if len(texts) == 1 else f" (text {i})"
-            raise InputError(f"text{where} is empty or only whitespace; got {text!r}; give at least one word")
+        if not text.strip() and not many:
+            raise InputError(f"text is empty or only whitespace; got {text!r}; give at least one word")
+
+
+def _check_outputs(args, many: bool, *, out_suffixes: tuple[str, ...], plot: bool) -> None:
+    """--out (and --plot) can be written: checked before the model load, so no computation is lost."""
+    from flowray.io_checks import check_output_dir, check_output_file
+
+    if many:
+        check_output_dir(args.out, "--out")
+    else:
+        check_output_file(args.out, "--out", suffixes=out_suffixes)
+    if plot and args.plot is not None:
+        if many:
+            check_output_dir(args.plot, "--plot")
+        else:
+            check_output_file(args.plot, "--plot", suffixes=(".png", ".svg"))
+
+
+class _Failures:
+    """--file: a text that cannot be processed gets NNNNN.error.json; the rest go on; a summary at the end."""
+
+    def __init__(self, out_dir: Path | None):
+        self.out_dir, self.count = out_dir, 0
+
+    def usable(self, i: int, text: str) -> bool:
+        if self.out_dir is not None:
+            (self.out_dir / f"{i:05d}.error.json").unlink(missing_ok=True)  # from an earlier run
+        if text.strip():
+            return True
+        self.record(i, text, InputError("text is empty or only whitespace"))
+        return False
+
+    def record(self, i: int, text: str, exc: Exception) -> None:
+        self.count += 1
+        path = self.out_dir / f"{i:05d}.error.json"
+        path.write_text(json.dumps({"text_index": i, "text": text[:200], "error_type": type(exc).__name__,
+                                    "error": str(exc)}, indent=1))
+        log.error("text %d: %s (recorded in %s)", i, exc, path)
+
+    def close(self, total: int) -> int:
+        """Exit status: 0 when every text went through, 1 when some failed (each has its error record)."""
+        if not self.count:
+            return 0
+        print(f"flowray: {self.count} of {total} texts failed; see {self.out_dir}/NNNNN.error.json", file=sys.stderr)
+        return 1
 
 
 def _progress(items, total: int, desc: str):
@@ -105,19 +148,23 @@ def cmd_route(args) -> int:
     from flowray.routes import check_position, extract_route
 
     texts = [args.text] if args.text is not None else read_texts(args.file)
-    _check_texts(texts)
     many = args.file is not None
-    if args.plot is not None and not many and args.plot.suffix.lower() not in (".png", ".svg"):
-        raise InputError(f"--plot must end in .png or .svg; got {str(args.plot)!r}")
+    _check_texts(texts, many)
+    _check_outputs(args, many, out_suffixes=(), plot=True)  # before the model load and the computation
     lm = _load(args)
     out_dir = args.out if many else None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    if many and args.plot is not None:
-        args.plot.mkdir(parents=True, exist_ok=True)
+    failures = _Failures(out_dir)
     for i, text in enumerate(_progress(texts, len(texts), "routes")):
-        imp = _importances_for(lm, text, args)
-        pos = check_position(args.position, imp.n_tokens)
+        if not failures.usable(i, text):
+            continue
+        try:
+            imp = _importances_for(lm, text, args)
+            pos = check_position(args.position, imp.n_tokens)
+        except FlowrayError as exc:
+            if not many:
+                raise
+            failures.record(i, text, exc)
+            continue
         route = extract_route(imp, tau=args.tau, position=pos, model=lm.name)
         predicted = int(imp.predicted_ids[pos])
         route = _with_prediction(route, predicted, lm.tokenizer.decode([predicted]))
@@ -138,8 +185,8 @@ def cmd_route(args) -> int:
                   f"{len(heads)} heads")
             print(f"route JSON: {json_path}" + (f"\nfigure: {plot_path}" if plot_path else ""))
     if many:
-        print(f"{len(texts)} routes in {out_dir}" + (f", figures in {args.plot}" if args.plot else ""))
-    return 0
+        print(f"{len(texts) - failures.count} routes in {out_dir}" + (f", figures in {args.plot}" if args.plot else ""))
+    return failures.close(len(texts))
 
 
 def _with_prediction(route, token_id: int, token: str):
@@ -151,22 +198,28 @@ def _with_prediction(route, token_id: int, token: str):
 # --- flowray importances --------------------------------------------------------------------------
 def cmd_importances(args) -> int:
     texts = [args.text] if args.text is not None else read_texts(args.file)
-    _check_texts(texts)
     many = args.file is not None
-    if not many and args.out.suffix != ".npz":
-        raise InputError(f"--out must end in .npz (the documented array format); got {str(args.out)!r}")
+    _check_texts(texts, many)
+    _check_outputs(args, many, out_suffixes=(".npz",), plot=False)  # before the model load
     lm = _load(args)
-    if many:
-        args.out.mkdir(parents=True, exist_ok=True)
+    failures = _Failures(args.out if many else None)
     for i, text in enumerate(_progress(texts, len(texts), "importances")):
-        imp = _importances_for(lm, text, args)
+        if not failures.usable(i, text):
+            continue
+        try:
+            imp = _importances_for(lm, text, args)
+        except FlowrayError as exc:
+            if not many:
+                raise
+            failures.record(i, text, exc)
+            continue
         path = args.out / f"{i:05d}.npz" if many else args.out
         imp.save(path)
         if not many:
             print(f"{imp.n_tokens} tokens, {imp.n_layers} layers x {imp.n_heads} heads -> {path}")
     if many:
-        print(f"{len(texts)} importance files in {args.out}")
-    return 0
+        print(f"{len(texts) - failures.count} importance files in {args.out}")
+    return failures.close(len(texts))
 
 
 # --- flowray compare --------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -118,13 +119,17 @@ class JobConfig:
         dupes = sorted({d for d in domains if domains.count(d) > 1})
         if dupes:
             raise ConfigError(f"corpora: domain names must be unique; repeated: {', '.join(dupes)}")
+        if self.general_domain is not None:
+            _check_type("general_domain", self.general_domain, str)
         if self.general_domain is not None and self.general_domain not in domains:
             raise ConfigError(
                 f"general_domain: {self.general_domain!r} is not one of the corpora's domains ({', '.join(domains)})"
             )
+        _check_type("run_name", self.run_name, str)
+        _check_type("model", self.model, str)
         if not _NAME.match(self.run_name):
             raise ConfigError(f"run_name: use letters, digits, '_', '-', '.'; got {self.run_name!r}")
-        if self.dtype not in DTYPES:
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
             raise ConfigError(f"dtype: expected one of {', '.join(DTYPES)}; got {self.dtype!r}")
         for name in ("max_tokens", "texts_per_domain", "texts_per_shard", "actors", "batch_size"):
             value = getattr(self, name)
@@ -138,6 +143,8 @@ class JobConfig:
         for name in ("cpus_per_actor", "gpus_per_actor", "progress_interval_s"):
             value = getattr(self, name)
             _check_type(name, value, int, float)
+            if not math.isfinite(value):
+                raise ConfigError(f"{name}: expected a finite number; got {value!r}")
             if value < 0 or (name != "gpus_per_actor" and value == 0):
                 raise ConfigError(f"{name}: expected a {'non-negative' if name == 'gpus_per_actor' else 'positive'} number; got {value!r}")
         if not self.tau:
@@ -149,6 +156,7 @@ class JobConfig:
             raise ConfigError(f"tau: thresholds must be distinct; got {list(self.tau)!r}")
         for name in ("truncate", "trust_remote_code"):
             _check_type(name, getattr(self, name), bool)
+        _check_device(self.device, self.gpus_per_actor)
         _check_type("output", self.output, str)
         _check_type("seed", self.seed, int)
 
@@ -199,11 +207,12 @@ class JobConfig:
     def from_yaml(cls, path: str | Path, overrides: list[str] = ()) -> JobConfig:
         import yaml
 
+        from flowray.io_checks import read_text_file
+
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; check the path (see jobs/configs/)")
+        text = read_text_file(path, "config file", error=ConfigError, hint="see jobs/configs/")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(data, dict):
@@ -220,8 +229,26 @@ def apply_overrides(data: dict, overrides) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r}: expected key=value, e.g. texts_per_domain=8")
-        data[key.strip()] = yaml.safe_load(raw)
+        try:
+            data[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise ConfigError(f"override {item!r}: the value {raw!r} is not valid YAML ({problem}); quote it "
+                              "or fix the brackets, e.g. tau=[0.01,0.04]") from None
     return data
+
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _check_device(device, gpus_per_actor: float) -> None:
+    """The device string every actor will use, checked here on the driver (not in a dying actor)."""
+    _check_type("device", device, str)
+    if not _DEVICE.match(device):
+        raise ConfigError(f"device: expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; got {device!r}")
+    if device.startswith("cuda") and not gpus_per_actor:
+        raise ConfigError(f"device: {device!r} needs GPUs, but gpus_per_actor is 0 so no actor would see one; "
+                          "set gpus_per_actor (e.g. 1) or device: auto")
 
 
 def default_config_path(name: str = "default") -> Path:

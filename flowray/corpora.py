@@ -6,7 +6,9 @@ Kinds and their keys (``validate_source`` fills in the defaults shown):
      "streaming": True, "data_files": None, "cache_dir": None, "meta_fields": [], "max_chars": None}
         datasets.load_dataset(path, name, split=..., streaming=..., data_files=..., cache_dir=...);
         a local file goes through the same code path as path="json" / "parquet" with data_files.
-    {"kind": "jsonl", "paths": [...], "text_field": "text", "meta_fields": [], "base_dir": None, "max_chars": None}
+    {"kind": "jsonl", "paths": [...], "text_field": "text", "meta_fields": [], "base_dir": None, "max_chars": None,
+     "skip_bad_lines": False}
+        a line that is not a UTF-8 JSON object stops the job (naming the line) unless skip_bad_lines is true.
     {"kind": "parquet", "paths": [...], "text_field": "text", "meta_fields": [], "base_dir": None, "max_chars": None}
     {"kind": "text", "paths": [...], "mode": "lines", "base_dir": None, "max_chars": None}
         "lines": one document per line (FLORES devtest files); "file": one document per file.
@@ -39,6 +41,7 @@ from __future__ import annotations
 import glob
 import itertools
 import json
+import logging
 import os
 import sysconfig
 from collections.abc import Callable, Iterator
@@ -47,6 +50,8 @@ from pathlib import Path
 from typing import Any
 
 from flowray.errors import ConfigError, InputError
+
+_log = logging.getLogger(__name__)
 
 SOURCE_KINDS = ("hf", "jsonl", "parquet", "text", "stdlib_code", "pydoc_topics", "task")
 TEXT_MODES = ("lines", "file")
@@ -156,7 +161,7 @@ _SPECS: dict[str, dict[str, tuple[Any, Callable]]] = {
         "meta_fields": ([], _string_list),
         "max_chars": (None, _optional_count),
     },
-    "jsonl": _ROWS,
+    "jsonl": {**_ROWS, "skip_bad_lines": (False, _flag)},  # true: a line that is not a JSON object is skipped
     "parquet": _ROWS,
     "text": {**_FILES, "mode": ("lines", _choice(TEXT_MODES))},
     "stdlib_code": {"max_chars": (20_000, _optional_count)},  # a few stdlib files are 100s of kB
@@ -276,19 +281,25 @@ def _read_jsonl(src: dict, **_) -> Iterator[Document]:
 
     def documents() -> Iterator[Document]:
         for path, label in zip(files, _labels(files), strict=True):
-            with open(path, encoding="utf-8") as f:
-                for row, line in enumerate(f):
-                    if not line.strip():
+            with open(path, "rb") as f:  # decoded line by line, so a bad line names its number
+                for row, raw in enumerate(f):
+                    if not raw.strip():
                         continue  # a blank line holds no record
                     where = f"{path}:{row + 1}"
                     try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as exc:
+                        record = json.loads(raw.decode("utf-8"))
+                        if not isinstance(record, dict):
+                            raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+                    except (UnicodeDecodeError, ValueError) as exc:
+                        if src.get("skip_bad_lines"):
+                            _log.warning("%s: skipped, not a UTF-8 JSON object (%s)", where, exc)
+                            continue
+                        reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else \
+                            getattr(exc, "msg", str(exc))
                         raise InputError(
-                            f"{where}: not a JSON object ({exc.msg}); each line of a JSONL file must be one"
-                        ) from exc
-                    if not isinstance(record, dict):
-                        raise InputError(f"{where}: expected a JSON object per line; got {type(record).__name__}")
+                            f"{where}: not a JSON object ({reason}); each line of a JSONL file must be one "
+                            "(set skip_bad_lines: true in the source to skip such lines)"
+                        ) from None
                     for field in fields:
                         if field not in record:
                             raise _missing_field("jsonl", field, list(record), f"record {where}")

@@ -87,7 +87,7 @@ class Route:
     edges: tuple[Edge, ...]
     model: str = ""
     token_ids: tuple[int, ...] = ()
-    prediction: dict = field(default_factory=dict)  # optional {"token_id": int, "token": str}
+    prediction: dict = field(default_factory=dict)  # {"token_id": int, "token": str | None}
 
     @property
     def top(self) -> Node:
@@ -204,7 +204,8 @@ ROUTE_JSON_SCHEMA = {
         "parallel": {"type": "boolean"},
         "tokens": {"type": "array", "items": {"type": "string"}},
         "token_ids": {"type": "array", "items": {"type": "integer"}},
-        "prediction": {"type": "object"},
+        "prediction": {"type": "object", "properties": {"token_id": {"type": "integer", "minimum": 0},
+                                                        "token": {"type": ["string", "null"]}}},
         "nodes": {
             "type": "array",
             "items": {
@@ -285,8 +286,13 @@ def extract_route(
     *,
     tokens: tuple[str, ...] | list[str] | None = None,
     model: str = "",
+    tokenizer=None,
 ) -> Route:
-    """The information flow route of the prediction at ``position`` (negative counts from the end)."""
+    """The information flow route of the prediction at ``position`` (negative counts from the end).
+
+    ``prediction`` holds the model's top next token there: ``token_id`` always (from ``imp.predicted_ids``),
+    ``token`` decoded when a ``tokenizer`` is given (else null).
+    """
     tau = check_tau(tau)
     L, H, T, _ = imp.attn.shape
     pos0 = check_position(position, T)
@@ -345,7 +351,17 @@ def extract_route(
         edges=tuple(edges),
         model=model or getattr(imp, "model_name", ""),
         token_ids=tuple(int(t) for t in getattr(imp, "token_ids", ())),
+        prediction=_prediction(imp, pos0, tokenizer),
     )
+
+
+def _prediction(imp, pos: int, tokenizer) -> dict:
+    """The model's top next token at ``pos`` (``token`` needs a tokenizer; null without one)."""
+    predicted = getattr(imp, "predicted_ids", None)
+    if predicted is None or len(predicted) <= pos:
+        return {}
+    token_id = int(predicted[pos])
+    return {"token_id": token_id, "token": tokenizer.decode([token_id]) if tokenizer is not None else None}
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import polars as pl
 import pytest
 from conftest import REPO, SHARED_DATA, needs_shared
 
-pytestmark = [pytest.mark.slow, needs_shared]
+pytestmark = pytest.mark.slow  # the tests that run a job need shared data; the helpers' tests run anywhere
 
 ANALYSIS = REPO / "analysis"
 sys.path.insert(0, str(ANALYSIS))
@@ -80,6 +80,7 @@ def _check_figures(folder, name):
 
 
 # --- every notebook, top to bottom --------------------------------------------------------------
+@needs_shared
 @pytest.mark.parametrize("name", run_all.NOTEBOOKS)
 def test_notebook_runs_on_a_smollm2_run(name, smollm2_run, tmp_path):
     nb = run_all.execute_notebook(name, run=str(smollm2_run), figures=str(tmp_path), params=PARAMS.get(name),
@@ -96,6 +97,7 @@ def test_notebook_runs_on_a_smollm2_run(name, smollm2_run, tmp_path):
         assert "rank 64" in text  # W_OV of a SmolLM2 head has rank d_head
 
 
+@needs_shared
 @pytest.mark.parametrize("name", run_all.NOTEBOOKS)
 def test_notebook_runs_on_another_models_run_through_uris(name, tiny_run, tmp_path):
     nb = run_all.execute_notebook(name, run=tiny_run.as_uri(), figures=(tmp_path / "figs").as_uri(),
@@ -128,6 +130,7 @@ def test_paths_stay_uris_and_relative_paths_are_repo_relative():
     assert common.resolve("runs/shared_data") == str(REPO / "runs" / "shared_data")
 
 
+@needs_shared
 def test_run_reads_everything_from_the_manifest(smollm2_run):
     run = common.open_run(smollm2_run.as_uri())
     manifest = json.loads((smollm2_run / "manifest.json").read_text())

@@ -6,18 +6,26 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_benchmark_script_runs_its_code_path_on_a_tiny_model():
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_importance.py"), "--tiny", "--repeats", "1"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_importance.py"), "--tiny", "--repeats", "1",
+                           "--tokens", "40", "--long", "96"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("# cpu (tiny Llama)")
+    assert lines[1].split()[:4] == ["T", "forward", "s", "flowray"]
     row = lines[2].split()
-    assert row[0] == "64" and float(row[1]) > 0 and float(row[2]) > 0
-    assert "T=128: edge importances fit" in proc.stdout
+    assert row[0] == "40", "the --tokens asked for are the tokens timed"
+    forward_s, flowray_s, ratio = float(row[1]), float(row[2]), float(row[3])
+    assert forward_s > 0 and flowray_s > 0
+    # the ratio the README quotes is the two columns of the same run divided, not a hand-made figure
+    rounding = 5e-5 * (1 / forward_s + 1 / flowray_s) * ratio + 0.005  # the seconds are printed to 4 decimals
+    assert ratio == pytest.approx(flowray_s / forward_s, abs=rounding)
+    assert "# T=96: edge importances fit" in proc.stdout, "the --long context asked for is the one checked"
 
 
 def test_gpu_job_benchmark_runs_its_code_path_on_a_tiny_model():

@@ -69,7 +69,34 @@ BAD_INPUTS = [
     (["route", "--text", "hi", "--out", "x.json", "--plot", "x.jpg"], ".png or .svg"),
     (["route", "--text", "hi", "--max-tokens", "0", "--out", "x.json"], "positive integer"),
     (["importances", "--text", "hi", "--out", "x.npz", "--backend", "gpu"], "invalid choice: 'gpu'"),
+    # outputs checked before the model load (a model that does not exist would fail later: it is not reached)
+    (["route", "--model", "none/such", "--text", "hi", "--out", "/proc/x.json"], "--out: cannot write into '/proc'"),
+    (["importances", "--model", "none/such", "--text", "hi", "--out", "/proc/x.npz"], "cannot write into '/proc'"),
+    (["route", "--model", "none/such", "--text", "hi", "--out", "adir"], "'adir' is an existing directory"),
+    (["importances", "--model", "none/such", "--text", "hi", "--out", "adir.npz"], "is an existing directory"),
+    (["route", "--model", "none/such", "--file", "t.txt", "--out", "afile.json"], "is an existing file; with --file"),
+    (["importances", "--model", "none/such", "--file", "t.txt", "--out", "afile.json"], "is an existing file"),
+    (["route", "--model", "none/such", "--text", "hi", "--out", "x.json", "--plot", "/proc/p.png"],
+     "--plot: cannot write into '/proc'"),
+    # input files: binary, a directory
+    (["route", "--model", "none/such", "--file", "binary.txt", "--out", "o"], "is not UTF-8 text (byte 2, line 1"),
+    (["route", "--model", "none/such", "--file", "binary.jsonl", "--out", "o"], "is not UTF-8 text"),
+    (["importances", "--model", "none/such", "--file", "nul.txt", "--out", "o"], "holds NUL bytes (line 2)"),
+    (["route", "--model", "none/such", "--file", "adir", "--out", "o"], "'adir' is a directory; expected a file"),
 ]
+
+
+@pytest.fixture
+def input_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "adir.npz").mkdir()
+    (tmp_path / "afile.json").write_text("{}")
+    (tmp_path / "t.txt").write_text("one text\n")
+    (tmp_path / "binary.txt").write_bytes(b"ok\xff\xfe\x00\x81 binary")
+    (tmp_path / "binary.jsonl").write_bytes(bytes(range(256)))
+    (tmp_path / "nul.txt").write_bytes(b"fine\nnot\x00fine\n")
+    return tmp_path
 
 
 def _exit_code(argv):
@@ -80,11 +107,36 @@ def _exit_code(argv):
 
 
 @pytest.mark.parametrize("argv,message", BAD_INPUTS)
-def test_bad_input_exits_2_with_a_clear_message(argv, message, capsys, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_bad_input_exits_2_with_a_clear_message(argv, message, capsys, input_files):
     assert _exit_code(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+    assert "could not load model" not in err, "the output/input check must come before the model load"
+
+
+def test_outputs_in_missing_folders_are_created_before_the_model_load(capsys, input_files):
+    assert _exit_code(["route", "--model", "none/such", "--text", "hi", "--out", "new/deeper/r.json",
+                       "--plot", "figs/r.png"]) == 2  # the model fails, after the folders were checked
+    assert (input_files / "new" / "deeper").is_dir() and (input_files / "figs").is_dir()
+    assert not list((input_files / "new" / "deeper").iterdir()), "the write check leaves nothing behind"
+
+
+@pytest.mark.slow
+def test_a_bad_text_in_a_file_is_recorded_and_the_others_go_on(tmp_path, capsys, tiny_model_dir):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("one two three four\nhi\nfive six seven eight\n")  # "hi" is too short for --position 3
+    out = tmp_path / "routes"
+    code, stdout, err = _run(["route", "--model", str(tiny_model_dir), "--file", str(texts), "--out", str(out),
+                              "--position", "3"], capsys)
+    assert code == 1, "some texts failed: a non-zero status"
+    assert sorted(p.name for p in out.iterdir()) == ["00000.json", "00001.error.json", "00002.json"]
+    record = json.loads((out / "00001.error.json").read_text())
+    assert record["text"] == "hi" and record["error_type"] == "InputError" and "out of range" in record["error"]
+    assert "2 routes in" in stdout and "1 of 3 texts failed" in err
+    texts.write_text("one two three four\nnine ten eleven twelve\n")  # fixed: the stale record goes
+    code, _, _ = _run(["route", "--model", str(tiny_model_dir), "--file", str(texts), "--out", str(out),
+                       "--position", "3"], capsys)
+    assert code == 0 and not (out / "00001.error.json").exists()
 
 
 @pytest.mark.slow

@@ -41,17 +41,21 @@ def _broken(cluster, edit):
     return cfg
 
 
-@pytest.mark.parametrize("edit", [
-    lambda c: c["available_node_types"]["gpu_worker"].update(min_worker=0),  # typo of min_workers
-    lambda c: c["available_node_types"]["gpu_worker"].update(min_workers=12),  # more than max
-    lambda c: c["available_node_types"]["gpu_worker"].pop("resources"),
-    lambda c: c.update(head_node_type="cpu_head"),  # no such node type
-    lambda c: c.pop("provider"),
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["available_node_types"]["gpu_worker"].update(min_worker=0),  # typo of min_workers
+     r"'min_worker' was unexpected"),
+    (lambda c: c["available_node_types"]["gpu_worker"].update(min_workers=12),  # more than max
+     r"max_workers` is smaller than the sum of `min_workers`"),
+    (lambda c: c["available_node_types"]["gpu_worker"].pop("resources"), r"'resources' is a required property"),
+    (lambda c: c.update(head_node_type="cpu_head"),  # no such node type
+     r"`head_node_type` must be one of `available_node_types`"),
+    (lambda c: c.pop("provider"), r"'provider' is a required property"),
 ])
-def test_broken_copies_fail(cluster, edit):
-    with pytest.raises(Exception) as exc:
-        _validate(_broken(cluster, edit))
-    assert exc.type.__name__ in ("ValidationError", "ValueError", "KeyError")
+def test_broken_copies_fail(cluster, edit, message):
+    broken = _broken(cluster, edit)  # outside pytest.raises: an edit that itself fails must not pass
+    assert broken != cluster
+    with pytest.raises((jsonschema.ValidationError, ValueError), match=message):
+        _validate(broken)
 
 
 def test_kuberay_rayjob_example_runs_our_entry_point():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from conftest import REPO, SHARED_DATA
 from flowray.config import JobConfig, default_config_path
 from flowray.errors import ConfigError
 
@@ -15,10 +16,24 @@ def _cfg(**changes):
     return JobConfig.from_dict({**BASE, **changes})
 
 
-def test_shipped_configs_validate():
-    default = JobConfig.from_yaml(default_config_path("default"))
-    assert default.general == "prose" and default.model == "smollm2"
-    assert {c.domain for c in default.corpora} >= {"prose", "code", "ioi", "ioi_contrastive", "addition"}
+SHIPPED = sorted((REPO / "flowray" / "configs").glob("*.yaml")) + sorted((REPO / "jobs" / "configs").glob("*.yaml"))
+
+
+def test_every_shipped_config_is_tested():
+    assert [p.stem for p in SHIPPED] == ["default", "shared_data", "cluster_llama2"]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_configs_validate(path):
+    if path.stem == "shared_data" and not SHARED_DATA.is_dir():
+        pytest.skip(f"shared_data reads its corpora from {SHARED_DATA}, which is not present")
+    cfg = JobConfig.from_yaml(path)
+    assert cfg.corpora and cfg.tau
+    if path.stem == "default":
+        assert cfg.general == "prose" and cfg.model == "smollm2"
+        assert {c.domain for c in cfg.corpora} >= {"prose", "code", "ioi", "ioi_contrastive", "addition"}
+    if path.stem == "cluster_llama2":
+        assert cfg.gpus_per_actor >= 1 and cfg.output.startswith("s3://")
 
 
 @pytest.mark.parametrize("changes,message", [
@@ -39,6 +54,15 @@ def test_shipped_configs_validate():
      "unique; repeated: x"),
     ({"corpora": [{"domain": "x", "sorce": {"kind": "pydoc_topics"}}]}, "corpora[0]: unknown key(s) 'sorce'"),
     ({"corpora": [{"domain": "x", "source": {"kind": "wikipedia"}}]}, "corpora[0].source"),
+    ({"device": "bogus"}, "device: expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; got 'bogus'"),
+    ({"device": "cuda:0"}, "needs GPUs, but gpus_per_actor is 0"),
+    ({"device": 3}, "device: expected a string; got 3"),
+    ({"run_name": 5}, "run_name: expected a string; got 5"),
+    ({"model": ["a"]}, "model: expected a string; got ['a']"),
+    ({"dtype": ["float32"]}, "dtype: expected one of"),
+    ({"general_domain": 7}, "general_domain: expected a string; got 7"),
+    ({"cpus_per_actor": float("nan")}, "cpus_per_actor: expected a finite number; got nan"),
+    ({"gpus_per_actor": float("inf")}, "gpus_per_actor: expected a finite number; got inf"),
     ({"corpora": [{"domain": "x", "source": {"kind": "jsonl", "paths": ["/nonexistent/file.jsonl"], "text_field": "text"}}]},
      "/nonexistent/file.jsonl"),
 ])
@@ -60,6 +84,21 @@ def test_yaml_overrides_and_missing_file(tmp_path):
     path.write_text("corpora: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         JobConfig.from_yaml(path)
+    path.write_text(yaml.safe_dump(BASE))
+    with pytest.raises(ConfigError, match=r"override 'tau=\[0.1': the value '\[0.1' is not valid YAML"):
+        JobConfig.from_yaml(path, overrides=["tau=[0.1"])
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        JobConfig.from_yaml(path, overrides=["corpora={a: [}"])
+    path.write_bytes(bytes(range(256)))
+    with pytest.raises(ConfigError, match="is not UTF-8 text .*binary file"):
+        JobConfig.from_yaml(path)
+    with pytest.raises(ConfigError, match="is a directory; expected a file"):
+        JobConfig.from_yaml(tmp_path)
+
+
+def test_a_cuda_device_with_gpus_validates():
+    cfg = _cfg(device="cuda", gpus_per_actor=1)
+    assert cfg.device == "cuda"
 
 
 def test_relative_corpus_paths_resolve_against_the_config(tmp_path):

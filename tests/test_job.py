@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from flowray.config import JobConfig
-from flowray.errors import ConfigError
+from flowray.errors import ConfigError, InputError
 
 pytestmark = pytest.mark.slow
 
@@ -82,8 +82,10 @@ def test_job_on_local_ray_with_two_actors(tmp_path, tiny_model_dir, local_ray):
     act = pl.read_parquet(run_dir / "tables" / "head_activation.parquet")
     assert set(act["domain"]) == {"notes", "ioi"} and set(act["tau"]) == {0.02, 0.05}
     assert act["frequency"].is_between(0, 1).all()
+    assert manifest["figures"] == ["figures/activation_map.png", "figures/domain_comparison.png"]
     for fig in manifest["figures"]:
         assert (run_dir / fig).read_bytes()[:4] == b"\x89PNG"
+    assert manifest["shards_verified"] == 7 and manifest["exactly_once"] == {"texts_planned": 14, "texts_found": 14}
     assert "previous-token heads" in (run_dir / "summary.md").read_text()
     assert (run_dir / "report.html").is_file() and "(report.html)" in (run_dir / "summary.md").read_text()
     # re-running the finished run resumes: nothing to do, same outputs
@@ -129,6 +131,60 @@ def test_bad_corpora_fail_before_any_actor_starts(tmp_path, tiny_model_dir, monk
     cfg["corpora"][0]["source"]["paths"] = [str(empty)]
     with pytest.raises(ConfigError, match="yielded no documents"):
         run_job(JobConfig.from_dict(cfg))
+    blank = tmp_path / "blank.jsonl"  # every text empty: nothing to compute, stop before the map stage
+    blank.write_text('{"body": ""}\n{"body": "   "}\n{"body": null}\n{"body": "\\n\\n"}\n')
+    cfg["corpora"][0]["source"]["paths"] = [str(blank)]
+    with pytest.raises(ConfigError, match="all 4 texts are empty or only whitespace"):
+        run_job(JobConfig.from_dict({**cfg, "run_name": "blank"}))
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(b'{"body": "fine"}\n' + bytes(range(128, 256)) + b"\n")
+    cfg["corpora"][0]["source"]["paths"] = [str(binary)]
+    with pytest.raises(InputError, match=r"binary.jsonl:2: not a JSON object \(not UTF-8 text\).*skip_bad_lines"):
+        run_job(JobConfig.from_dict({**cfg, "run_name": "binary"}))
+    with pytest.raises(ConfigError, match="cannot write the run directory '/proc/x/t'"):
+        run_job(JobConfig.from_dict(_config(tmp_path, tiny_model_dir, output="/proc/x")))
+
+
+def test_a_jsonl_with_bad_lines_can_skip_them(tmp_path):
+    from flowray.corpora import iter_documents, validate_source
+
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b'{"text": "one"}\n{"text": \n' + b"\xff\xfe\n" + b'[1, 2]\n{"text": "two"}\n')
+    source = validate_source({"kind": "jsonl", "paths": [str(path)], "skip_bad_lines": True})
+    docs = list(iter_documents(source))
+    assert [d.text for d in docs] == ["one", "two"] and docs[1].doc_id == "mixed.jsonl:000004"
+    with pytest.raises(InputError, match="mixed.jsonl:2: not a JSON object"):
+        list(iter_documents(validate_source({"kind": "jsonl", "paths": [str(path)]})))
+
+
+def test_impossible_resources_fail_fast_instead_of_waiting(tmp_path, tiny_model_dir, local_ray):
+    from flowray.pipeline.job import run_job
+
+    t0 = time.time()
+    with pytest.raises(ConfigError, match=r"no node of this Ray cluster can run one model actor: each asks for "
+                       r"\{CPU: 1, GPU: 1\}.*no autoscaler.*set gpus_per_actor: 0"):
+        run_job(JobConfig.from_dict(_config(tmp_path, tiny_model_dir, run_name="gpu", gpus_per_actor=1,
+                                            texts_per_domain=2)))
+    assert time.time() - t0 < 60
+
+
+def test_a_committed_shard_damaged_later_is_redone(tmp_path, tiny_model_dir, local_ray):
+    """Truncate a finished run's predictions file, delete another, cut a marker: the next run redoes those."""
+    from flowray.pipeline.job import run_job
+
+    cfg = JobConfig.from_dict(_config(tmp_path, tiny_model_dir, run_name="damaged"))
+    run_dir = tmp_path / "runs" / "damaged"
+    run_job(cfg)
+    good = _check_exactly_once(run_dir, 14)
+    victim = run_dir / "predictions" / "notes-00001.parquet"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    (run_dir / "predictions" / "notes-00002.parquet").unlink()
+    marker = run_dir / "done" / "ioi-00000.json"
+    marker.write_text(marker.read_text()[:40])
+    again = run_job(cfg)
+    manifest = _check_exactly_once(run_dir, 14)
+    assert again.manifest["counts"]["shards_resumed"] == 7 - 3
+    assert manifest["counts"]["predictions_written"] == good["counts"]["predictions_written"]
 
 
 def test_driver_stopped_mid_run_then_restarted(tmp_path, tiny_model_dir):

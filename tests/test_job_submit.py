@@ -49,8 +49,15 @@ def test_ray_job_submit_against_a_local_head(tmp_path, tiny_model_dir):
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "succeeded" in proc.stdout
         assert "run submitted: 6 texts" in proc.stdout  # the job's own closing lines, streamed back
-        manifest = json.loads((tmp_path / "runs" / "submitted" / "manifest.json").read_text())
+        run = tmp_path / "runs" / "submitted"
+        manifest = json.loads((run / "manifest.json").read_text())
         assert manifest["every_text_exactly_once"] and manifest["counts"]["texts_in"] == 6
+        # exactly once, from the files themselves: each of the 6 texts in the predictions, none twice
+        import polars as pl
+
+        preds = pl.read_parquet(run / "predictions" / "*.parquet")
+        assert sorted(preds["doc_id"].unique().to_list()) == [f"c.jsonl:{i:06d}" for i in range(6)]
+        assert preds.select("doc_id", "position").is_duplicated().sum() == 0
         assert manifest["counts"]["error_rows"] == 0
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)

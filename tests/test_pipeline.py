@@ -60,7 +60,8 @@ def test_worker_turns_texts_into_one_row_per_prediction(worker):
     assert a.height == n_a and a["position"].to_list() == list(range(n_a))
     assert a["next_token_id"].to_list()[:-1] == a["token_id"].to_list()[1:]  # next token from the text
     assert a["next_token_id"][-1] is None and a["target"].all()
-    assert a["pos"].to_list()[:2] == ["DET", "NOUN"] or a["pos"].null_count() == a.height  # no tagger data
+    if worker.pos_tagging is None:  # no tagger data: POS is off, and visibly so (null, never made up)
+        assert a["pos"].null_count() == a.height
     d = df.filter(pl.col("doc_id") == "d")
     assert d.height == 12  # truncated to max_tokens, the cut-off token still known as the next token
     assert d.sort("position")["next_token_id"][-1] is not None
@@ -77,6 +78,22 @@ def test_worker_turns_texts_into_one_row_per_prediction(worker):
     # a larger tau keeps a subset of the heads, per prediction
     small, large = a[route_heads_column(TAUS[0])].to_list(), a[route_heads_column(TAUS[1])].to_list()
     assert all(set(lg) <= set(sm) for sm, lg in zip(small, large))
+
+
+@pytest.mark.slow
+def test_worker_tags_parts_of_speech(worker):
+    from flowray.errors import MissingDependencyError
+    from flowray.text import universal_tagger
+
+    try:
+        universal_tagger()
+    except MissingDependencyError as exc:
+        pytest.skip(f"NLTK tagger data not found, POS tagging is off: {exc}")
+    assert worker.pos_tagging is not None, "the tagger data is there but the worker turned POS off"
+    preds, _ = worker.process([_doc("a", "The cat sat on the mat.")])
+    a = pl.from_arrow(preds).sort("position")
+    assert a["pos"].to_list()[:2] == ["DET", "NOUN"]
+    assert a["next_pos"].to_list()[:2] == ["NOUN", "VERB"]
 
 
 @pytest.mark.slow

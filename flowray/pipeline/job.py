@@ -13,8 +13,10 @@ import time
 from dataclasses import dataclass
 
 from flowray.config import JobConfig
-from flowray.pipeline.prepare import prepare
-from flowray.pipeline.reduce import reduce_run
+from flowray.pipeline.commit import pending_shards
+from flowray.pipeline.prepare import check_run_directory, prepare
+from flowray.pipeline.reduce import invalidate_manifest, reduce_run
+from flowray.pipeline.resources import check_cluster_resources
 from flowray.pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -33,18 +35,21 @@ def run_job(config: JobConfig, *, crash_once: dict | None = None, ray_init: dict
     started = time.time()
     storage = Storage(f"{config.output.rstrip('/')}/{config.run_name}")
     log.info("run directory: %s", storage.uri)
+    check_run_directory(config, storage)  # writable, same experiment; then the old manifest is withdrawn
+    invalidate_manifest(storage)
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     index = prepare(config, storage, tokenizer)  # every config/corpus error surfaces here, before Ray
     storage.write_json("config.json", config.to_dict())
     timings = {"prepare_s": round(time.time() - started, 2)}
-    done = set(name.removesuffix(".json") for name in storage.list("done", ".json"))
-    pending = [s["shard_id"] for s in index["shards"] if s["shard_id"] not in done]
-    log.info("%d shards, %d already done, %d to process", len(index["shards"]), len(done), len(pending))
+    pending, redone = pending_shards(storage, index["shards"])  # a marker counts only if it proves its files
+    done = len(index["shards"]) - len(pending)
+    log.info("%d shards, %d already done, %d to process (%d redone: their files failed their marker)",
+             len(index["shards"]), done, len(pending), len(redone))
     t_map = time.time()
     if pending:
         _map_stage(config, storage, pending, index, crash_once=crash_once, ray_init=ray_init or {})
     timings["map_s"] = round(time.time() - t_map, 2)  # actor start-up (model loads) included
-    manifest = reduce_run(config, storage, index, started=started, resumed_shards=len(done), timings=timings)
+    manifest = reduce_run(config, storage, index, started=started, resumed_shards=done, timings=timings)
     return RunResult(run_uri=storage.uri, manifest=manifest)
 
 
@@ -54,6 +59,7 @@ def _map_stage(config: JobConfig, storage: Storage, pending: list[str], index: d
     if not ray.is_initialized():
         quiet_ray_notices()
         ray.init(**ray_init_kwargs(config, ray_init))
+    check_cluster_resources(config.cpus_per_actor, config.gpus_per_actor)  # fail fast, never wait forever
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
     if (config.min_actors or config.actors) < config.actors:

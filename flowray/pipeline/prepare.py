@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import pyarrow as pa
 
@@ -25,16 +26,50 @@ def shard_id(domain: str, number: int) -> str:
     return f"{domain}-{number:05d}"
 
 
+def _existing_index(config: JobConfig, storage: Storage) -> dict | None:
+    """The index of a run already in ``storage`` (None if none); ConfigError if it is another experiment."""
+    if not storage.exists(INDEX):
+        return None
+    try:
+        index = storage.read_json(INDEX)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{storage.path(INDEX)} is not valid JSON ({exc}); the run directory is damaged: "
+                          "delete it (or choose another run_name) and run again") from None
+    if not isinstance(index, dict) or index.get("content_hash") != config.content_hash():
+        got = index.get("content_hash") if isinstance(index, dict) else None
+        raise ConfigError(
+            f"run directory {storage.uri} already holds a run with a different config (hash "
+            f"{got} vs {config.content_hash()}); resuming would mix experiments: "
+            "choose another run_name or delete that directory"
+        )
+    return index
+
+
+def check_run_directory(config: JobConfig, storage: Storage) -> None:
+    """Before any work: the run directory can be written, and holds no other experiment's run."""
+    _existing_index(config, storage)
+    probe = f".write-check-{os.getpid()}"
+    try:
+        storage.write_bytes(probe, b"")
+        storage.delete(probe)
+    except (OSError, pa.ArrowException) as exc:
+        raise ConfigError(
+            f"output: cannot write the run directory {storage.uri!r} ({type(exc).__name__}: {exc}); set "
+            "output to a writable local folder or a bucket URI (s3://..., gs://...)") from None
+
+
+def _check_texts(domain: str, docs) -> None:
+    """A corpus whose every text is empty would run the model for nothing and leave no prediction."""
+    if all(not isinstance(d.text, str) or not d.text.strip() for d in docs):
+        raise ConfigError(
+            f"corpus {domain!r}: all {len(docs)} texts are empty or only whitespace (first: "
+            f"{docs[0].text!r}); check its text_field / source (every domain needs at least one text)")
+
+
 def prepare(config: JobConfig, storage: Storage, tokenizer) -> dict:
     """Write (or find) the shards of ``config`` under ``storage``; return the index."""
-    if storage.exists(INDEX):
-        index = storage.read_json(INDEX)
-        if index.get("content_hash") != config.content_hash():
-            raise ConfigError(
-                f"run directory {storage.uri} already holds a run with a different config (hash "
-                f"{index.get('content_hash')} vs {config.content_hash()}); resuming would mix experiments: "
-                "choose another run_name or delete that directory"
-            )
+    index = _existing_index(config, storage)
+    if index is not None:
         log.info("resuming: %d shards already prepared in %s", len(index["shards"]), storage.uri)
         return index
     from flowray.corpora import iter_documents
@@ -48,6 +83,7 @@ def prepare(config: JobConfig, storage: Storage, tokenizer) -> dict:
                 f"corpus {corpus.domain!r} yielded no documents from {json.dumps(corpus.source)}; check its "
                 "paths/split/filters (every domain needs at least one text)"
             )
+        _check_texts(corpus.domain, docs)
         ids = [d.doc_id for d in docs]
         if len(set(ids)) != len(ids):
             dup = next(i for i in ids if ids.count(i) > 1)

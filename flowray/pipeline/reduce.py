@@ -34,46 +34,106 @@ def _versions() -> dict:
     return out
 
 
+MANIFEST = "manifest.json"
+
+
+class EmptyDomainError(FlowrayError):
+    """The general domain has no prediction at all (every text failed): there is nothing to compare with."""
+
+
+def invalidate_manifest(storage: Storage) -> None:
+    """Remove ``manifest.json`` before a run or a reduce changes anything it describes."""
+    storage.delete(MANIFEST)
+
+
+def exactly_once(index: dict, shards: list[tuple[str, pa.Table, pa.Table]]) -> dict:
+    """Each planned text appears once, from the doc ids actually present in the tables (not the plan).
+
+    ``shards``: ``(domain, predictions, errors)`` per committed shard. A text counts once per shard whose
+    predictions hold it and once per error row; prediction rows of one text must not repeat a position.
+    """
+    import polars as pl
+
+    seen: dict[tuple[str, str], int] = {}
+    repeated_rows = []
+    for domain, preds, errors in shards:
+        frame = pl.from_arrow(preds.select(["doc_id", "position"]))
+        if frame.height and frame.is_duplicated().any():
+            repeated_rows += frame.filter(frame.is_duplicated())["doc_id"].unique().to_list()
+        for doc in set(preds.column("doc_id").to_pylist()):
+            seen[(domain, doc)] = seen.get((domain, doc), 0) + 1
+        for doc in errors.column("doc_id").to_pylist():
+            seen[(domain, doc)] = seen.get((domain, doc), 0) + 1
+    planned = {(s["domain"], d) for s in index["shards"] for d in s["doc_ids"]}
+    return {
+        "texts_planned": len(planned),
+        "texts_found": sum(1 for key in planned if key in seen),
+        "missing": sorted(f"{d}/{doc}" for d, doc in planned - set(seen)),
+        "duplicated": sorted(f"{d}/{doc}" for (d, doc), n in seen.items() if n > 1),
+        "unplanned": sorted(f"{d}/{doc}" for d, doc in set(seen) - planned),
+        "repeated_positions": sorted(set(repeated_rows)),
+    }
+
+
+def _check_exactly_once(check: dict) -> bool:
+    problems = [f"{len(check[k])} {k.replace('_', ' ')} ({', '.join(check[k][:3])})"
+                for k in ("missing", "duplicated", "unplanned", "repeated_positions") if check[k]]
+    if problems:
+        raise IncompleteRunError(
+            f"texts are not each present exactly once in the outputs: {'; '.join(problems)}; the run "
+            "is not complete (no manifest written). Re-run the job: it redoes every shard whose outputs do "
+            "not hold exactly its planned texts")
+    return True
+
+
+def _load_committed(storage: Storage, index: dict) -> list[tuple[dict, dict, pa.Table, pa.Table]]:
+    """Every shard's ``(plan, marker, predictions, errors)``, each file checked against its marker."""
+    from flowray.pipeline.commit import ShardCheckError, load_shard
+
+    loaded, failed = [], []
+    for shard in index["shards"]:
+        try:
+            loaded.append((shard, *load_shard(storage, shard["shard_id"])))
+        except ShardCheckError as exc:
+            failed.append(f"{shard['shard_id']}: {exc}")
+    if failed:
+        raise IncompleteRunError(
+            f"{len(failed)} shard(s) have no verified output ({'; '.join(failed[:5])}); re-run the job: it "
+            "redoes every shard whose files do not match their commit marker")
+    return loaded
+
+
 def reduce_run(config: JobConfig, storage: Storage, index: dict, *, started: float, resumed_shards: int = 0,
                timings: dict | None = None) -> dict:
-    """Aggregate every finished shard; check that each text appears exactly once; write the manifest last."""
+    """Aggregate every verified shard; check that each text appears exactly once; write the manifest last."""
     t_reduce = time.time()
-    markers = {s["shard_id"]: storage.read_json(f"done/{s['shard_id']}.json") for s in index["shards"]
-               if storage.exists(f"done/{s['shard_id']}.json")}
-    missing = [s["shard_id"] for s in index["shards"] if s["shard_id"] not in markers]
-    if missing:
-        raise IncompleteRunError(f"{len(missing)} shard(s) have no output yet ({', '.join(missing[:5])}...); "
-                                 "re-run the job to resume them")
+    invalidate_manifest(storage)  # before anything can fail: a stale manifest must not outlive its files
+    loaded = _load_committed(storage, index)
+    markers = {shard["shard_id"]: marker for shard, marker, _, _ in loaded}
+    check = exactly_once(index, [(shard["domain"], preds, errors) for shard, _, preds, errors in loaded])
+    exactly = _check_exactly_once(check)
     first = next(iter(markers.values()))
     L, H = first["n_layers"], first["n_heads"]
     acc = Accumulator(L, H, config.tau, config.general)
-    error_tables, seen = [], {}
-    for shard in index["shards"]:
-        sid = shard["shard_id"]
-        preds = storage.read_table(f"predictions/{sid}.parquet")
-        errors = storage.read_table(f"errors/{sid}.parquet")
+    error_tables, predicted_domains = [], set()
+    for shard, _marker, preds, errors in loaded:
         acc.update(preds)
         error_tables.append(errors)
-        predicted = set(preds.column("doc_id").to_pylist())
-        failed = errors.column("doc_id").to_pylist()
-        expected = shard["doc_ids"]
-        if len(set(failed)) != len(failed) or predicted & set(failed) or predicted | set(failed) != set(expected):
-            raise IncompleteRunError(
-                f"shard {sid}: texts are not each present exactly once (expected {len(expected)}, "
-                f"predicted {len(predicted)}, error rows {len(failed)})")
-        for doc in expected:
-            seen[(shard["domain"], doc)] = seen.get((shard["domain"], doc), 0) + 1
-    tables = acc.tables()
+        if preds.num_rows:
+            predicted_domains.add(shard["domain"])
+    empty_domains = sorted(set(index["domains"]) - predicted_domains)
     errors = pa.concat_tables(error_tables) if error_tables else ERRORS.empty_table()
+    _check_general(config, empty_domains, errors)
+    tables = acc.tables()
     for name in TABLES:
         buf = io.BytesIO()
         tables[name].write_parquet(buf)
         storage.write_bytes(f"tables/{name}.parquet", buf.getvalue())
     storage.write_table("tables/errors.parquet", errors)
     figures = _figures(storage, tables, config, L, H)
-    n_predictions = sum(m["predictions"] for m in markers.values())
+    n_predictions = sum(preds.num_rows for _, _, preds, _ in loaded)
     pos_tagging = all(m.get("pos_tagging") for m in markers.values())
-    summary = _summary(tables, errors, config, pos_tagging)
+    summary = _summary(tables, errors, config, pos_tagging, empty_domains)
     from flowray.explorer.report import write_report  # report.html (figures + tables), linked from summary.md
     summary += write_report(storage, tables, summary, figures, title=f"flowray run {config.run_name}")
     storage.write_text("summary.md", summary)
@@ -92,7 +152,10 @@ def reduce_run(config: JobConfig, storage: Storage, index: dict, *, started: flo
             "shards_resumed": resumed_shards,
         },
         "domains": index["domains"],
-        "every_text_exactly_once": all(v == 1 for v in seen.values()) and len(seen) == index["texts"],
+        "every_text_exactly_once": exactly,  # from the doc ids in the tables (exactly_once), not the plan
+        "exactly_once": {k: check[k] for k in ("texts_planned", "texts_found")},
+        "shards_verified": len(loaded),  # each file's size and sha256 matched its commit marker
+        "domains_without_predictions": empty_domains,
         "pos_tagging": pos_tagging,
         "tables": {name: f"tables/{name}.parquet" for name in (*TABLES, "errors")},
         "figures": figures,
@@ -101,7 +164,7 @@ def reduce_run(config: JobConfig, storage: Storage, index: dict, *, started: flo
         "elapsed_s": round(time.time() - started, 1),
         "timings": {**(timings or {}), "reduce_s": round(time.time() - t_reduce, 2)},
     }
-    storage.write_json("manifest.json", manifest)  # last: readers know the run is complete
+    storage.write_json(MANIFEST, manifest)  # last: readers know the run is complete
     log.info("reduce: %d predictions, %d error rows -> %s", n_predictions, errors.num_rows, storage.path("tables"))
     return manifest
 
@@ -135,7 +198,18 @@ def _fmt_heads(rows) -> str:
     return ", ".join(f"L{r['layer']}H{r['head']}" for r in rows) or "none"
 
 
-def _summary(tables: dict, errors: pa.Table, config: JobConfig, pos_tagging: bool) -> str:
+def _check_general(config: JobConfig, empty_domains: list[str], errors: pa.Table) -> None:
+    if config.general not in empty_domains:
+        return
+    mine = [r for r in errors.to_pylist() if r["domain"] == config.general]
+    example = f" (e.g. {mine[0]['error_type']}: {mine[0]['error']})" if mine else ""
+    raise EmptyDomainError(
+        f"general domain {config.general!r}: all {len(mine)} texts failed{example}; every other domain is "
+        "compared with it, so there is nothing to compare against. Fix its corpus (see errors/) or set "
+        "general_domain to another domain")
+
+
+def _summary(tables: dict, errors: pa.Table, config: JobConfig, pos_tagging: bool, empty_domains=()) -> str:
     import polars as pl
 
     lines = [f"# flowray run `{config.run_name}`", "",
@@ -149,6 +223,9 @@ def _summary(tables: dict, errors: pa.Table, config: JobConfig, pos_tagging: boo
             match = err_counts.filter(pl.col("domain") == row["domain"])
             n_err = match["len"][0] if match.height else 0
         lines.append(f"| {row['domain']} | {row['texts']} | {row['predictions']} | {row['target_predictions']} | {n_err} |")
+    for domain in empty_domains:  # absent from the tables: say so rather than leave the domain out
+        n_err = int(err_counts.filter(pl.col("domain") == domain)["len"].sum()) if err_counts is not None else 0
+        lines.append(f"| {domain} | {n_err} | 0 | 0 | {n_err} (every text failed: see tables/errors.parquet) |")
     roles = tables["head_roles"].filter(pl.col("domain") == config.general)
     lines += ["", f"## Head roles in `{config.general}` (paper section 4.3)", "",
               f"- previous-token heads: {_fmt_heads(roles.filter(pl.col('role') == 'previous_token').iter_rows(named=True))}",

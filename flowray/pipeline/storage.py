@@ -99,6 +99,12 @@ class Storage:
         pq.write_table(table, buf, compression="zstd")
         self.write_bytes(rel, buf.getvalue())
 
+    def delete(self, rel: str) -> None:
+        """Remove one file if it is there (a stale commit marker, an outdated manifest)."""
+        fs, root = self._fs()
+        if fs.get_file_info(f"{root}/{rel}").type == pafs.FileType.File:
+            fs.delete_file(f"{root}/{rel}")
+
     # --- reading ---------------------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
         fs, root = self._fs()

@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from flowray.config import JobConfig
 from flowray.errors import FlowrayError, InputError, MissingDependencyError
+from flowray.pipeline.commit import commit_shard
 from flowray.tables import ERRORS, TextRows, predictions_schema
 
 log = logging.getLogger(__name__)
@@ -270,14 +271,12 @@ class ShardWorker:
             t0 = time.perf_counter()
             docs = self.storage.read_table(f"shards/{shard_id}.parquet").to_pylist()
             predictions, errors = self.flow.process(docs, on_batch=self._fault(shard_id))
-            self.storage.write_table(f"errors/{shard_id}.parquet", errors)
-            self.storage.write_table(f"predictions/{shard_id}.parquet", predictions)
             seconds = time.perf_counter() - t0
             summary = {"shard_id": shard_id, "texts": len(docs), "predictions": predictions.num_rows,
                        "errors": errors.num_rows, "seconds": seconds, "worker": self.name,
                        "n_layers": self.flow.shape.n_layers, "n_heads": self.flow.shape.n_heads,
                        "pos_tagging": self.flow.pos_tagging is not None, "startup": self.startup}
-            self.storage.write_json(f"done/{shard_id}.json", summary)  # the commit point
+            commit_shard(self.storage, shard_id, predictions, errors, summary)  # tables, then the marker
             for k in out:
                 out[k].append(summary[k])
         return out
