@@ -35,6 +35,7 @@ def cmd_explore(args) -> int:
     from flowray.cli import _check_texts, _load, _progress, read_texts
     from flowray.explorer.build import prompt_view
     from flowray.explorer.page import check_html_path, write_explorer
+    from flowray.io_checks import check_output_file
 
     texts = [args.text] if args.text is not None else read_texts(args.file)
     if args.compare is not None:
@@ -42,6 +43,7 @@ def cmd_explore(args) -> int:
             raise InputError("--compare pairs one --text with a second text; it cannot be used with --file")
         texts.append(args.compare)
     _check_texts(texts)
+    check_output_file(args.out, "--out")  # the route command's checks first: the same errors for the same input
     check_html_path(args.out)
     lm = _load(args)
     views = [prompt_view(lm, text, position=args.position, max_tokens=args.max_tokens, top_k=args.top_k,
