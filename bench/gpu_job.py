@@ -27,37 +27,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # flowray from this checkout, installed or not
-from gpu_importance import build  # noqa: E402  (the same model as bench/gpu_importance.py)
+from gpu_importance import _peak_gb, _timed, build  # noqa: E402  (the same model and timers as gpu_importance)
 
 TAUS = (0.01, 0.03, 0.04)
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _best(fn, device: str, repeats: int) -> float:
-    fn()  # warm-up
-    _sync(device)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def _peak_gib(fn, device: str):
-    if not device.startswith("cuda"):
-        fn()
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**30
 
 
 def main() -> int:
@@ -95,13 +67,13 @@ def main() -> int:
     def job():
         out["stats"] = prediction_stats_batch(model, seqs, TAUS)
 
-    t_fwd = _best(forward, device, args.repeats)
-    t_job = _best(job, device, args.repeats)
-    m_fwd, m_job = _peak_gib(forward, device), _peak_gib(job, device)
+    t_fwd = _timed(forward, device, args.repeats)
+    t_job = _timed(job, device, args.repeats)
+    m_fwd, m_job = _peak_gb(forward, device), _peak_gb(job, device)
     tokens = args.batch * args.tokens
     host = sum(s.host_bytes for s in out["stats"]) / len(out["stats"])
     fmt = (lambda v: "-" if v is None else f"{v:.1f}")
-    print(f"{'what':<10} {'seconds':>9} {'tokens/s':>10} {'vs forward':>11} {'peak GiB':>9}")
+    print(f"{'what':<10} {'seconds':>9} {'tokens/s':>10} {'vs forward':>11} {'peak GB':>9}")
     print(f"{'forward':<10} {t_fwd:>9.4f} {tokens / t_fwd:>10.0f} {1.0:>10.2f}x {fmt(m_fwd):>9}")
     print(f"{'job path':<10} {t_job:>9.4f} {tokens / t_job:>10.0f} {t_fwd / t_job:>10.2f}x {fmt(m_job):>9}")
     print(f"# host bytes per text: {host / 1e6:.2f} MB ({host / args.tokens / 1e3:.1f} kB per prediction); the dense "
@@ -115,8 +87,8 @@ def main() -> int:
         x = torch.randint(0, cfg.vocab_size, (1, T), generator=gen)
         try:
             t0 = time.perf_counter()
-            peak = _peak_gib(lambda: prediction_stats_batch(model, [x], TAUS), device)
-            print(f"# T={T}: runs; {time.perf_counter() - t0:.1f} s, peak GPU memory {fmt(peak)} GiB", flush=True)
+            peak = _peak_gb(lambda: prediction_stats_batch(model, [x], TAUS), device)
+            print(f"# T={T}: runs; {time.perf_counter() - t0:.1f} s, peak GPU memory {fmt(peak)} GB", flush=True)
             longest = T
         except torch.cuda.OutOfMemoryError:  # pragma: no cover - GPU only
             print(f"# T={T}: out of GPU memory")

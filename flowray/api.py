@@ -209,19 +209,9 @@ def edge_importances_batch(
     so every sequence gets what it would get alone, with either ``padding_side`` (left padding is what
     generation code uses; right padding is the default). Returns one result per sequence, unpadded.
     """
-    if padding_side not in ("right", "left"):
-        raise InputError(f"padding_side must be 'right' or 'left'; got {padding_side!r}")
-    hf_model, adapter, _, _ = _unpack(model)
     if not sequences:
         return []
-    vocab = getattr(hf_model.config, "vocab_size", None)
-    seqs = [check_input_ids(ids, adapter, vocab)[0] for ids in sequences]  # [T_i] each
-    T_max = max(int(t.shape[0]) for t in seqs)
-    input_ids = torch.zeros(len(seqs), T_max, dtype=torch.long)  # pad id 0: masked out, never read
-    attention_mask = torch.zeros(len(seqs), T_max, dtype=torch.long)
-    for b, t in enumerate(seqs):
-        span = slice(0, len(t)) if padding_side == "right" else slice(T_max - len(t), T_max)
-        input_ids[b, span], attention_mask[b, span] = t, 1
+    input_ids, attention_mask = pad_sequences(model, sequences, padding_side)
     return edge_importances_padded(
         model, input_ids, attention_mask, tokenizer=tokenizer, chunk_size=chunk_size,
         element_budget=element_budget, backend=backend,
@@ -296,6 +286,22 @@ def edge_importances_padded(
             model_name=name,
         ))
     return out
+
+
+def pad_sequences(model, sequences: list, padding_side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[1, T_i]`` id tensors (validated) -> a padded ``[B, T]`` batch and its attention mask."""
+    if padding_side not in ("right", "left"):
+        raise InputError(f"padding_side must be 'right' or 'left'; got {padding_side!r}")
+    hf_model, adapter, _, _ = _unpack(model)
+    vocab = getattr(hf_model.config, "vocab_size", None)
+    seqs = [check_input_ids(ids, adapter, vocab)[0] for ids in sequences]  # [T_i] each
+    T_max = max(int(t.shape[0]) for t in seqs)
+    input_ids = torch.zeros(len(seqs), T_max, dtype=torch.long)  # pad id 0: masked out, never read
+    attention_mask = torch.zeros(len(seqs), T_max, dtype=torch.long)
+    for b, t in enumerate(seqs):
+        span = slice(0, len(t)) if padding_side == "right" else slice(T_max - len(t), T_max)
+        input_ids[b, span], attention_mask[b, span] = t, 1
+    return input_ids, attention_mask
 
 
 def _real_spans(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[tuple[int, int]]:

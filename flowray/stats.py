@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from flowray.api import _real_spans, _unpack, check_input_ids
+from flowray.api import _real_spans, _unpack, check_input_ids, pad_sequences
 from flowray.capture import LayerActivations, capture_layers, predicted_ids
 from flowray.errors import InputError
 from flowray.importance import (
@@ -129,19 +129,9 @@ def prediction_stats_batch(
 
     ``words``: None, or one ``(word_index, first_subword)`` pair (each ``[T_i]``) per sequence.
     """
-    if padding_side not in ("right", "left"):
-        raise InputError(f"padding_side must be 'right' or 'left'; got {padding_side!r}")
-    hf_model, adapter, _, _ = _unpack(model)
     if not sequences:
         return []
-    vocab = getattr(hf_model.config, "vocab_size", None)
-    seqs = [check_input_ids(ids, adapter, vocab)[0] for ids in sequences]  # [T_i] each
-    T_max = max(int(t.shape[0]) for t in seqs)
-    input_ids = torch.zeros(len(seqs), T_max, dtype=torch.long)  # pad id 0: masked out, never read
-    attention_mask = torch.zeros(len(seqs), T_max, dtype=torch.long)
-    for b, t in enumerate(seqs):
-        span = slice(0, len(t)) if padding_side == "right" else slice(T_max - len(t), T_max)
-        input_ids[b, span], attention_mask[b, span] = t, 1
+    input_ids, attention_mask = pad_sequences(model, sequences, padding_side)
     return prediction_stats_padded(model, input_ids, attention_mask, taus, words=words, backend=backend,
                                    element_budget=element_budget)
 
