@@ -28,6 +28,7 @@ import torch
 from flowray.api import _real_spans, _unpack, check_input_ids, pad_sequences
 from flowray.capture import LayerActivations, capture_layers, predicted_ids
 from flowray.errors import InputError
+from flowray.models.modes import eval_mode
 from flowray.importance import (
     DEFAULT_ELEMENT_BUDGET,
     direct_node,
@@ -179,7 +180,8 @@ def prediction_stats_padded(
     mask = attention_mask.long()
     position_ids = (mask.cumsum(1) - 1).clamp_min(0)  # [B, T] 0 at each row's first real token
     top: list[torch.Tensor] = []
-    with capture_layers(hf_model, adapter, consume, rows=True, reuse_probs=True), predicted_ids(hf_model, top):
+    with eval_mode(hf_model), capture_layers(hf_model, adapter, consume, rows=True, reuse_probs=True), \
+            predicted_ids(hf_model, top):
         hf_model(input_ids=input_ids.long().to(device), attention_mask=mask.to(device),
                  position_ids=position_ids.to(device), use_cache=False)
     predicted = top[0]  # [B, T] on the device

@@ -113,6 +113,19 @@ def test_sparse_edge_matrices_and_chunks_of_predictions(monkeypatch, case):
     assert _assert_equal_to_dense(dense, prediction_stats(model, ids, TAUS), None, TAUS) > 0
 
 
+def test_a_model_in_training_mode_is_measured_in_eval_mode_and_left_as_it_was():
+    model = tiny_model("gpt2", seed=1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.5
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(4))
+    expected = prediction_stats(model.eval(), ids, TAUS)
+    model.train()
+    got = prediction_stats(model, ids, TAUS)
+    assert model.training and all(m.training for m in model.modules())
+    np.testing.assert_array_equal(got.components, expected.components)
+
+
 def test_without_word_data_and_bad_inputs():
     model = tiny_model("llama-gqa")
     ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(0))
