@@ -242,14 +242,7 @@ def edge_importances_padded(
     tokenizer = tokenizer if tokenizer is not None else own_tokenizer
     if chunk_size is not None and chunk_size < 1:
         raise InputError(f"chunk_size must be a positive number of positions; got {chunk_size!r}")
-    input_ids, attention_mask = torch.as_tensor(input_ids), torch.as_tensor(attention_mask)
-    spans = _real_spans(input_ids, attention_mask)
-    vocab = getattr(hf_model.config, "vocab_size", None)
-    for b, (start, T) in enumerate(spans):
-        check_input_ids(input_ids[b : b + 1, start : start + T], adapter, vocab)
-    device = next(hf_model.parameters()).device
-    mask = attention_mask.long()
-    position_ids = (mask.cumsum(1) - 1).clamp_min(0)  # [B, T] 0 at each row's first real token
+    input_ids, spans, forward_kwargs = padded_forward_inputs(hf_model, adapter, input_ids, attention_mask)
     s = adapter.shape
     check_dense_output(s.n_layers, s.n_heads, [T for _, T in spans])  # before allocating [L, H, T, T]
     results = [_Buffers(s.n_layers, s.n_heads, T, s.parallel) for _, T in spans]
@@ -264,12 +257,7 @@ def edge_importances_padded(
 
     # eval mode for the pass (dropout would change what is decomposed); the caller's mode is restored
     with eval_mode(hf_model), capture_layers(hf_model, adapter, consume, reuse_probs=True):
-        logits = hf_model(
-            input_ids=input_ids.long().to(device),
-            attention_mask=mask.to(device),
-            position_ids=position_ids.to(device),
-            use_cache=False,
-        ).logits  # [B, T, V]
+        logits = hf_model(**forward_kwargs).logits  # [B, T, V]
     predicted = logits.argmax(-1).cpu().numpy()  # [B, T]
     del logits
     out = []
@@ -302,6 +290,23 @@ def pad_sequences(model, sequences: list, padding_side: str) -> tuple[torch.Tens
         span = slice(0, len(t)) if padding_side == "right" else slice(T_max - len(t), T_max)
         input_ids[b, span], attention_mask[b, span] = t, 1
     return input_ids, attention_mask
+
+
+def padded_forward_inputs(hf_model, adapter: Adapter, input_ids, attention_mask):
+    """Validate a padded batch; returns its ids ``[B, T]``, each row's ``(start, length)`` and the forward
+    pass's arguments (ids, mask and position ids counted from each row's first real token, on the model's
+    device, no cache)."""
+    input_ids, attention_mask = torch.as_tensor(input_ids), torch.as_tensor(attention_mask)
+    spans = _real_spans(input_ids, attention_mask)
+    vocab = getattr(hf_model.config, "vocab_size", None)
+    for b, (start, T) in enumerate(spans):
+        check_input_ids(input_ids[b : b + 1, start : start + T], adapter, vocab)
+    device = next(hf_model.parameters()).device
+    mask = attention_mask.long()
+    position_ids = (mask.cumsum(1) - 1).clamp_min(0)  # [B, T] 0 at each row's first real token
+    kwargs = dict(input_ids=input_ids.long().to(device), attention_mask=mask.to(device),
+                  position_ids=position_ids.to(device), use_cache=False)
+    return input_ids, spans, kwargs
 
 
 def _real_spans(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[tuple[int, int]]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from flowray.api import _real_spans, _unpack, check_input_ids, pad_sequences
+from flowray.api import _unpack, pad_sequences, padded_forward_inputs
 from flowray.capture import LayerActivations, capture_layers, predicted_ids
 from flowray.errors import InputError
 from flowray.models.modes import eval_mode
@@ -156,11 +156,7 @@ def prediction_stats_padded(
         element_budget = DEFAULT_ELEMENT_BUDGET if device.type == "cpu" else GPU_ELEMENT_BUDGET
     if isinstance(element_budget, bool) or not isinstance(element_budget, int) or element_budget < 1:
         raise InputError(f"element_budget must be a positive integer; got {element_budget!r}")
-    input_ids, attention_mask = torch.as_tensor(input_ids), torch.as_tensor(attention_mask)
-    spans = _real_spans(input_ids, attention_mask)
-    vocab = getattr(hf_model.config, "vocab_size", None)
-    for b, (start, T) in enumerate(spans):
-        check_input_ids(input_ids[b : b + 1, start : start + T], adapter, vocab)
+    input_ids, spans, forward_kwargs = padded_forward_inputs(hf_model, adapter, input_ids, attention_mask)
     if words is not None and len(words) != len(spans):
         raise InputError(f"words must hold one (word_index, first_subword) pair per sequence: {len(spans)}; "
                          f"got {len(words)}")
@@ -177,13 +173,10 @@ def prediction_stats_padded(
         for b, span in enumerate(spans):
             states[b].add_layer(rec, b, span, w_o, w_flat, backend, element_budget)
 
-    mask = attention_mask.long()
-    position_ids = (mask.cumsum(1) - 1).clamp_min(0)  # [B, T] 0 at each row's first real token
     top: list[torch.Tensor] = []
     with eval_mode(hf_model), capture_layers(hf_model, adapter, consume, rows=True, reuse_probs=True), \
             predicted_ids(hf_model, top):
-        hf_model(input_ids=input_ids.long().to(device), attention_mask=mask.to(device),
-                 position_ids=position_ids.to(device), use_cache=False)
+        hf_model(**forward_kwargs)
     predicted = top[0]  # [B, T] on the device
     return [st.finish(taus, input_ids[b, start : start + T], predicted[b, start : start + T], name)
             for b, ((start, T), st) in enumerate(zip(spans, states))]
@@ -299,13 +292,9 @@ ROUTE_CHUNK = 1024
 DENSE_EDGES_UP_TO = 1024
 
 
-def _edge_matrix(src: torch.Tensor, dst: torch.Tensor, T: int, dense: bool) -> torch.Tensor:
-    """``[T, T]`` float matrix with 1 at ``(dst, src)``: multiplying a reached set ``[T, P]`` by it moves
+def _sparse_edge_matrix(src: torch.Tensor, dst: torch.Tensor, T: int) -> torch.Tensor:
+    """``[T, T]`` sparse CSR matrix with 1 at ``(dst, src)``: multiplying a reached set ``[T, P]`` by it moves
     every prediction from each source position to all the positions its kept edges lead to."""
-    if dense:
-        E = torch.zeros(T, T, dtype=torch.float32, device=src.device)
-        E[dst, src] = 1.0
-        return E
     keys = torch.unique(dst * T + src)  # sorted by row: CSR straight away, no duplicates
     rows = keys // T
     crow = torch.zeros(T + 1, dtype=torch.long, device=src.device)
@@ -342,8 +331,8 @@ def _routes(seq: _Sequence, tau: float, dense: bool | None = None) -> tuple[torc
         E[selfs[:, 0], selfs[:, 1], selfs[:, 1]] = 1.0
         edges = list(E)
     else:
-        edges = [_edge_matrix(torch.cat([hit[hit[:, 0] == l, 2], selfs[selfs[:, 0] == l, 1]]),
-                              torch.cat([hit[hit[:, 0] == l, 3], selfs[selfs[:, 0] == l, 1]]), T, dense=False)
+        edges = [_sparse_edge_matrix(torch.cat([hit[hit[:, 0] == l, 2], selfs[selfs[:, 0] == l, 1]]),
+                                     torch.cat([hit[hit[:, 0] == l, 3], selfs[selfs[:, 0] == l, 1]]), T)
                  for l in range(L)]
     head_keys, ffn_keys = [], []
     for c0 in range(0, T, ROUTE_CHUNK):
