@@ -140,6 +140,13 @@ def test_without_word_data_and_bad_inputs():
         prediction_stats(model, ids, 0.04, word_index=np.zeros(3), first_subword=np.zeros(3, bool))
     with pytest.raises(InputError, match="shape"):
         prediction_stats(model, ids[0], 0.04)
+    for budget in (0, -5, 2.5, True):
+        with pytest.raises(InputError, match="element_budget must be a positive integer"):
+            prediction_stats(model, ids, 0.04, element_budget=budget)
+    with pytest.raises(InputError, match="one \\(word_index, first_subword\\) pair per sequence: 2; got 1"):
+        prediction_stats_batch(model, [ids, ids[:, :4]], 0.04, words=[(np.zeros(9, int), np.ones(9, bool))])
+    with pytest.raises(InputError, match="padding_side must be 'right' or 'left'"):
+        prediction_stats_batch(model, [ids], 0.04, padding_side="middle")
 
 
 def test_the_smollm2_ioi_prompt_equals_the_dense_path(smollm2):
