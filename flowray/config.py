@@ -99,6 +99,7 @@ class JobConfig:
     general_domain: str | None = None  # the domain others are compared with; None: the first corpus
     max_tokens: int = 128  # tokens kept per text
     truncate: bool = True  # False: texts longer than max_tokens become error rows instead of being cut
+    prepend_bos: bool = True  # a BOS at position 0 (flowray.text.document_start); its row is not written
     texts_per_domain: int = 100
     texts_per_shard: int = 16  # the unit of work, output and resume
     tau: tuple[float, ...] = (0.01, 0.03, 0.04)  # route thresholds recorded per prediction
@@ -154,7 +155,7 @@ class JobConfig:
             check_tau(t, name="tau: every threshold", error=ConfigError)
         if len(set(self.tau)) != len(self.tau):
             raise ConfigError(f"tau: thresholds must be distinct; got {list(self.tau)!r}")
-        for name in ("truncate", "trust_remote_code"):
+        for name in ("truncate", "trust_remote_code", "prepend_bos"):
             _check_type(name, getattr(self, name), bool)
         _check_device(self.device, self.gpus_per_actor)
         _check_type("output", self.output, str)
@@ -165,13 +166,29 @@ class JobConfig:
     def general(self) -> str:
         return self.general_domain or self.corpora[0].domain
 
+    @property
+    def contrasts(self) -> tuple[tuple[str, str], ...]:
+        """(original, contrastive) task domains paired by doc id: a contrastive domain goes with the first
+        original domain of the same task and seed (so prompt i and twin i are the same example)."""
+        pairs = []
+        for twin in self.corpora:
+            src = twin.source
+            if src.get("kind") != "task" or src.get("variant") != "contrastive":
+                continue
+            match = next((c.domain for c in self.corpora if c.source.get("kind") == "task"
+                          and c.source.get("variant") == "original" and c.source.get("task") == src.get("task")
+                          and c.source.get("seed") == src.get("seed")), None)
+            if match is not None:
+                pairs.append((match, twin.domain))
+        return tuple(pairs)
+
     def texts_for(self, corpus: CorpusConfig) -> int:
         return corpus.texts or self.texts_per_domain
 
     def content_hash(self) -> str:
         """What determines the shards and every output value (not the resources used to compute them)."""
         keys = ("corpora", "model", "dtype", "max_tokens", "truncate", "texts_per_domain", "texts_per_shard",
-                "tau", "seed", "general_domain", "trust_remote_code")
+                "tau", "seed", "general_domain", "trust_remote_code", "prepend_bos")
         blob = json.dumps({k: _jsonable(getattr(self, k)) for k in keys}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

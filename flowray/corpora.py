@@ -432,12 +432,23 @@ def _read_task(src: dict, *, limit: int | None, seed: int, tokenizer) -> Iterato
     except InputError as exc:
         raise ConfigError(f"source of kind 'task': {exc}") from exc
     contrastive = src["variant"] == "contrastive"
-    return (
-        Document(f"{task}:{i:04d}", p.contrastive if contrastive else p.text,
-                 {"task": task, "variant": src["variant"], "template": p.template, "answer": p.answer,
-                  "wrong": p.wrong, **p.meta})
-        for i, p in enumerate(prompts)
-    )
+    return (Document(f"{task}:{i:04d}", *_task_text(task, p, contrastive, src["variant"])) for i, p in enumerate(prompts))
+
+
+def _task_text(task: str, p, contrastive: bool, variant: str) -> tuple[str, dict]:
+    """A task document: arithmetic texts are the prompt and its whole answer (every generation step is a
+    prediction, ``prompt_chars`` marks where the answer starts); IOI / greater-than texts are the prompt
+    (its next token is the one-token answer) with ``source_chars``, the indirect object / start year's YY."""
+    prompt = p.contrastive if contrastive else p.text
+    meta = {"task": task, "variant": variant, "template": p.template, "answer": p.answer, "wrong": p.wrong, **p.meta}
+    if "completion" in p.meta:
+        completion = p.meta["contrastive_completion" if contrastive else "completion"]
+        meta["prompt_chars"] = len(prompt)
+        return prompt + completion, meta
+    span = p.meta.get("contrastive_source_span" if contrastive else "source_span")
+    if span is not None:
+        meta["source_chars"] = span
+    return prompt, meta
 
 
 _READERS: dict[str, Callable[..., Iterator[Document]]] = {

@@ -58,6 +58,10 @@ class PredictionStats:
     route_ffn: dict[float, list[np.ndarray]]  # tau -> T arrays of layers whose FFN edge is in the route
     prev_share: np.ndarray | None = None  # [T, L*H] share of each head's influence on pos - 1 (NaN: undefined)
     same_word_share: np.ndarray | None = None  # [T, L*H] ... on earlier subwords of the same word
+    # tau -> T arrays of flat head ids whose tau-pruned, renormalised importance at the position's own
+    # attention node exceeds ``active_above`` (every part <= tau dropped, the node's kept parts rescaled to 1)
+    pruned_heads: dict[float, list[np.ndarray]] = field(default_factory=dict)
+    source_edges: np.ndarray | None = None  # [L*H] sum_j e^h_{query,j} over the asked source positions j
     meta: dict = field(default_factory=dict)
 
     @property
@@ -68,7 +72,9 @@ class PredictionStats:
     def host_bytes(self) -> int:
         """Bytes of the statistics on the host (what crossed from the device for this sequence)."""
         arrays = [self.token_ids, self.predicted_ids, self.components, self.prev_share, self.same_word_share]
-        arrays += [a for rows in (*self.route_heads.values(), *self.route_ffn.values()) for a in rows]
+        arrays += [self.source_edges]
+        arrays += [a for rows in (*self.route_heads.values(), *self.route_ffn.values(), *self.pruned_heads.values())
+                   for a in rows]
         return int(sum(a.nbytes for a in arrays if a is not None))
 
 
@@ -95,6 +101,8 @@ def prediction_stats(
     *,
     word_index=None,
     first_subword=None,
+    source=None,
+    active_above: float = 0.0,
     backend: str = "auto",
     element_budget: int | None = None,
 ) -> PredictionStats:
@@ -106,13 +114,17 @@ def prediction_stats(
         taus: route thresholds in (0, 1).
         word_index: optional ``[T]`` ints, the word of each token (-1: no word); with ``first_subword``
             (``[T]`` bools) it gives ``prev_share`` and ``same_word_share``.
+        source: optional ``(query, positions)``: ``source_edges`` is then each head's importance of the
+            sub-edges from those positions to position ``query`` (e.g. the indirect object -> the last token).
+        active_above: ``pruned_heads[tau]`` lists the heads whose pruned, renormalised importance at a
+            position exceeds this (0: every head with a sub-edge above tau there).
         backend: the importance kernel (``"auto"``, ``"cpu"``, ``"torch"``).
         element_budget: elements of one chunk of importances ``[H, C, T]``; sets ``C`` (None: 4M on the
             CPU, where chunks stay in cache, 64M on GPUs, where fewer and larger kernels win).
     """
     words = None if word_index is None else [(word_index, first_subword)]
-    return prediction_stats_batch(model, [input_ids], taus, words=words, backend=backend,
-                                  element_budget=element_budget)[0]
+    return prediction_stats_batch(model, [input_ids], taus, words=words, sources=[source],
+                                  active_above=active_above, backend=backend, element_budget=element_budget)[0]
 
 
 @torch.no_grad()
@@ -122,19 +134,22 @@ def prediction_stats_batch(
     taus,
     *,
     words: list | None = None,
+    sources: list | None = None,
+    active_above: float = 0.0,
     padding_side: str = "right",
     backend: str = "auto",
     element_budget: int | None = None,
 ) -> list[PredictionStats]:
     """``prediction_stats`` of several ``[1, T_i]`` sequences in one padded forward pass.
 
-    ``words``: None, or one ``(word_index, first_subword)`` pair (each ``[T_i]``) per sequence.
+    ``words``: None, or one ``(word_index, first_subword)`` pair (each ``[T_i]``) per sequence;
+    ``sources``: None, or one ``(query, positions)`` pair or None per sequence.
     """
     if not sequences:
         return []
     input_ids, attention_mask = pad_sequences(model, sequences, padding_side)
-    return prediction_stats_padded(model, input_ids, attention_mask, taus, words=words, backend=backend,
-                                   element_budget=element_budget)
+    return prediction_stats_padded(model, input_ids, attention_mask, taus, words=words, sources=sources,
+                                   active_above=active_above, backend=backend, element_budget=element_budget)
 
 
 @torch.no_grad()
@@ -145,6 +160,8 @@ def prediction_stats_padded(
     taus,
     *,
     words: list | None = None,
+    sources: list | None = None,
+    active_above: float = 0.0,
     backend: str = "auto",
     element_budget: int | None = None,
 ) -> list[PredictionStats]:
@@ -160,10 +177,16 @@ def prediction_stats_padded(
     if words is not None and len(words) != len(spans):
         raise InputError(f"words must hold one (word_index, first_subword) pair per sequence: {len(spans)}; "
                          f"got {len(words)}")
+    if sources is not None and len(sources) != len(spans):
+        raise InputError(f"sources must hold one (query, positions) pair or None per sequence: {len(spans)}; "
+                         f"got {len(sources)}")
+    if isinstance(active_above, bool) or not isinstance(active_above, (int, float)) or not 0 <= active_above < 1:
+        raise InputError(f"active_above must be a number in [0, 1); got {active_above!r}")
     backend = resolve_backend(backend, device)
     s = adapter.shape
     states = [_Sequence(s.n_layers, s.n_heads, T, s.parallel, min(taus), device,
-                        None if words is None else words[b]) for b, (_, T) in enumerate(spans)]
+                        None if words is None else words[b], None if sources is None else sources[b])
+              for b, (_, T) in enumerate(spans)]
     layers = adapter.layers()
 
     def consume(rec: LayerActivations) -> None:
@@ -178,14 +201,14 @@ def prediction_stats_padded(
             predicted_ids(hf_model, top):
         hf_model(**forward_kwargs)
     predicted = top[0]  # [B, T] on the device
-    return [st.finish(taus, input_ids[b, start : start + T], predicted[b, start : start + T], name)
+    return [st.finish(taus, input_ids[b, start : start + T], predicted[b, start : start + T], name, active_above)
             for b, ((start, T), st) in enumerate(zip(spans, states))]
 
 
 class _Sequence:
     """One sequence's running reductions, on the device, filled layer by layer."""
 
-    def __init__(self, L: int, H: int, T: int, parallel: bool, tau_min: float, device, words):
+    def __init__(self, L: int, H: int, T: int, parallel: bool, tau_min: float, device, words, source=None):
         self.L, self.H, self.T, self.parallel, self.tau_min = L, H, T, parallel, tau_min
         zeros = dict(dtype=torch.float32, device=device)
         self.head_sum = torch.zeros(L, H, T, **zeros)  # sum_j e^h_{pos,j}
@@ -203,6 +226,10 @@ class _Sequence:
                                  f"{tuple(self.word_index.shape)} and {tuple(self.first.shape)}")
             self.prev = torch.zeros(L, H, T, **zeros)  # e^h_{pos,pos-1}
             self.same = torch.zeros(L, H, T, **zeros)  # sum over earlier subwords of pos's word
+        self.query = self.source_positions = self.source_edges = None
+        if source is not None:
+            self.query, self.source_positions = _check_source(source, T, device)
+            self.source_edges = torch.zeros(L, H, **zeros)
 
     def add_layer(self, rec: LayerActivations, b: int, span: tuple[int, int], w_o, w_flat, backend: str,
                   budget: int):
@@ -249,13 +276,31 @@ class _Sequence:
             same = (wi[p0:p1, None] == wi[None, :J]) & (wi[p0:p1, None] >= 0)  # [C, J]
             same &= torch.arange(J, device=imp.device)[None, :] < pos[:, None]  # earlier positions only
             self.same[l, :, p0:p1] = torch.einsum("hcj,cj->hc", imp, same.to(imp.dtype))
+        if self.query is not None and p0 <= self.query < p1:
+            self.source_edges[l] = imp[:, self.query - p0, self.source_positions].sum(-1)
         hit = torch.nonzero(imp > self.tau_min)  # [N, 3] (h, row, j); at most ~1/tau_min per node
         values = imp[hit[:, 0], hit[:, 1], hit[:, 2]]
         hit[:, 1] += p0
         prev = self.sparse[l]
         self.sparse[l] = (hit, values) if prev is None else (torch.cat([prev[0], hit]), torch.cat([prev[1], values]))
 
-    def finish(self, taus, token_ids, predicted, name: str) -> PredictionStats:
+    def pruned_heads(self, tau: float, active_above: float) -> list[np.ndarray]:
+        """Per position, the flat heads whose importance at its own attention node, after every part <= tau
+        is dropped and the kept parts are rescaled to sum to 1, exceeds ``active_above``."""
+        L, H, T = self.L, self.H, self.T
+        kept_heads = torch.zeros(L, H, T, dtype=torch.float32, device=self.head_sum.device)
+        for l, (hit, values) in enumerate(self.sparse):
+            keep = values > tau
+            kept_heads[l].index_put_((hit[keep, 0], hit[keep, 1]), values[keep], accumulate=True)
+        node = kept_heads.sum(1) + self.attn_residual * (self.attn_residual > tau)  # [L, T] kept parts
+        if self.parallel:  # the FFN is a part of the same node
+            node = node + self.ffn * (self.ffn > tau)
+        pruned = kept_heads / torch.where(node > 0, node, 1.0)[:, None, :]
+        lhp = torch.nonzero(pruned > active_above)  # [k, 3] (layer, head, pos)
+        keys = torch.sort(lhp[:, 2] * (L * H) + lhp[:, 0] * H + lhp[:, 1]).values
+        return _split(keys, L * H, T)
+
+    def finish(self, taus, token_ids, predicted, name: str, active_above: float = 0.0) -> PredictionStats:
         L, H, T = self.L, self.H, self.T
         heads = self.head_sum.permute(2, 0, 1).reshape(T, L * H)  # [T, L*H]
         components = torch.cat([heads, self.ffn.T], dim=1)  # [T, L*H + L]
@@ -271,7 +316,7 @@ class _Sequence:
             ok = total > 0
             prev = torch.where(ok, self.prev / torch.where(ok, total, 1.0), nan)
             prev[:, :, 0] = float("nan")
-            ok_same = ok & ~self.first[None, None, :]
+            ok_same = ok & (~self.first & (self.word_index >= 0))[None, None, :]  # later subwords only
             same = torch.where(ok_same, self.same / torch.where(ok, total, 1.0), nan)
             prev = prev.permute(2, 0, 1).reshape(T, L * H).cpu().numpy()
             same = same.permute(2, 0, 1).reshape(T, L * H).cpu().numpy()
@@ -279,8 +324,25 @@ class _Sequence:
             taus=tuple(taus), n_layers=L, n_heads=H, parallel=self.parallel,
             token_ids=token_ids.cpu().numpy().astype(np.int64), predicted_ids=predicted.cpu().numpy().astype(np.int64),
             components=components.cpu().numpy(), route_heads=route_heads, route_ffn=route_ffn,
-            prev_share=prev, same_word_share=same, meta={"model": name},
+            prev_share=prev, same_word_share=same,
+            pruned_heads={tau: self.pruned_heads(tau, active_above) for tau in taus},
+            source_edges=None if self.source_edges is None else self.source_edges.reshape(L * H).cpu().numpy(),
+            meta={"model": name},
         )
+
+
+def _check_source(source, T: int, device) -> tuple[int, torch.Tensor]:
+    """``(query, positions)``: a query position and earlier (or equal) source positions of one sequence."""
+    try:
+        query, positions = source
+        query = int(query)
+        positions = [int(j) for j in positions]
+    except (TypeError, ValueError):
+        raise InputError(f"a source must be a (query, positions) pair of ints; got {source!r}") from None
+    if not 0 <= query < T or not positions or any(not 0 <= j <= query for j in positions):
+        raise InputError(f"a source needs a query position in [0, {T}) and one or more source positions in "
+                         f"[0, query]; got query {query}, positions {positions}")
+    return query, torch.tensor(positions, dtype=torch.long, device=device)
 
 
 # Elements of one [H, C, T] chunk on GPUs (256 MiB of float32): Llama-2-7B at 2k tokens in one chunk.

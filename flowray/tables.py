@@ -37,14 +37,21 @@ def route_ffn_column(tau: float) -> str:
     return f"route_ffn@{tau:g}"
 
 
+def pruned_heads_column(tau: float) -> str:
+    """Column with the flat head ids not silent at the prediction's own attention node after tau-pruning:
+    their pruned, renormalised importance there exceeds ``SILENT_INFLUENCE`` (e.g. ``pruned_heads@0.01``)."""
+    return f"pruned_heads@{tau:g}"
+
+
 def predictions_schema(taus) -> pa.Schema:
     """One row per prediction (a position of a text). Declared once; writers and readers use it."""
     fields = [
         pa.field("domain", pa.string(), nullable=False),
         pa.field("shard_id", pa.string(), nullable=False),
         pa.field("doc_id", pa.string(), nullable=False),
-        pa.field("position", pa.int32(), nullable=False),
-        pa.field("n_tokens", pa.int32(), nullable=False),
+        pa.field("position", pa.int32(), nullable=False),  # in the model's input (the BOS, when there is one, is 0)
+        pa.field("n_tokens", pa.int32(), nullable=False),  # of the model's input, the BOS included
+        pa.field("bos", pa.bool_(), nullable=False),  # the input starts with a BOS (its own row is not written)
         pa.field("token_id", pa.int32(), nullable=False),
         pa.field("token", pa.string()),
         pa.field("next_token_id", pa.int32()),  # from the text (or a task's answer); null when unknown
@@ -59,10 +66,14 @@ def predictions_schema(taus) -> pa.Schema:
         pa.field("component_importance", pa.list_(pa.float32())),  # [L*H + L]
         pa.field("prev_token_share", pa.list_(pa.float32())),  # [L*H] share of each head's influence on pos-1
         pa.field("same_word_share", pa.list_(pa.float32())),  # [L*H] ... on earlier subwords of the same word
+        # [L*H] tasks, at the prediction under study: each head's sub-edges from the indirect object (IOI) or
+        # the start year's YY (greater-than) to this position; null on every other row
+        pa.field("source_edge_importance", pa.list_(pa.float32())),
     ]
     for tau in taus:
         fields.append(pa.field(route_heads_column(tau), pa.list_(pa.uint16())))
         fields.append(pa.field(route_ffn_column(tau), pa.list_(pa.uint16())))
+        fields.append(pa.field(pruned_heads_column(tau), pa.list_(pa.uint16())))
     return pa.schema(fields)
 
 
@@ -94,7 +105,8 @@ def head_shares(attn: np.ndarray, word_index: np.ndarray, first_subword: np.ndar
 
     attn ``[L, H, T, T]`` sub-edge importances; word_index/first_subword ``[T]``.
     Returns (head_total ``[T, L*H]``, prev ``[T, L*H]``, same_word ``[T, L*H]``); shares are NaN where
-    undefined (position 0, a head with zero influence, or — for same_word — a first subword).
+    undefined (position 0, a head with zero influence, or — for same_word — a token that is not a later
+    subword: a first subword or a token of no word).
     """
     L, H, T, _ = attn.shape
     total = attn.sum(-1)  # [L, H, T]
@@ -107,7 +119,8 @@ def head_shares(attn: np.ndarray, word_index: np.ndarray, first_subword: np.ndar
     same_word = np.einsum("lhpj,pj->lhp", attn, same.astype(attn.dtype))
     with np.errstate(invalid="ignore", divide="ignore"):
         prev = np.where(total > 0, prev / total, np.nan)
-        same_word = np.where((total > 0) & ~first_subword[None, None, :], same_word / total, np.nan)
+        later = ~first_subword & (word_index >= 0)  # tokens of no word are no subword at all
+        same_word = np.where((total > 0) & later[None, None, :], same_word / total, np.nan)
 
     def flat(a):  # [L, H, T] -> [T, L*H]
         return np.ascontiguousarray(a.transpose(2, 0, 1).reshape(T, L * H)).astype(np.float32)
@@ -152,15 +165,23 @@ class TextRows:
     same_word_share: np.ndarray  # [T, L*H]
     route_heads: dict = field(default_factory=dict)  # tau -> list of [T] arrays of flat head ids
     route_ffn: dict = field(default_factory=dict)  # tau -> list of [T] arrays of layers
+    pruned_heads: dict = field(default_factory=dict)  # tau -> list of [T] arrays of flat head ids
+    bos: bool = False  # position 0 is a BOS: its row is left out
+    source_row: int | None = None  # the row whose source_edge_importance is ``source_edges``
+    source_edges: np.ndarray | None = None  # [L*H]
 
     def table(self, schema: pa.Schema) -> pa.Table:
         T = len(self.token_ids)
+        source = [None] * T
+        if self.source_row is not None and self.source_edges is not None:
+            source[self.source_row] = self.source_edges.astype(np.float32)
         cols = {
             "domain": pa.array([self.domain] * T, pa.string()),
             "shard_id": pa.array([self.shard_id] * T, pa.string()),
             "doc_id": pa.array([self.doc_id] * T, pa.string()),
             "position": pa.array(np.arange(T, dtype=np.int32)),
             "n_tokens": pa.array(np.full(T, T, dtype=np.int32)),
+            "bos": pa.array(np.full(T, self.bos)),
             "token_id": pa.array(self.token_ids.astype(np.int32)),
             "token": pa.array(self.tokens, pa.string()),
             "next_token_id": pa.array(self.next_ids, pa.int32()),
@@ -175,12 +196,16 @@ class TextRows:
             "component_importance": _list_column(self.components.astype(np.float32), pa.float32()),
             "prev_token_share": _list_column(self.prev_share, pa.float32()),
             "same_word_share": _list_column(self.same_word_share, pa.float32()),
+            "source_edge_importance": pa.array(source, pa.list_(pa.float32())),
         }
         for tau, rows in self.route_heads.items():
             cols[route_heads_column(tau)] = _ragged_column(rows, pa.uint16())
         for tau, rows in self.route_ffn.items():
             cols[route_ffn_column(tau)] = _ragged_column(rows, pa.uint16())
-        return pa.table([cols[f.name] for f in schema], schema=schema)
+        for tau, rows in self.pruned_heads.items():
+            cols[pruned_heads_column(tau)] = _ragged_column(rows, pa.uint16())
+        table = pa.table([cols[f.name] for f in schema], schema=schema)
+        return table.slice(1) if self.bos else table  # the BOS position is no prediction of the text
 
 
 # --- reduce ----------------------------------------------------------------------------------------
@@ -195,24 +220,28 @@ class _DomainStats:
     head_active: dict = field(default_factory=dict)  # tau -> [L*H] counts over target rows
     ffn_active: dict = field(default_factory=dict)  # tau -> [L]
     comp_sum: np.ndarray | None = None  # [L*H + L] over target rows
-    prev_n: int = 0
-    prev_major: np.ndarray | None = None  # [L*H] rows (position >= 1) with prev share > 1/2
-    later_n: int = 0
-    same_major: np.ndarray | None = None  # [L*H] later-subword rows with same-word share > 1/2
-    first_n: int = 0
-    first_silent: np.ndarray | None = None  # [L*H] first-subword rows with head total <= 5e-5
+    role_counts: dict = field(default_factory=dict)  # ROLE_COUNTS name -> [L*H] (cases: ints)
     pos_sum: dict = field(default_factory=dict)  # (kind, tag) -> [L*H + L] sum over target rows
     pos_n: dict = field(default_factory=dict)
+    source_edges: dict = field(default_factory=dict)  # doc_id -> [L*H] (tasks: source_edge_importance)
 
     def __post_init__(self):
         LH, L = self.n_layers * self.n_heads, self.n_layers
         self.comp_sum = np.zeros(LH + L)
-        self.prev_major = np.zeros(LH)
-        self.same_major = np.zeros(LH)
-        self.first_silent = np.zeros(LH)
+        self.role_counts = {name: np.zeros(LH) for name in _role_count_names(self.taus)}
+        self.role_counts.update({name: 0 for name in _CASES})
         for tau in self.taus:
             self.head_active[tau] = np.zeros(LH)
             self.ffn_active[tau] = np.zeros(L)
+
+
+# Denominators of the head-role criteria (see Accumulator.update and the head_roles docs):
+_CASES = ("cases_previous", "cases_later_subword", "cases_first_subword")
+
+
+def _role_count_names(taus) -> list[str]:
+    return ["previous_major", "previous_zero_influence", "same_word_major", "later_subword_zero_influence",
+            "first_subword_silent", *(f"first_subword_silent_pruned@{tau:g}" for tau in taus)]
 
 
 def _matrix(column: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
@@ -225,10 +254,13 @@ def _matrix(column: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
 class Accumulator:
     """Folds prediction batches (Arrow tables) into per-domain counts; ``tables()`` finalises them."""
 
-    def __init__(self, n_layers: int, n_heads: int, taus, general_domain: str):
+    def __init__(self, n_layers: int, n_heads: int, taus, general_domain: str, contrasts=()):
+        """``contrasts``: ``(original_domain, contrastive_domain)`` pairs of task domains whose texts are
+        paired by doc_id (``flowray.corpora`` gives a prompt and its twin the same id)."""
         self.L, self.H = n_layers, n_heads
         self.taus = tuple(taus)
         self.general = general_domain
+        self.contrasts = tuple(tuple(pair) for pair in contrasts)
         self.domains: dict[str, _DomainStats] = {}
 
     def _stats(self, domain: str) -> _DomainStats:
@@ -249,16 +281,10 @@ class Accumulator:
             comps = _matrix(part.column("component_importance"), LH + self.L)
             st.n_target += int(target.sum())
             st.comp_sum += comps[target].sum(0)
-            prev = _matrix(part.column("prev_token_share"), LH)
-            same = _matrix(part.column("same_word_share"), LH)
-            has_prev = position >= 1
-            st.prev_n += int(has_prev.sum())
-            st.prev_major += np.nan_to_num(prev[has_prev] > MAJORITY).sum(0)
-            later = ~first & has_prev
-            st.later_n += int(later.sum())
-            st.same_major += np.nan_to_num(same[later] > MAJORITY).sum(0)
-            st.first_n += int(first.sum())
-            st.first_silent += (comps[first, :LH] <= SILENT_INFLUENCE).sum(0)
+            word = part.column("word_index").to_numpy(zero_copy_only=False)
+            bos = part.column("bos").to_numpy(zero_copy_only=False).astype(int)
+            self._roles_update(st, part, position, bos, word, first, comps[:, :LH])
+            self._sources_update(st, part)
             for tau in self.taus:
                 heads = part.column(route_heads_column(tau)).filter(pa.array(target))
                 flat = heads.combine_chunks().flatten().to_numpy(zero_copy_only=False) if len(heads) else []
@@ -273,6 +299,51 @@ class Accumulator:
                     key = (kind, tag)
                     st.pos_sum[key] = st.pos_sum.get(key, 0) + comps[rows].sum(0)
                     st.pos_n[key] = st.pos_n.get(key, 0) + int(rows.sum())
+
+    def _roles_update(self, st: _DomainStats, part: pa.Table, position, bos, word, first, heads) -> None:
+        """Count each head's role cases (paper section 4.3), with these denominators:
+
+        - previous-token cases: rows whose previous token is a text token (``position >= 1 + bos``); a
+          case counts when the head puts more than half of its influence on it;
+        - later-subword cases: tokens of a word that are not its first token (tokens of no word, such as
+          whitespace or the BOS, are neither first nor later subwords); a case counts when more than half
+          of the head's influence is on earlier subwords of the same word;
+        - first-subword cases: the first token of each word; the head is silent there when its summed
+          raw importance is <= SILENT_INFLUENCE, or (pruned, per tau) when it is not in ``pruned_heads@tau``.
+
+        A head with zero influence in a previous-token or later-subword case (its share is undefined)
+        counts as a failure there and is counted in ``*_zero_influence``.
+        """
+        c = st.role_counts
+        LH = self.L * self.H
+        prev = _matrix(part.column("prev_token_share"), LH)
+        same = _matrix(part.column("same_word_share"), LH)
+        has_prev = position >= 1 + bos
+        later = (word >= 0) & ~first
+        c["cases_previous"] += int(has_prev.sum())
+        c["previous_major"] += np.nan_to_num(prev[has_prev] > MAJORITY).sum(0)
+        c["previous_zero_influence"] += (heads[has_prev] <= 0).sum(0)
+        c["cases_later_subword"] += int(later.sum())
+        c["same_word_major"] += np.nan_to_num(same[later] > MAJORITY).sum(0)
+        c["later_subword_zero_influence"] += (heads[later] <= 0).sum(0)
+        n_first = int(first.sum())
+        c["cases_first_subword"] += n_first
+        c["first_subword_silent"] += (heads[first] <= SILENT_INFLUENCE).sum(0)
+        for tau in self.taus:
+            active = part.column(pruned_heads_column(tau)).filter(pa.array(first))
+            flat = active.combine_chunks().flatten().to_numpy(zero_copy_only=False) if len(active) else []
+            c[f"first_subword_silent_pruned@{tau:g}"] += n_first - np.bincount(
+                np.asarray(flat, dtype=np.int64), minlength=LH)[:LH]
+
+    def _sources_update(self, st: _DomainStats, part: pa.Table) -> None:
+        col = part.column("source_edge_importance")
+        if col.null_count == len(col):
+            return
+        keep = pc.is_valid(col)
+        docs = part.column("doc_id").filter(keep).to_pylist()
+        values = _matrix(col.filter(keep), self.L * self.H)
+        for doc, row in zip(docs, values):
+            st.source_edges[doc] = row
 
     # --- finalise ---------------------------------------------------------------------------------
     def _layer_head(self):
@@ -298,8 +369,7 @@ class Accumulator:
                                       "layer": np.concatenate([layers, np.arange(self.L)]),
                                       "head": [int(h) for h in heads] + [None] * self.L,
                                       "importance": mean}))
-            roles.append(self._roles(domain, st.prev_major, st.prev_n, st.same_major, st.later_n,
-                                     st.first_silent, st.first_n))
+            roles.append(self._roles(domain, st.role_counts))
             for (kind, tag), total in sorted(st.pos_sum.items()):
                 count = st.pos_n[(kind, tag)]
                 pos_rows.append(pl.DataFrame({
@@ -310,10 +380,7 @@ class Accumulator:
         # roles over every domain together
         if self.domains:
             sts = list(self.domains.values())
-            roles.append(self._roles(
-                "*all*", sum(s.prev_major for s in sts), sum(s.prev_n for s in sts),
-                sum(s.same_major for s in sts), sum(s.later_n for s in sts),
-                sum(s.first_silent for s in sts), sum(s.first_n for s in sts)))
+            roles.append(self._roles("*all*", {k: sum(s.role_counts[k] for s in sts) for k in sts[0].role_counts}))
         component = pl.concat(comp) if comp else pl.DataFrame()
         return {
             "head_activation": pl.concat(act) if act else pl.DataFrame(),
@@ -323,23 +390,56 @@ class Accumulator:
             "domain_specialisation": specialisation(component, self.general) if comp else pl.DataFrame(),
             "pos_importance": pl.concat(pos_rows) if pos_rows else pl.DataFrame(),
             "domain_summary": pl.DataFrame(summary),
+            "contrastive_edges": self._contrastive_edges(),
         }
 
-    def _roles(self, domain, prev_major, prev_n, same_major, later_n, first_silent, first_n) -> pl.DataFrame:
+    def _roles(self, domain: str, c: dict) -> pl.DataFrame:
+        """One row per head. ``role`` uses the raw silence (see ``head_roles`` in the README): pruned,
+        renormalised importances are either 0 or above tau, so the paper's 0.005% threshold only has a
+        meaning for raw ones; the pruned fractions are reported beside it."""
         layers, heads = self._layer_head()
-        prev_frac = prev_major / max(prev_n, 1)
-        same_frac = same_major / max(later_n, 1)
-        silent_frac = first_silent / max(first_n, 1)
+        prev_n, later_n, first_n = c["cases_previous"], c["cases_later_subword"], c["cases_first_subword"]
+        prev_frac = c["previous_major"] / max(prev_n, 1)
+        same_frac = c["same_word_major"] / max(later_n, 1)
+        silent_frac = c["first_subword_silent"] / max(first_n, 1)
         is_prev = (prev_frac >= ROLE_FRACTION) & (prev_n > 0)
         is_merge = (same_frac >= ROLE_FRACTION) & (silent_frac >= ROLE_FRACTION) & ~is_prev & (later_n > 0)
         role = np.where(is_prev, "previous_token", np.where(is_merge, "subword_merging", None))
+        pruned = {f"first_subword_silent_fraction_pruned@{tau:g}":
+                  c[f"first_subword_silent_pruned@{tau:g}"] / max(first_n, 1) for tau in self.taus}
         return pl.DataFrame({
             "domain": domain, "layer": layers, "head": heads,
             "previous_token_fraction": prev_frac, "subword_merging_fraction": same_frac,
-            "first_subword_silent_fraction": silent_frac, "cases_previous": prev_n,
-            "cases_later_subword": later_n, "cases_first_subword": first_n,
+            "first_subword_silent_fraction": silent_frac, **pruned,
+            "cases_previous": prev_n, "cases_later_subword": later_n, "cases_first_subword": first_n,
+            "previous_zero_influence": c["previous_zero_influence"].astype(np.int64),
+            "later_subword_zero_influence": c["later_subword_zero_influence"].astype(np.int64),
             "role": pl.Series(role.tolist(), dtype=pl.String),
         })
+
+    def _contrastive_edges(self) -> pl.DataFrame:
+        """Per head, the source sub-edge importance on each prompt minus on its twin: mean and standard error."""
+        layers, heads = self._layer_head()
+        frames = []
+        for original, twin in self.contrasts:
+            a = self.domains.get(original)
+            b = self.domains.get(twin)
+            docs = sorted(set(a.source_edges) & set(b.source_edges)) if a and b else []
+            if not docs:
+                continue
+            x = np.stack([a.source_edges[d] for d in docs])  # [n, L*H]
+            y = np.stack([b.source_edges[d] for d in docs])
+            diff = x - y
+            n = len(docs)
+            se = diff.std(0, ddof=1) / np.sqrt(n) if n > 1 else np.full(diff.shape[1], np.nan)
+            frames.append(pl.DataFrame({
+                "domain": original, "contrastive_domain": twin, "layer": layers, "head": heads, "n_pairs": n,
+                "original": x.mean(0), "contrastive": y.mean(0), "difference": diff.mean(0), "se": se}))
+        if not frames:
+            return pl.DataFrame(schema={"domain": pl.String, "contrastive_domain": pl.String, "layer": pl.Int64,
+                                        "head": pl.Int64, "n_pairs": pl.Int64, "original": pl.Float64,
+                                        "contrastive": pl.Float64, "difference": pl.Float64, "se": pl.Float64})
+        return pl.concat(frames)
 
 
 def specialisation(component: pl.DataFrame, general: str) -> pl.DataFrame:

@@ -184,6 +184,20 @@ def _generate(n: int, task: str, draw: Callable[[int], TaskPrompt | None]) -> li
     return kept
 
 
+def _word_span(text: str, word: str) -> list[int]:
+    """[start, end) of the first occurrence of ``word`` as a whole word (the IOI indirect object)."""
+    import re
+
+    match = re.search(rf"\b{re.escape(word)}\b", text)
+    return [match.start(), match.end()]
+
+
+def _yy_span(text: str, year: str) -> list[int]:
+    """[start, end) of the start year's last two digits (YY) in a greater-than prompt."""
+    start = text.index(year) + len(year) - 2
+    return [start, start + 2]
+
+
 def _fill(template: str, **fields: str) -> str:
     for key, value in fields.items():
         template = template.replace(f"[{key}]", value)
@@ -222,7 +236,8 @@ def ioi_prompts(n: int, *, seed: int = 0, tokenizer=None, templates: str = "both
         body, twin_body = _ioi_bodies(data["templates"][family][index])
         fields = dict(A=a, B=b, C=c, PLACE=place, OBJECT=obj)
         text, twin = _fill(body, **fields), _fill(twin_body, **fields)
-        meta = {"family": family, "template_index": index, "io": a, "s": b, "c": c, "place": place, "object": obj}
+        meta = {"family": family, "template_index": index, "io": a, "s": b, "c": c, "place": place, "object": obj,
+                "source_span": _word_span(text, a), "contrastive_source_span": _word_span(twin, a)}
         if vocab and not _token_checks(vocab, text, twin, " " + a, " " + b, meta):
             return None
         return TaskPrompt("ioi", f"{family}-{index}", text, " " + a, " " + b, twin, meta)
@@ -302,7 +317,9 @@ def greater_than_prompts(n: int, *, seed: int = 0, tokenizer=None, contrastive_y
             return None
         answer, wrong = targets.pop("answer"), targets.pop("wrong")
         meta = {"noun": noun, "century": str(century), "yy": f"{yy:02d}", "start_year": year,
-                "contrastive_yy": contrastive_yy, **targets}
+                "contrastive_yy": contrastive_yy, **targets,
+                "source_span": _yy_span(text, f"{century}{yy:02d}"),
+                "contrastive_source_span": _yy_span(twin, f"{century}{contrastive_yy}")}
         if vocab and not _token_checks(vocab, text, twin, answer, wrong, meta):
             return None
         return TaskPrompt("greater_than", "gt-0", text, answer, wrong, twin, meta)
@@ -395,6 +412,7 @@ def arithmetic_prompts(n: int, op: str, *, seed: int = 0, tokenizer=None) -> lis
         moved = text[len(templates[index].format(x=x, y=y)):]  # whitespace _split_answer moved into the prompt
         meta = {"op": op, "template_index": index, "x": x, "y": y, "result": result,
                 "completion": f" {result}".removeprefix(moved),
+                "contrastive_completion": f" {_apply(op, x2, y2)}".removeprefix(moved),
                 "contrastive_x": x2, "contrastive_y": y2, "contrastive_result": _apply(op, x2, y2)}
         if vocab and not _token_checks(vocab, text, twin, answer, wrong, meta):
             return None

@@ -240,3 +240,47 @@ def align_words(text: str, offsets: list[tuple[int, int]], *, language: str = "e
         raise InputError(f"the tagger must return one tag per word: {len(spans)} words, got {len(tags)} tags")
     pos = [tags[word] if word >= 0 else None for word in word_index]
     return TokenWords(word_index, first_subword, pos)
+
+
+# ---------------------------------------------------------------------------------- start of text
+
+# Tried in order when the tokenizer adds no BOS of its own: the pretraining document separator of
+# GPT-2, SmolLM2, Qwen, Pythia and most BPE models, then the tokenizer's declared BOS / EOS.
+DOCUMENT_SEPARATORS = ("<|endoftext|>",)
+
+
+@dataclass(frozen=True)
+class DocumentStart:
+    """The token put at position 0 of every text when ``prepend_bos`` is on (paper: Llama 2's BOS)."""
+
+    token_id: int
+    token: str
+    source: str  # "tokenizer BOS" (the tokenizer adds it itself) or "document separator"
+
+    def to_dict(self) -> dict:
+        return {"token_id": self.token_id, "token": self.token, "source": self.source}
+
+
+def document_start(tokenizer) -> DocumentStart:
+    """The BOS a text starts with: the tokenizer's own when it adds one (Llama, Gemma), else the model's
+    document separator (``<|endoftext|>`` for GPT-2 and SmolLM2), else its EOS or declared BOS token.
+
+    Heads with nothing to do park their attention on that first token; without it they park on the
+    first word of the text, which then looks important and breaks "silent on first subwords".
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    probe = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    if bos is not None and probe and probe[0] == bos:
+        return DocumentStart(int(bos), str(tokenizer.bos_token), "tokenizer BOS")
+    vocab = tokenizer.get_vocab()
+    for name in DOCUMENT_SEPARATORS:
+        if name in vocab:
+            return DocumentStart(int(vocab[name]), name, "document separator")
+    for attr in ("eos_token", "bos_token"):
+        token = getattr(tokenizer, attr, None)
+        if token is not None and token in vocab:
+            return DocumentStart(int(vocab[token]), str(token), "document separator")
+    raise InputError(
+        "prepend_bos needs a start-of-text token, and this tokenizer adds no BOS and has no "
+        f"{' / '.join(DOCUMENT_SEPARATORS)}, EOS or BOS token; set prepend_bos: false (--no-bos) to run "
+        "without one")

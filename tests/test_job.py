@@ -29,7 +29,7 @@ def _write_corpus(tmp_path, n=10):
 
 def _config(tmp_path, model_dir, n_notes=10, **extra) -> dict:
     return {
-        "run_name": "t", "model": str(model_dir), "output": str(tmp_path / "runs"), "max_tokens": 16,
+        "run_name": "t", "model": str(model_dir), "output": str(tmp_path / "runs"), "max_tokens": 20,
         "texts_per_domain": 10, "texts_per_shard": 2, "tau": [0.02, 0.05], "actors": 2, "batch_size": 2,
         "general_domain": "notes", "progress_interval_s": 0.5,
         "corpora": [

@@ -57,7 +57,9 @@ def test_worker_turns_texts_into_one_row_per_prediction(worker):
     tok = worker.tokenizer
     n_a = len(tok("The cat sat on the mat.").input_ids)
     a = df.filter(pl.col("doc_id") == "a").sort("position")
-    assert a.height == n_a and a["position"].to_list() == list(range(n_a))
+    # the BOS sits at position 0 of the model's input; its own prediction is no row
+    assert a.height == n_a and a["position"].to_list() == list(range(1, n_a + 1))
+    assert a["bos"].all() and (a["n_tokens"] == n_a + 1).all()
     assert a["next_token_id"].to_list()[:-1] == a["token_id"].to_list()[1:]  # next token from the text
     assert a["next_token_id"][-1] is None and a["target"].all()
     if worker.pos_tagging is None:  # no tagger data: POS is off, and visibly so (null, never made up)
@@ -122,17 +124,21 @@ def test_head_shares_hand_computed():
     np.testing.assert_allclose(total[2], [0.8, 0.5])
 
 
-def _rows(domain, n, *, prev, same, first, comps, heads, target=True, start=0):
-    """n identical prediction rows for a 1-layer, 2-head model."""
+def _rows(domain, n, *, prev, same, first, comps, heads, target=True, start=0, word=0, position=1, bos=False,
+          pruned=None, source=None):
+    """n identical prediction rows for a 1-layer, 2-head model (``pruned``: default, the heads whose raw
+    importance is above the silence threshold)."""
     schema = predictions_schema((0.03,))
+    pruned = [h for h in range(2) if comps[h] > 5e-5] if pruned is None else pruned
     data = {
         "domain": [domain] * n, "shard_id": ["s"] * n, "doc_id": [f"{domain}{i}" for i in range(start, start + n)],
-        "position": [1] * n, "n_tokens": [2] * n, "token_id": [0] * n, "token": ["x"] * n,
-        "next_token_id": [None] * n, "next_token": [None] * n, "predicted_id": [0] * n,
-        "predicted_token": ["x"] * n, "word_index": [0] * n,
+        "position": [position] * n, "n_tokens": [position + 1] * n, "bos": [bos] * n, "token_id": [0] * n,
+        "token": ["x"] * n, "next_token_id": [None] * n, "next_token": [None] * n, "predicted_id": [0] * n,
+        "predicted_token": ["x"] * n, "word_index": [word] * n,
         "first_subword": [first] * n, "pos": ["NOUN"] * n, "next_pos": [None] * n, "target": [target] * n,
         "component_importance": [comps] * n, "prev_token_share": [prev] * n, "same_word_share": [same] * n,
-        "route_heads@0.03": [heads] * n, "route_ffn@0.03": [[0]] * n,
+        "source_edge_importance": [source] * n,
+        "route_heads@0.03": [heads] * n, "route_ffn@0.03": [[0]] * n, "pruned_heads@0.03": [pruned] * n,
     }
     return pa.table(data, schema=schema)
 

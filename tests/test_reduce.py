@@ -38,7 +38,7 @@ def _predictions(domain: str, shard_id: str, docs: list[str], T: int = 3) -> pa.
                 "predicted_token": "x", "word_index": p, "first_subword": True, "pos": "NOUN", "next_pos": None,
                 "target": True, "component_importance": [0.2, 0.1 if domain == "gen" else 0.4, 0.5],
                 "prev_token_share": [0.9, 0.1], "same_word_share": [0.0, 0.0],
-                "route_heads@0.03": [0], "route_ffn@0.03": [0],
+                "route_heads@0.03": [0], "route_ffn@0.03": [0], "bos": False, "pruned_heads@0.03": [0, 1],
             })
     return pa.Table.from_pylist(rows, schema=predictions_schema(TAU))
 

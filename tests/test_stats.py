@@ -30,8 +30,23 @@ def _words(T: int, seed: int):
     return word_index, first
 
 
-def _assert_equal_to_dense(dense, stats, words, taus):
+def _pruned_reference(dense, tau: float, above: float) -> np.ndarray:
+    """``[T, L*H]`` bools by hand: at each position's attention node drop every part <= tau, rescale the
+    kept parts to sum to 1, and keep the heads whose rescaled importance exceeds ``above``."""
+    attn = np.where(dense.attn > tau, dense.attn, 0.0).sum(-1)  # [L, H, T] kept sub-edges per head
+    node = attn.sum(1) + np.where(dense.attn_residual > tau, dense.attn_residual, 0.0)
+    if dense.parallel:
+        node = node + np.where(dense.ffn > tau, dense.ffn, 0.0)
+    pruned = attn / np.where(node > 0, node, 1.0)[:, None, :]
+    return (pruned > above).transpose(2, 0, 1).reshape(dense.n_tokens, -1)
+
+
+def _assert_equal_to_dense(dense, stats, words, taus, source=None):
     T, L, H = dense.n_tokens, dense.n_layers, dense.n_heads
+    if source is not None:
+        query, positions = source
+        np.testing.assert_allclose(stats.source_edges, dense.attn[:, :, query, positions].sum(-1).reshape(-1),
+                                   atol=1e-6, rtol=0)
     np.testing.assert_allclose(stats.components, dense.component_importance(), atol=1e-6, rtol=0)
     assert (stats.predicted_ids == dense.predicted_ids).all()
     if words is not None:
@@ -51,6 +66,12 @@ def _assert_equal_to_dense(dense, stats, words, taus):
             assert stats.route_heads[tau][p].tolist() == np.flatnonzero(flat[p]).tolist(), (tau, p)
             assert stats.route_ffn[tau][p].tolist() == np.flatnonzero(masks.ffn[p]).tolist(), (tau, p)
             n_route_heads += len(stats.route_heads[tau][p])
+        checks = [(0.0, stats.pruned_heads[tau])]
+        if hasattr(stats, "pruned_above"):  # the same sequence measured with active_above=0.2
+            checks.append((0.2, stats.pruned_above[tau]))
+        for above, pruned in checks:
+            want = _pruned_reference(dense, tau, above)
+            assert [a.tolist() for a in pruned] == [np.flatnonzero(w).tolist() for w in want], (tau, above)
     return n_route_heads
 
 
@@ -68,8 +89,13 @@ def test_streamed_statistics_equal_the_dense_path(monkeypatch, case, padding_sid
     dense = edge_importances_batch(model, seqs, padding_side=padding_side)
     # a tiny element budget forces several chunks of query rows per layer; the default takes one
     budget = 37 if padding_side == "right" else 1 << 22
-    got = prediction_stats_batch(model, seqs, TAUS, words=words, padding_side=padding_side, element_budget=budget)
-    n = sum(_assert_equal_to_dense(d, s, w, TAUS) for d, s, w in zip(dense, got, words))
+    sources = [(12, [3, 7]), None, (21, [0])]
+    got = prediction_stats_batch(model, seqs, TAUS, words=words, sources=sources, padding_side=padding_side,
+                                 element_budget=budget)
+    above = prediction_stats_batch(model, seqs, TAUS, padding_side=padding_side, active_above=0.2)
+    for g, a in zip(got, above):
+        g.pruned_above = a.pruned_heads
+    n = sum(_assert_equal_to_dense(d, s, w, TAUS, src) for d, s, w, src in zip(dense, got, words, sources))
     assert n > 0, "no route kept any head: the comparison would be empty"
 
 

@@ -17,7 +17,7 @@ from flowray.tables import ERRORS, Accumulator
 
 log = logging.getLogger(__name__)
 TABLES = ("head_activation", "ffn_activation", "component_importance", "head_roles", "domain_specialisation",
-          "pos_importance", "domain_summary")
+          "pos_importance", "domain_summary", "contrastive_edges")
 
 
 class IncompleteRunError(FlowrayError):
@@ -114,7 +114,7 @@ def reduce_run(config: JobConfig, storage: Storage, index: dict, *, started: flo
     exactly = _check_exactly_once(check)
     first = next(iter(markers.values()))
     L, H = first["n_layers"], first["n_heads"]
-    acc = Accumulator(L, H, config.tau, config.general)
+    acc = Accumulator(L, H, config.tau, config.general, contrasts=config.contrasts)
     error_tables, predicted_domains = [], set()
     for shard, _marker, preds, errors in loaded:
         acc.update(preds)
@@ -157,6 +157,7 @@ def reduce_run(config: JobConfig, storage: Storage, index: dict, *, started: flo
         "shards_verified": len(loaded),  # each file's size and sha256 matched its commit marker
         "domains_without_predictions": empty_domains,
         "pos_tagging": pos_tagging,
+        "bos": first.get("bos"),  # the token at position 0 of every text (null: prepend_bos false)
         "tables": {name: f"tables/{name}.parquet" for name in (*TABLES, "errors")},
         "figures": figures,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),

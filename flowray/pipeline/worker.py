@@ -30,9 +30,11 @@ log = logging.getLogger(__name__)
 class _Prepared:
     index: int  # the doc's place in the input (rows are written in input order)
     doc: dict
-    ids: list[int]  # kept token ids
+    ids: list[int]  # kept token ids (the BOS first when there is one)
     next_ids: list[int | None]
     words: object  # flowray.text.TokenWords over the kept tokens + one look-ahead token
+    target: list[bool]  # counted in the activation / importance tables
+    source: tuple[int, list[int]] | None = None  # tasks: (last position, source positions), see flowray.tasks
 
 
 class FlowWorker:
@@ -63,6 +65,11 @@ class FlowWorker:
         self.taus = tuple(config.tau)
         self.schema = predictions_schema(self.taus)
         self.shape = self.lm.adapter.shape
+        self.bos = None
+        if config.prepend_bos:
+            from flowray.text import document_start
+
+            self.bos = document_start(self.tokenizer)
         self.pos_tagging = self._tagger()
         clock.lap("load_tagger_s")
         if next(self.lm.model.parameters()).device.type == "cpu":
@@ -99,7 +106,7 @@ class FlowWorker:
             raise InputError(f"text is not a string (undecodable or missing); got {type(text).__name__}")
         if not text.strip():
             raise InputError("text is empty or only whitespace")
-        enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+        enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
         ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
         if not ids:
             raise InputError("text encodes to no tokens")
@@ -107,15 +114,57 @@ class FlowWorker:
         if len(ids) > max_tokens and not self.config.truncate:
             raise InputError(f"text is {len(ids)} tokens long, more than max_tokens={max_tokens} "
                              "(truncate: false)")
+        lead = 0 if self.bos is None else 1
+        if lead:  # the BOS belongs to no word: its span is empty
+            ids, offsets = [self.bos.token_id, *ids], [(0, 0), *offsets]
         context = self.shape.max_positions
-        keep = min(len(ids), max_tokens, context or len(ids))
+        keep = min(len(ids), max_tokens + lead, context or len(ids))
+        if keep <= lead:
+            raise InputError(f"the model's context ({context} positions) leaves no room for the text after the BOS")
         next_ids = ids[1 : keep + 1] + [None] * (keep + 1 - len(ids))
+        target = [p >= lead for p in range(keep)]
+        source = None
         if doc.get("is_task"):
-            next_ids[keep - 1] = self._answer_id(ids[:keep], json.loads(doc.get("meta") or "{}"))
+            meta = json.loads(doc.get("meta") or "{}")
+            target, source = self._task_rows(meta, ids[:keep], offsets, next_ids, lead)
         tagger = self.pos_tagging if self.pos_tagging is not None else (lambda words: [None] * len(words))
         look = min(len(ids), keep + 1)  # words of the kept tokens and of the next one
         words = align_words(text, offsets[:look], language=doc.get("language", "en"), tagger=tagger)
-        return _Prepared(index=index, doc=doc, ids=ids[:keep], next_ids=next_ids, words=words)
+        return _Prepared(index=index, doc=doc, ids=ids[:keep], next_ids=next_ids, words=words, target=target,
+                         source=source)
+
+    def _task_rows(self, meta: dict, ids: list[int], offsets, next_ids: list, lead: int):
+        """A task text's target rows (and sub-edge source): see flowray.tasks.
+
+        Texts with ``prompt_chars`` (arithmetic) hold the prompt and the whole answer: every position whose
+        next token is part of the answer is a target (each generation step). Otherwise the text is the
+        prompt and its last position, whose next token is the answer, is the one target.
+        ``source_chars`` marks the token(s) whose sub-edges to the last prompt position are measured.
+        """
+        T = len(ids)
+        if offsets[T - 1][1] < max(e for _, e in offsets):
+            raise InputError(f"task text is {len(offsets) - lead} tokens long, more than the {T - lead} kept "
+                             "(max_tokens or the model's context): its prediction under study would be cut off; "
+                             "raise max_tokens")
+        if isinstance(meta.get("prompt_chars"), int):
+            cut = meta["prompt_chars"]
+            target = [p >= lead and p + 1 < T and offsets[p + 1][0] >= cut for p in range(T)]
+            if not any(target):
+                raise InputError(f"task text: no answer token starts at character {cut} (the end of the prompt) "
+                                 f"within the {T} kept tokens; raise max_tokens")
+        else:
+            target = [False] * (T - 1) + [T - 1 >= lead]
+            next_ids[T - 1] = self._answer_id(ids, meta)
+        source = None
+        span = meta.get("source_chars")
+        if span is not None:
+            last = max(p for p in range(T) if target[p])
+            if isinstance(meta.get("prompt_chars"), int):  # the prediction of the answer's first token
+                last = min(p for p in range(T) if target[p])
+            start, end = span
+            positions = [p for p in range(lead, last + 1) if offsets[p][0] < end and offsets[p][1] > start]
+            source = (last, positions) if positions else None
+        return target, source
 
     def _answer_id(self, ids: list[int], meta: dict) -> int | None:
         """A task's expected next token: the answer as a continuation of the prompt (one token)."""
@@ -136,11 +185,7 @@ class FlowWorker:
         doc, T = prep.doc, len(prep.ids)
         w = prep.words
         word_index, first = self._word_arrays(prep)
-        target = np.zeros(T, dtype=bool)
-        if doc.get("is_task"):
-            target[-1] = True
-        else:
-            target[:] = True
+        is_task = bool(doc.get("is_task"))
         return TextRows(
             domain=doc["domain"], shard_id=doc["shard_id"], doc_id=doc["doc_id"],
             token_ids=np.asarray(prep.ids), tokens=self._decode(prep.ids),
@@ -151,11 +196,13 @@ class FlowWorker:
             word_index=word_index, first_subword=first,
             pos=list(w.pos[:T]),
             next_pos=[w.pos[p + 1] if p + 1 < len(w.pos) and prep.next_ids[p] is not None and
-                      not (doc.get("is_task") and p == T - 1) else None for p in range(T)],
-            target=target,
+                      not (is_task and p == T - 1) else None for p in range(T)],
+            target=np.asarray(prep.target, dtype=bool),
             components=st.components,
             prev_share=st.prev_share, same_word_share=st.same_word_share,
             route_heads=dict(st.route_heads), route_ffn=dict(st.route_ffn),
+            pruned_heads=dict(st.pruned_heads), bos=self.bos is not None,
+            source_row=None if prep.source is None else prep.source[0], source_edges=st.source_edges,
         )
 
     # --- batches ---------------------------------------------------------------------------------
@@ -164,8 +211,11 @@ class FlowWorker:
 
         from flowray.stats import prediction_stats_batch
 
+        from flowray.tables import SILENT_INFLUENCE
+
         return prediction_stats_batch(self.lm, [torch.tensor([p.ids]) for p in group], self.taus,
-                                      words=[self._word_arrays(p) for p in group])
+                                      words=[self._word_arrays(p) for p in group],
+                                      sources=[p.source for p in group], active_above=SILENT_INFLUENCE)
 
     def process(self, docs: list[dict], on_batch=None) -> tuple[pa.Table, pa.Table]:
         """Every doc ends up exactly once: as prediction rows or as one error row.
@@ -275,7 +325,8 @@ class ShardWorker:
             summary = {"shard_id": shard_id, "texts": len(docs), "predictions": predictions.num_rows,
                        "errors": errors.num_rows, "seconds": seconds, "worker": self.name,
                        "n_layers": self.flow.shape.n_layers, "n_heads": self.flow.shape.n_heads,
-                       "pos_tagging": self.flow.pos_tagging is not None, "startup": self.startup}
+                       "pos_tagging": self.flow.pos_tagging is not None, "startup": self.startup,
+                       "bos": None if self.flow.bos is None else self.flow.bos.to_dict()}
             commit_shard(self.storage, shard_id, predictions, errors, summary)  # tables, then the marker
             for k in out:
                 out[k].append(summary[k])
