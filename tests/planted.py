@@ -97,7 +97,11 @@ def build_tokenizer():
     tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
                                                        special_tokens=[(BOS, vocab[BOS])])
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, unk_token=UNK, pad_token=UNK)
+    # <bos> is also the end-of-text token (GPT-2 style): whatever a job takes as the BOS, it is id 0. The
+    # post-processor adds it; transformers' ``add_bos_token`` attribute still reads False (5.24): look at
+    # the encoded ids to know whether a tokenizer adds a BOS.
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=BOS, unk_token=UNK,
+                                   pad_token=UNK)
 
 
 def _zero_mean_rows(w: torch.Tensor, cols) -> torch.Tensor:
