@@ -159,6 +159,10 @@ def test_job_reports_exactly_the_planted_roles(job_tables):
     # (~35% of the cases), the previous-token head is never silent
     assert merge["previous_token_fraction"] < FAR_BELOW, merge
     assert prev["first_subword_silent_fraction"] < 1 - CLEAR, prev
+    # silence after tau-pruning agrees: no sub-edge of the merging head survives on a first subword
+    for tau in (0.01, 0.03):
+        assert merge[f"first_subword_silent_fraction_pruned@{tau:g}"] > CLEAR, merge
+        assert prev[f"first_subword_silent_fraction_pruned@{tau:g}"] < 1 - CLEAR, prev
     for flat, row in by_flat.items():
         if flat in (FLAT["prev"], FLAT["merge"]):
             continue
