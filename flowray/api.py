@@ -137,25 +137,35 @@ def check_input_ids(input_ids, adapter: Adapter, vocab_size: int | None) -> torc
     return input_ids.long()
 
 
-def encode_text(tokenizer, text: str, *, max_tokens: int | None = None, context: int | None = None) -> torch.Tensor:
+def encode_text(tokenizer, text: str, *, max_tokens: int | None = None, context: int | None = None,
+                prepend_bos: bool = True) -> torch.Tensor:
     """``[1, T]`` ids of ``text``; InputError for empty text or text longer than the model's context.
 
-    ``max_tokens`` keeps the first ``max_tokens`` tokens (a cap on cost and the way past the context limit).
+    ``max_tokens`` keeps the first ``max_tokens`` tokens of the text (a cap on cost and the way past the
+    context limit). ``prepend_bos`` puts ``flowray.text.document_start``'s token at position 0 (the
+    tokenizer's BOS, else the model's document separator), as the corpus job does: idle heads park there
+    instead of on the first word.
     """
     if not isinstance(text, str) or not text.strip():
         raise InputError(f"text is empty or only whitespace; got {text!r}; give at least one word")
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
         raise InputError(f"max_tokens must be a positive integer; got {max_tokens!r}")
-    ids = tokenizer(text, return_tensors="pt").input_ids  # [1, T]
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids  # [1, T]
     if ids.shape[1] == 0:
         raise InputError(f"text {text[:40]!r} encodes to no tokens")
     if max_tokens is not None:
         ids = ids[:, :max_tokens]
-    if context is not None and ids.shape[1] > context:
+    lead = 1 if prepend_bos else 0
+    if context is not None and ids.shape[1] + lead > context:
+        with_bos = " with the BOS" if lead else ""
         raise InputError(
-            f"text is {ids.shape[1]} tokens long, longer than the model's context of {context} tokens; "
-            f"pass --max-tokens {context} (or less) to keep its first tokens"
+            f"text is {ids.shape[1] + lead} tokens long{with_bos}, longer than the model's context of {context} "
+            f"tokens; pass --max-tokens {context - lead} (or less) to keep its first tokens"
         )
+    if lead:
+        from flowray.text import document_start
+
+        ids = torch.cat([torch.tensor([[document_start(tokenizer).token_id]], dtype=ids.dtype), ids], dim=1)
     return ids
 
 

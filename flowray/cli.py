@@ -39,12 +39,19 @@ def _add_text_args(p: argparse.ArgumentParser) -> None:
                      help="several texts: a .txt file (one text per non-blank line) or .jsonl with a 'text' field")
     p.add_argument("--max-tokens", type=positive_int, default=None,
                    help="keep only the first N tokens of each text (needed for texts longer than the context)")
+    add_bos_argument(p)
     p.add_argument("--backend", type=backend_arg, default="auto",
                    help="importance kernel: 'cpu' (compiled loop, CPU only), 'torch' (any device) or 'auto' "
                    "(cpu on the CPU, torch elsewhere)")
     p.add_argument("--chunk-size", type=positive_int, default=None,
                    help="torch backend: query positions per chunk; bounds its peak extra memory "
                    "(~ heads x chunk x tokens floats)")
+
+
+def add_bos_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-bos", dest="prepend_bos", action="store_false",
+                   help="do not put a BOS at position 0 (default: the tokenizer's BOS, else the model's document "
+                   "separator such as <|endoftext|>, as the corpus job does)")
 
 
 def read_texts(path: Path) -> list[str]:
@@ -138,7 +145,8 @@ def _load(args):
 def _importances_for(lm, text: str, args):
     from flowray.api import edge_importances, encode_text
 
-    ids = encode_text(lm.tokenizer, text, max_tokens=args.max_tokens, context=lm.adapter.shape.max_positions)
+    ids = encode_text(lm.tokenizer, text, max_tokens=args.max_tokens, context=lm.adapter.shape.max_positions,
+                      prepend_bos=args.prepend_bos)
     return edge_importances(lm, ids, chunk_size=args.chunk_size, backend=args.backend)
 
 

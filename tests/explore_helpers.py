@@ -13,7 +13,7 @@ WORDS = ["[UNK]"] + ("When Mary and John went to the store , gave a drink cat sa
                      "book read wrote letter big small red blue green one two three four five six seven eight "
                      "nine ten is was are were he she it they we you I me him her them this that these those "
                      "day night sun moon tree house car road city town river sea sky cloud rain snow wind fire "
-                     "water earth stone gold iron glass paper bread milk tea coffee apple pear plum lime salt king queen door").split()
+                     "water earth stone gold iron glass paper bread milk tea coffee apple pear plum lime salt king queen").split() + ["<|endoftext|>"]  # the document separator: the BOS
 assert len(WORDS) == VOCAB, len(WORDS)
 IOI = "When Mary and John went to the store , John gave a drink to"
 ABC = "When Mary and John went to the store , Tom gave a drink to"
@@ -27,7 +27,7 @@ def word_tokenizer():
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tk.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="<|endoftext|>")
 
 
 def tiny_loaded(case: str = "llama-gqa", seed: int = 0):

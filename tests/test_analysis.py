@@ -55,7 +55,7 @@ def smollm2_run(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_model_dir):
-    return _job(tmp_path_factory.mktemp("analysis-tiny"), f"model={tiny_model_dir}", "max_tokens=16")
+    return _job(tmp_path_factory.mktemp("analysis-tiny"), f"model={tiny_model_dir}", "max_tokens=23")  # a task prompt + BOS fits its 24 positions
 
 
 def _text_outputs(nb) -> str:

@@ -141,8 +141,8 @@ def test_a_bad_text_in_a_file_is_recorded_and_the_others_go_on(tmp_path, capsys,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra,message", [
-    (["--position", "40"], "position 40 is out of range for 4 tokens"),
-    (["--position", "-5"], "out of range"),
+    (["--position", "40"], "position 40 is out of range for 5 tokens"),  # 4 words + the BOS
+    (["--position", "-6"], "out of range"),
 ])
 def test_bad_position(extra, message, capsys, tmp_path, tiny_model_dir):
     argv = ["route", "--model", str(tiny_model_dir), "--text", "one two three four", "--out",
@@ -156,9 +156,9 @@ def test_text_longer_than_the_context_offers_max_tokens(capsys, tmp_path, tiny_m
     long_text = " ".join(["word"] * 40)
     argv = ["route", "--model", str(tiny_model_dir), "--text", long_text, "--out", str(tmp_path / "r.json")]
     assert _exit_code(argv) == 2
-    assert "longer than the model's context of 24 tokens; pass --max-tokens 24" in capsys.readouterr().err
-    assert _exit_code(argv + ["--max-tokens", "24"]) == 0
-    assert len(json.loads((tmp_path / "r.json").read_text())["tokens"]) == 24
+    assert "longer than the model's context of 24 tokens; pass --max-tokens 23" in capsys.readouterr().err
+    assert _exit_code(argv + ["--max-tokens", "23"]) == 0
+    assert len(json.loads((tmp_path / "r.json").read_text())["tokens"]) == 24  # the BOS and 23 text tokens
 
 
 def test_no_traceback_at_process_level(tmp_path):

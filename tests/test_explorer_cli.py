@@ -50,7 +50,7 @@ def test_several_texts_share_one_page_and_two_can_be_compared(tmp_path, capsys, 
     code, _, _ = _run(["explore", "--model", str(tiny_dir), "--text", IOI, "--compare", ABC, "--position", "-2",
                        "--out", str(tmp_path / "c.html")], capsys)
     data = _data(tmp_path / "c.html")
-    assert code == 0 and data["mode"] == "compare" and [p["position"] for p in data["prompts"]] == [12, 12]  # 14 words
+    assert code == 0 and data["mode"] == "compare" and [p["position"] for p in data["prompts"]] == [13, 13]  # BOS + 14 words
 
 
 def _error_line(err: str) -> str:
@@ -83,7 +83,7 @@ def test_bad_position_as_route_says_it(extra, capsys, tmp_path, tiny_dir):
     code_r, _, err_r = _run(["route", *args, "--out", str(tmp_path / "r.json")], capsys)
     code_e, _, err_e = _run(["explore", *args, "--out", str(tmp_path / "r.html")], capsys)
     assert code_r == code_e == 2 and _error_line(err_e) == _error_line(err_r)
-    assert "out of range for 4 tokens" in err_e
+    assert "out of range for 5 tokens" in err_e  # 4 words + the BOS
 
 
 @pytest.mark.parametrize("argv,message", [

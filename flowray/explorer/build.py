@@ -13,12 +13,13 @@ from flowray.routes import check_position, check_tau
 
 
 def prompt_view(lm, text: str, *, position: int = -1, max_tokens: int | None = None, top_k: int = 5,
-                backend: str = "auto", chunk_size: int | None = None) -> PromptView:
+                backend: str = "auto", chunk_size: int | None = None, prepend_bos: bool = True) -> PromptView:
     """Importances, logit lens and predictions of one text (two forward passes)."""
     from flowray.api import edge_importances, encode_text
     from flowray.explorer.lens import logit_lens
 
-    ids = encode_text(lm.tokenizer, text, max_tokens=max_tokens, context=lm.adapter.shape.max_positions)
+    ids = encode_text(lm.tokenizer, text, max_tokens=max_tokens, context=lm.adapter.shape.max_positions,
+                      prepend_bos=prepend_bos)
     imp = edge_importances(lm, ids, chunk_size=chunk_size, backend=backend)
     position = check_position(position, imp.n_tokens)
     lens_ids, lens_probs, top_ids, top_probs = logit_lens(lm, ids, k=top_k)
@@ -46,13 +47,14 @@ def _as_loaded(model, tokenizer, device: str):
 def explore(model, text: str | list[str], out: str | Path = "route.html", *, compare: str | None = None,
             tau: float = 0.04, position: int = -1, max_tokens: int | None = None, top_k: int = 5,
             backend: str = "auto", chunk_size: int | None = None, tokenizer=None, device: str = "auto",
-            title: str = "") -> Path:
+            title: str = "", prepend_bos: bool = True) -> Path:
     """Write an interactive route explorer for ``text`` (or several texts, with a selector) to ``out``.
 
     ``model``: a ``flowray.LoadedModel``, a model spec (``"smollm2"``, a directory, a .gguf file) or a HF
     causal LM with ``tokenizer``. ``compare``: a second text shown side by side with ``text`` (e.g. the
     ABC twin of an IOI prompt), head activation differences highlighted. ``tau`` and ``position`` are what
-    the page shows first; both change in the browser. Returns the path written.
+    the page shows first; both change in the browser. ``prepend_bos``: a BOS at position 0 (see
+    ``flowray.api.encode_text``). Returns the path written.
     """
     texts = [text] if isinstance(text, str) else list(text)
     if not texts:
@@ -71,5 +73,5 @@ def explore(model, text: str | list[str], out: str | Path = "route.html", *, com
         raise InputError(f"top_k must be a positive integer; got {top_k!r}")
     lm = _as_loaded(model, tokenizer, device)
     views = [prompt_view(lm, t, position=position, max_tokens=max_tokens, top_k=top_k, backend=backend,
-                         chunk_size=chunk_size) for t in texts]
+                         chunk_size=chunk_size, prepend_bos=prepend_bos) for t in texts]
     return write_explorer(views, out, compare=compare is not None, tau=tau, title=title)

@@ -47,7 +47,7 @@ def cmd_explore(args) -> int:
     check_html_path(args.out)
     lm = _load(args)
     views = [prompt_view(lm, text, position=args.position, max_tokens=args.max_tokens, top_k=args.top_k,
-                         backend=args.backend, chunk_size=args.chunk_size)
+                         backend=args.backend, chunk_size=args.chunk_size, prepend_bos=args.prepend_bos)
              for text in _progress(texts, len(texts), "prompts")]
     path = write_explorer(views, args.out, compare=args.compare is not None, tau=args.tau, title=args.title)
     v = views[0]
