@@ -141,15 +141,23 @@ with pl.Config(tbl_rows=50, tbl_cols=-1, float_precision=3, tbl_width_chars=200)
 # %% [markdown]
 # ## How close each head comes to the role criteria
 # Left: share of predictions where the head puts more than half of its influence on the previous token,
-# against its mean importance. Right: the two subword-merging criteria. Dashed lines: the 70% thresholds.
+# against its mean importance. Middle and right: the two subword-merging criteria, with silence measured on
+# raw importances (the job's `role`) and after pruning at tau (every part <= tau dropped, a node's kept
+# parts rescaled to sum to 1: a head is then either absent, 0, or above tau). Dashed lines: the 70%
+# thresholds. Denominators: previous-token cases are predictions whose previous token is a text token
+# (not the BOS); later-subword cases are tokens of a word that are not its first token (whitespace and the
+# BOS belong to no word and count in neither set); a head with zero influence in a case counts as a failure.
 
 # %%
 prev_frac = common.grid(roles, "previous_token_fraction", L, H).ravel()
 merge_frac = common.grid(roles, "subword_merging_fraction", L, H).ravel()
 silent_frac = common.grid(roles, "first_subword_silent_fraction", L, H).ravel()
+pruned_col = f"first_subword_silent_fraction_pruned@{tau:g}"
+pruned_frac = (common.grid(roles, pruned_col, L, H).ravel() if pruned_col in roles.columns
+               else np.full(L * H, np.nan))  # runs made before silence was also measured after pruning
 role_of = {h: r for r, hs in role_heads.items() for h in hs}
 colours = [common.ROLE_COLOURS.get(role_of.get((i // H, i % H)), "#999999") for i in range(L * H)]
-fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 4.2))
 a1.scatter(prev_frac, head_imp.ravel(), s=12, c=colours)
 a1.axvline(0.7, ls="--", c="k", lw=0.8)
 a1.set_xlabel("previous-token fraction (> half of influence on pos-1)")
@@ -159,14 +167,27 @@ a2.axvline(0.7, ls="--", c="k", lw=0.8)
 a2.axhline(0.7, ls="--", c="k", lw=0.8)
 a2.set_xlabel("later subwords: > half of influence from the same word")
 a2.set_ylabel("first subwords: influence <= 0.005%")
+a2.set_title("silence on raw importances (the role)", fontsize=9)
+a3.scatter(merge_frac, pruned_frac, s=12, c=colours)
+a3.axvline(0.7, ls="--", c="k", lw=0.8)
+a3.axhline(0.7, ls="--", c="k", lw=0.8)
+a3.set_xlabel("later subwords: > half of influence from the same word")
+a3.set_ylabel(f"first subwords: no kept part at tau = {tau:g}")
+a3.set_title(f"silence after pruning at tau = {tau:g}", fontsize=9)
 for i in np.argsort(-np.nan_to_num(merge_frac))[:5]:
     a2.annotate(common.head_name(i // H, i % H), (merge_frac[i], silent_frac[i]), fontsize=7)
+    a3.annotate(common.head_name(i // H, i % H), (merge_frac[i], pruned_frac[i]), fontsize=7)
 fig.suptitle(f"Head-role criteria ({role_domain}; yellow: previous-token, red: subword-merging)", fontsize=10)
 fig.tight_layout()
 common.save_figure(fig, FIGURES, "fig9_role_criteria")
-print("closest to subword merging (merge fraction, first-subword silent fraction):")
+print(f"closest to subword merging (merge fraction, first-subword silent fraction raw / pruned at {tau:g}):")
 for i in np.argsort(-np.nan_to_num(merge_frac))[:5]:
-    print(f"  {common.head_name(i // H, i % H)}: {merge_frac[i]:.3f}, {silent_frac[i]:.3f}")
+    print(f"  {common.head_name(i // H, i % H)}: {merge_frac[i]:.3f}, {silent_frac[i]:.3f} / {pruned_frac[i]:.3f}")
+both = (merge_frac >= 0.7) & (pruned_frac >= 0.7) & (prev_frac < 0.7)
+print(f"heads meeting both criteria with pruned silence at tau = {tau:g}: "
+      f"{[common.head_name(i // H, i % H) for i in np.flatnonzero(both)] or 'none'}")
+cases = roles.select("cases_previous", "cases_later_subword", "cases_first_subword").row(0, named=True)
+print(f"cases: {cases}")
 
 # %% [markdown]
 # ## Appendix D: the first period of a text

@@ -241,6 +241,56 @@ with pl.Config(tbl_rows=100, float_precision=3):
     print(top)
 
 # %% [markdown]
+# ## A continuous contrast: the source sub-edge, original minus twin
+# Activation frequency is binary and saturates at 1.0 for generic heads. The job also records, at the
+# prediction under study, each head's importance of the sub-edges *from* the indirect object (IOI) or
+# from the start year's YY tokens (greater-than) *to* the last position (`source_edge_importance`), and the
+# reduce pairs every prompt with its twin (`tables/contrastive_edges`: mean of original − twin over the
+# pairs, with its standard error). On the ABC twin the indirect object is the same token at the same
+# position, so a head that moves it *because of the IOI structure* loses importance there; on the YY twins
+# the source tokens are "01" / "00" instead of the start year's digits. Top row: the mean importance on
+# the original prompts; bottom row: the paired difference, heads beyond 2 standard errors ringed.
+
+# %%
+edges = run.table("contrastive_edges").collect() if "contrastive_edges" in run.manifest["tables"] else pl.DataFrame()
+if edges.is_empty():
+    print("this run has no contrastive_edges table (made before the job measured source sub-edges, or no twins)")
+edge_rows = []
+for task in dict.fromkeys(p["task"] for p in pairs):
+    mine = [p for p in pairs if p["task"] == task]
+    found = [(p, edges.filter((pl.col("domain") == p["original"]) & (pl.col("contrastive_domain") == p["contrastive"])))
+             for p in mine] if not edges.is_empty() else []
+    found = [(p, e) for p, e in found if e.height]
+    if not found:
+        continue
+    fig, axes = plt.subplots(2, len(found), figsize=(4.2 * len(found), 5.6), squeeze=False)
+    for i, (p, e) in enumerate(found):
+        orig = common.grid(e, "original", L, H)
+        diff = common.grid(e, "difference", L, H)
+        se = common.grid(e, "se", L, H)
+        n = int(e["n_pairs"][0])
+        common.plot_head_grid(axes[0, i], orig, vmin=0, cmap="viridis", label="importance",
+                              title=f"{p['original']}: source → last (n={n})")
+        lim = float(np.nanmax(np.abs(diff))) or 1.0
+        common.plot_head_grid(axes[1, i], diff, vmin=-lim, vmax=lim, cmap="RdBu_r", label="difference",
+                              title=f"original − {p['label']}")
+        resolved = np.argwhere(np.abs(diff) > 2 * np.nan_to_num(se, nan=np.inf))
+        common.mark_heads(axes[1, i], [tuple(x) for x in resolved], colour="black", size=30, lw=0.8,
+                          label="|diff| > 2 SE", outline=False)
+        for layer, head, d in common.top_heads(diff, N_TOP):
+            edge_rows.append({"original": p["original"], "twin": p["label"], "head": common.head_name(layer, head),
+                              "original_importance": orig[layer, head], "twin_importance": orig[layer, head] - d,
+                              "difference": d, "se": se[layer, head], "z": d / se[layer, head] if se[layer, head] else np.nan})
+        print(f"{p['original']} vs {p['label']}: {n} pairs; heads with |diff| > 2 SE: {len(resolved)}; "
+              f"summed over heads {np.nansum(orig):.3f} on the original, {np.nansum(orig - diff):.3f} on the twin")
+    fig.suptitle(f"{task}: sub-edge importance from the {'indirect object' if task == 'ioi' else 'start year YY'} "
+                 f"to the last position — {run.model_spec}", fontsize=11)
+    fig.tight_layout()
+    common.save_figure(fig, FIGURES, f"fig{6 if task == 'ioi' else 7}b_{task}_source_edge_contrast")
+with pl.Config(tbl_rows=100, tbl_cols=-1, float_precision=4, tbl_width_chars=200):
+    print(pl.DataFrame(edge_rows) if edge_rows else "no source sub-edge contrasts to show")
+
+# %% [markdown]
 # ## Known heads
 # Where the model has heads known from other work, their frequencies on each side.
 

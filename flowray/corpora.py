@@ -20,6 +20,9 @@ Kinds and their keys (``validate_source`` fills in the defaults shown):
         flowray.tasks prompts (variant "contrastive": their twins); options as flowray.tasks.TASK_OPTIONS.
         meta holds task, variant, template, answer, wrong and the prompt's meta; in both variants answer
         and wrong are the *original* prompt's (on a twin they are the pair to compare, not its answer).
+        Arithmetic texts are the prompt followed by its whole answer (``prompt_chars`` = where the answer
+        starts: each generation step is a prediction); IOI / greater-than texts are the prompt, with
+        ``source_chars``, the character span of the indirect object / the start year's YY.
 
 Paths: a file or a glob (``*``, ``?``, ``[``, recursive ``**``); relative ones are resolved against
 ``base_dir`` when given, else against the current directory (resolve them before shipping a source to

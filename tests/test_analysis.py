@@ -27,7 +27,8 @@ import common  # analysis/common.py
 import run_all  # analysis/run_all.py
 
 FIGURES = {
-    "ioi_greater_than": ["fig6_ioi_activation", "fig7_greater_than_activation"],
+    "ioi_greater_than": ["fig6_ioi_activation", "fig7_greater_than_activation", "fig6b_ioi_source_edge_contrast",
+                         "fig7b_greater_than_source_edge_contrast"],
     "pos": ["fig8_pos_tsne"],
     "bottom_to_top": ["fig9a_bottom_to_top", "fig9_role_criteria", "fig9b_first_period"],
     "domains": ["fig10_domains", "fig10_domain_difference", "fig10_specific_head_overlap"],

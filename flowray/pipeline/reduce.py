@@ -13,7 +13,7 @@ import pyarrow as pa
 from flowray.config import JobConfig
 from flowray.errors import FlowrayError
 from flowray.pipeline.storage import Storage
-from flowray.tables import ERRORS, Accumulator
+from flowray.tables import ERRORS, ROLE_FRACTION, Accumulator
 
 log = logging.getLogger(__name__)
 TABLES = ("head_activation", "ffn_activation", "component_importance", "head_roles", "domain_specialisation",
@@ -133,7 +133,7 @@ def reduce_run(config: JobConfig, storage: Storage, index: dict, *, started: flo
     figures = _figures(storage, tables, config, L, H)
     n_predictions = sum(preds.num_rows for _, _, preds, _ in loaded)
     pos_tagging = all(m.get("pos_tagging") for m in markers.values())
-    summary = _summary(tables, errors, config, pos_tagging, empty_domains)
+    summary = _summary(tables, errors, config, pos_tagging, empty_domains, bos=first.get("bos"))
     from flowray.explorer.report import write_report  # report.html (figures + tables), linked from summary.md
     summary += write_report(storage, tables, summary, figures, title=f"flowray run {config.run_name}")
     storage.write_text("summary.md", summary)
@@ -210,12 +210,15 @@ def _check_general(config: JobConfig, empty_domains: list[str], errors: pa.Table
         "general_domain to another domain")
 
 
-def _summary(tables: dict, errors: pa.Table, config: JobConfig, pos_tagging: bool, empty_domains=()) -> str:
+def _summary(tables: dict, errors: pa.Table, config: JobConfig, pos_tagging: bool, empty_domains=(),
+             bos: dict | None = None) -> str:
     import polars as pl
 
+    start = (f"Position 0 of every text is `{bos['token']}` ({bos['source']}); its own prediction is not a row."
+             if bos else "No BOS was prepended (prepend_bos: false): idle heads park on each text's first token.")
     lines = [f"# flowray run `{config.run_name}`", "",
              f"Model `{config.model}`, tau {', '.join(f'{t:g}' for t in config.tau)}, up to "
-             f"{config.max_tokens} tokens per text; general domain: `{config.general}`.", "",
+             f"{config.max_tokens} tokens per text; general domain: `{config.general}`. {start}", "",
              "| domain | texts | predictions | target predictions | error rows |", "|---|---:|---:|---:|---:|"]
     err_counts = pl.from_arrow(errors).group_by("domain").len() if errors.num_rows else None
     for row in tables["domain_summary"].iter_rows(named=True):
@@ -230,7 +233,15 @@ def _summary(tables: dict, errors: pa.Table, config: JobConfig, pos_tagging: boo
     roles = tables["head_roles"].filter(pl.col("domain") == config.general)
     lines += ["", f"## Head roles in `{config.general}` (paper section 4.3)", "",
               f"- previous-token heads: {_fmt_heads(roles.filter(pl.col('role') == 'previous_token').iter_rows(named=True))}",
-              f"- subword-merging heads: {_fmt_heads(roles.filter(pl.col('role') == 'subword_merging').iter_rows(named=True))}"]
+              f"- subword-merging heads: {_fmt_heads(roles.filter(pl.col('role') == 'subword_merging').iter_rows(named=True))}",
+              "", "Silence on first subwords is judged on raw importances (at most 0.005%): after pruning at tau a "
+              "head's renormalised importance is either 0 or above tau, so the paper's threshold only has a meaning "
+              "before pruning. With silence after pruning instead:"]
+    for tau in config.tau:
+        col = f"first_subword_silent_fraction_pruned@{tau:g}"
+        pruned = roles.filter((pl.col("subword_merging_fraction") >= ROLE_FRACTION) & (pl.col(col) >= ROLE_FRACTION)
+                              & (pl.col("previous_token_fraction") < ROLE_FRACTION))
+        lines.append(f"  - tau = {tau:g}: {_fmt_heads(pruned.iter_rows(named=True))}")
     tau = max(config.tau)  # the most selective threshold separates heads best
     act = tables["head_activation"].filter(pl.col("tau") == tau).join(
         tables["component_importance"].filter(pl.col("component") == "head").select("domain", "layer", "head", "importance"),
