@@ -249,7 +249,8 @@ with pl.Config(tbl_rows=100, float_precision=3):
 # pairs, with its standard error). On the ABC twin the indirect object is the same token at the same
 # position, so a head that moves it *because of the IOI structure* loses importance there; on the YY twins
 # the source tokens are "01" / "00" instead of the start year's digits. Top row: the mean importance on
-# the original prompts; bottom row: the paired difference, heads beyond 2 standard errors ringed.
+# the original prompts and on each twin; bottom row: the paired difference, ringed where it is beyond 2
+# standard errors and at least a tenth of the largest difference.
 
 # %%
 edges = run.table("contrastive_edges").collect() if "contrastive_edges" in run.manifest["tables"] else pl.DataFrame()
@@ -263,26 +264,36 @@ for task in dict.fromkeys(p["task"] for p in pairs):
     found = [(p, e) for p, e in found if e.height]
     if not found:
         continue
-    fig, axes = plt.subplots(2, len(found), figsize=(4.2 * len(found), 5.6), squeeze=False)
-    for i, (p, e) in enumerate(found):
+    fig, axes = plt.subplots(2, len(found) + 1, figsize=(4.0 * (len(found) + 1), 5.6), squeeze=False)
+    first = found[0][1]
+    vmax = max(float(e.select(pl.max_horizontal(pl.col("original").max(), pl.col("contrastive").max())).item())
+               for _, e in found)
+    common.plot_head_grid(axes[0, 0], common.grid(first, "original", L, H), vmin=0, vmax=vmax, cmap="viridis",
+                          label="importance", title=f"{found[0][0]['original']} (n={int(first['n_pairs'][0])})")
+    axes[1, 0].axis("off")
+    for i, (p, e) in enumerate(found, start=1):
         orig = common.grid(e, "original", L, H)
         diff = common.grid(e, "difference", L, H)
         se = common.grid(e, "se", L, H)
         n = int(e["n_pairs"][0])
-        common.plot_head_grid(axes[0, i], orig, vmin=0, cmap="viridis", label="importance",
-                              title=f"{p['original']}: source → last (n={n})")
+        common.plot_head_grid(axes[0, i], common.grid(e, "contrastive", L, H), vmin=0, vmax=vmax, cmap="viridis",
+                              label="importance", title=f"{p['contrastive']} ({p['label']})")
         lim = float(np.nanmax(np.abs(diff))) or 1.0
         common.plot_head_grid(axes[1, i], diff, vmin=-lim, vmax=lim, cmap="RdBu_r", label="difference",
                               title=f"original − {p['label']}")
-        resolved = np.argwhere(np.abs(diff) > 2 * np.nan_to_num(se, nan=np.inf))
+        # rings: beyond 2 standard errors *and* at least a tenth of the largest difference (near-zero heads
+        # have near-zero standard errors, so 2 SE alone would ring differences too small to matter)
+        resolved = np.argwhere((np.abs(diff) > 2 * np.nan_to_num(se, nan=np.inf)) & (np.abs(diff) >= 0.1 * lim))
         common.mark_heads(axes[1, i], [tuple(x) for x in resolved], colour="black", size=30, lw=0.8,
-                          label="|diff| > 2 SE", outline=False)
+                          label="|diff| > 2 SE and >= 10% of max", outline=False)
         for layer, head, d in common.top_heads(diff, N_TOP):
             edge_rows.append({"original": p["original"], "twin": p["label"], "head": common.head_name(layer, head),
                               "original_importance": orig[layer, head], "twin_importance": orig[layer, head] - d,
                               "difference": d, "se": se[layer, head], "z": d / se[layer, head] if se[layer, head] else np.nan})
-        print(f"{p['original']} vs {p['label']}: {n} pairs; heads with |diff| > 2 SE: {len(resolved)}; "
-              f"summed over heads {np.nansum(orig):.3f} on the original, {np.nansum(orig - diff):.3f} on the twin")
+        beyond = int((np.abs(diff) > 2 * np.nan_to_num(se, nan=np.inf)).sum())
+        print(f"{p['original']} vs {p['label']}: {n} pairs; heads with |diff| > 2 SE: {beyond}, of which "
+              f"{len(resolved)} at >= 10% of the largest |diff| ({lim:.4f}); summed over heads {np.nansum(orig):.3f} "
+              f"on the original, {np.nansum(orig - diff):.3f} on the twin")
     fig.suptitle(f"{task}: sub-edge importance from the {'indirect object' if task == 'ioi' else 'start year YY'} "
                  f"to the last position — {run.model_spec}", fontsize=11)
     fig.tight_layout()
