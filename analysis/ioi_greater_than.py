@@ -48,7 +48,7 @@ ONLY_CORRECT = False  # keep only prompts whose original the model gets right (p
 N_TOP = 8  # heads listed per comparison
 # Heads reported for a model by other work, keyed by the manifest's model spec: drawn as coloured rings.
 KNOWN_HEADS = {
-    "smollm2": {"ioi": {"move ' Mary' in the README route": [(23, 0), (23, 1), (23, 7)]}},
+    "smollm2": {"ioi": {"move ' Mary' in the README route": [(23, 0), (23, 7)]}},
     "gpt2": {  # Wang et al. 2023 (IOI), Hanna et al. 2023 (greater-than), GPT-2 small
         "ioi": {"name movers": [(9, 6), (9, 9), (10, 0)], "S-inhibition": [(7, 3), (7, 9), (8, 6), (8, 10)],
                 "induction/duplicate": [(5, 5), (6, 9), (0, 1), (3, 0)], "previous token": [(2, 2), (4, 11)]},
