@@ -163,7 +163,7 @@ with pl.Config(tbl_rows=100, fmt_str_lengths=80, tbl_width_chars=200, float_prec
 # %%
 cells = [[r["domain"], f"{r['head']} (x{r['ratio_vs_general']:.1f})", str(r["i"]), f"{r['sigma']:.2f}",
           r["+v tokens"], r["−v tokens"]] for r in rows]
-fig, ax = plt.subplots(figsize=(15, 0.26 * len(cells) + 0.5))
+fig, ax = plt.subplots(figsize=(15, max(2.5, 0.26 * len(cells) + 0.5)))  # a readable height for a few rows
 ax.axis("off")
 table = ax.table(cellText=cells, colLabels=["domain", "head (x general)", "i", "σ_i", f"top {N_TOKENS} tokens of +v_i",
                                             f"top {N_TOKENS} tokens of −v_i"],
