@@ -36,18 +36,21 @@ def smollm2():
     return flowray.load_model("smollm2", device="cpu")
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, smollm2):
-    """A tiny random Llama saved as a local HF directory with SmolLM2's tokenizer (context 24 tokens)."""
+def save_tiny_llama(path, tokenizer, context: int):
+    """A tiny random Llama (seed 0) with ``tokenizer``, saved as a local HF directory of ``context`` positions."""
     import torch
     import transformers as tf
 
-    path = tmp_path_factory.mktemp("tiny-llama")
     cfg = tf.LlamaConfig(num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1, head_dim=8,
-                         hidden_size=24, intermediate_size=32, vocab_size=len(smollm2.tokenizer),
-                         max_position_embeddings=24)
+                         hidden_size=24, intermediate_size=32, vocab_size=len(tokenizer),
+                         max_position_embeddings=context)
     torch.manual_seed(0)
-    model = tf.LlamaForCausalLM(cfg)
-    model.save_pretrained(path)
-    smollm2.tokenizer.save_pretrained(path)
+    tf.LlamaForCausalLM(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2):
+    """A tiny random Llama saved as a local HF directory with SmolLM2's tokenizer (context 24 tokens)."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2.tokenizer, 24)

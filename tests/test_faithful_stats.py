@@ -10,6 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from conftest import save_tiny_llama
 from test_pipeline import _doc, _rows, _worker_config
 
 from flowray.errors import InputError
@@ -20,16 +21,7 @@ from flowray.text import document_start
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, smollm2):
     """A tiny random Llama with SmolLM2's tokenizer and room for a task prompt and its answer (64 positions)."""
-    import transformers as tf
-
-    path = tmp_path_factory.mktemp("tiny-llama-64")
-    cfg = tf.LlamaConfig(num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1, head_dim=8,
-                         hidden_size=24, intermediate_size=32, vocab_size=len(smollm2.tokenizer),
-                         max_position_embeddings=64)
-    torch.manual_seed(0)
-    tf.LlamaForCausalLM(cfg).save_pretrained(path)
-    smollm2.tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-64"), smollm2.tokenizer, 64)
 
 
 @pytest.fixture(scope="module")
