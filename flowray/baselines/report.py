@@ -133,7 +133,9 @@ def _time(S: dict) -> list[str]:
         "attention, the streamed sub-edge importances and their reductions, the top-1 token at every position), "
         f"routes {_f(sp['routes'] * ms, 1)} (every position's route, then the copies to the host), Python "
         f"overhead {_f(sp['python_overhead'] * ms, 1)} (input checks, padding and per-sequence state before the "
-        f"forward pass), unaccounted {_f(sp['outside_split'] * ms, 1)}.",
+        f"forward pass), unaccounted {_f(sp['outside_split'] * ms, 1)}. The importances are computed one sequence "
+        "and one layer at a time inside the forward pass, so their Python loop counts under importances, not "
+        "under overhead.",
         "",
         f"(The faithfulness ablations below took {_f(t['faithfulness_s'], 1)} s; they are an evaluation, not a "
         "method, and are not in the ratios.)",
@@ -296,6 +298,16 @@ def _discussion(S: dict) -> list[str]:
                   "(right) suggests: heads used for every prediction drop out of the difference.")
     out.append(agree)
     out.append(
+        f"- **EAP.** Attribution patching shares {h['overlap_eap_vs_patching']} of its top {h['top']} heads with "
+        f"exact patching (Spearman {_f(h['spearman_eap_vs_patching'], 2)}) at {_f(t['eap_s'] / t['patching_s'] * 100, 1)}% "
+        "of its time: it is the first-order estimate of the same intervention, so it agrees with patching by "
+        "construction where the model is close to linear in a head's output, and it is a stand-in for patching, "
+        f"not an independent check of it. Against the routes' contrastive difference: {h['overlap_diff_vs_eap']} of "
+        f"{h['top']} (Spearman {_f(h['spearman_diff_vs_eap'], 2)}). The routes need no corrupted prompt for the "
+        "plain frequency and no gradient; EAP needs a twin and a backward pass, and scores heads (or edges) for "
+        "one metric only."
+    )
+    out.append(
         f"- **Connections.** Knockout and routes agree on the top {p['k']} token pairs "
         f"{_f(p['all/overlap']['mean'], 2)} of the time (chance {_f(p['all/chance']['mean'], 2)}). The strongest "
         f"knockout effect comes from a source j = 0 in {100 * p['all/strongest_knockout_source_is_first']['mean']:.0f}% "
@@ -317,9 +329,9 @@ def _discussion(S: dict) -> list[str]:
             "- **Faithfulness.** Ablating the routes' top heads leaves less of the logit difference than ablating "
             "as many random heads (by more than one sd of the random draws) for " + "; for ".join(beats) + ". The "
             "most frequent heads include generic ones (frequency 1 in every route, needed by the twins too), which "
-            "the contrastive ranking discounts. The patching curve is not an independent check: replacing "
-            "a head by its mean over ABC twins is close to the very intervention patching ranked the heads by "
-            "(identical where a template group holds only the prompt's own twin). Ablation measures necessity "
+            "the contrastive ranking discounts. The patching and EAP curves are not independent checks: "
+            "replacing a head by its mean over ABC twins is close to the very intervention patching ranked the "
+            "heads by (identical where a template group holds only the prompt's own twin), and EAP estimates it. Ablation measures necessity "
             f"under a distribution shift ({fa['ablation']}-ablation) and downstream heads can compensate "
             "(self-repair), so a small drop does not prove a head unused."
         )
