@@ -165,16 +165,23 @@ def measure(lm, items: list[Item], answer, wrong, *, tau: float, route_batch: in
     per_prompt = {k: [None] * P for k in ("clean_last", "twin_last", "clean_routes", "twin_routes", "knock")}
     results, eaps, order, n_pairs, n_eap = [], [], [], 0, 0
     chunks = chunks_of(items, route_batch)
-    for chunk in bar_chunks(chunks, progress):
+    for c, chunk in enumerate(bar_chunks(chunks, progress)):
         clean, twins = [items[i].clean for i in chunk], [items[i].corrupt for i in chunk]
-        with phases["routes_batched"]:  # (a_b) the corpus job's batched statistics, last position
-            got = last_routes(lm, clean, tau, split)
-        with phases["forward_batched"]:  # a plain forward pass of the same batch, to split (a_b)
-            plain_forward(lm, clean)
-        with phases["routes_batched_contrastive"]:  # (a_b') the twins, for the contrastive difference
-            got_twins = last_routes(lm, twins, tau)
+        got = {}
+        # (a_b) the corpus job's batched statistics, last position, then a plain forward pass of the same batch
+        # to split its time; (a_b') the twins, for the contrastive difference. Which goes first alternates, so
+        # that whatever the first call after the baselines pays falls on both alike.
+        for side in (("clean", "twins") if c % 2 == 0 else ("twins", "clean")):
+            if side == "clean":
+                with phases["routes_batched"]:
+                    got[side] = last_routes(lm, clean, tau, split)
+                with phases["forward_batched"]:
+                    plain_forward(lm, clean)
+            else:
+                with phases["routes_batched_contrastive"]:
+                    got[side] = last_routes(lm, twins, tau)
         for k, i in enumerate(chunk):
-            per_prompt["clean_last"][i], per_prompt["twin_last"][i] = got[k], got_twins[k]
+            per_prompt["clean_last"][i], per_prompt["twin_last"][i] = got["clean"][k], got["twins"][k]
         for i in chunk:  # (a) and (a'): one prompt at a time, the way a user explores one prompt
             with phases["routes"]:
                 per_prompt["clean_routes"][i] = route_of(lm, items[i].clean, tau)
