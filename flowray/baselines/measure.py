@@ -141,6 +141,7 @@ class Measurement:
     n_chunks: int  # prediction_stats_batch calls per side (prompts or twins)
     n_pairs: int  # knockout forward passes
     n_eap_calls: int  # EAP sweeps (each: two forward passes and one backward pass of a same-length batch)
+    load_averages: list  # the 1-minute load average as each chunk began
 
 
 def chunks_of(items: list[Item], route_batch: int) -> list[list[int]]:
@@ -165,7 +166,9 @@ def measure(lm, items: list[Item], answer, wrong, *, tau: float, route_batch: in
     per_prompt = {k: [None] * P for k in ("clean_last", "twin_last", "clean_routes", "twin_routes", "knock")}
     results, eaps, order, n_pairs, n_eap = [], [], [], 0, 0
     chunks = chunks_of(items, route_batch)
+    loads = []
     for c, chunk in enumerate(bar_chunks(chunks, progress)):
+        loads.append(load_average())
         clean, twins = [items[i].clean for i in chunk], [items[i].corrupt for i in chunk]
         got = {}
         # (a_b) the corpus job's batched statistics, last position, then a plain forward pass of the same batch
@@ -205,7 +208,7 @@ def measure(lm, items: list[Item], answer, wrong, *, tau: float, route_batch: in
     patch = reorder(PatchingResult.concatenate(results), order)
     eap = reorder(PatchingResult.concatenate(eaps), order)
     return Measurement(phases, split, **per_prompt, patch=patch, eap=eap, n_chunks=len(chunks), n_pairs=n_pairs,
-                       n_eap_calls=n_eap)
+                       n_eap_calls=n_eap, load_averages=loads)
 
 
 def bar_chunks(chunks: list, progress: bool):

@@ -95,7 +95,7 @@ def _time(S: dict) -> list[str]:
         f"The methods take turns on chunks of at most {t['routes_batch']} prompts (sorted by token length), so a "
         "busy spell of the machine slows them alike. 1-minute load average "
         f"{_f(m.get('load_average_start'), 1)} before the run and {_f(m.get('load_average_end'), 1)} at its end "
-        f"on {m['cpu_count']} cores.",
+        f"on {m['cpu_count']} cores{_loads(m.get('load_average_chunks'))}.",
         "",
         "Wall: wall-clock seconds. CPU: process CPU seconds over all threads (about threads x wall when the "
         "cores are free; steadier than wall when other processes share the machine).",
@@ -141,6 +141,13 @@ def _time(S: dict) -> list[str]:
         "method, and are not in the ratios.)",
     ]
 
+
+
+def _loads(loads) -> str:
+    loads = [x for x in loads or [] if x is not None]
+    if not loads:
+        return ""
+    return f"; as each chunk began: mean {_f(float(np.mean(loads)), 1)}, max {_f(max(loads), 1)}"
 
 
 def _heads(S: dict) -> list[str]:
