@@ -1,6 +1,6 @@
-"""Routes vs activation patching vs attention knockout on IOI, measured side by side in one run.
+"""Routes vs activation patching vs attention knockout vs attribution patching (EAP) on IOI, side by side in one run.
 
-    python bench/compare_baselines.py --n 50 --out out/compare-n50   # ~10 min on 2 CPU cores
+    python bench/compare_baselines.py --n 50 --out out/compare-n50   # ~15 min on 2 CPU cores
     python bench/compare_baselines.py --n 8 --out /tmp/compare            # a quick look
 
 Prints the times, the ratios and the agreement; writes report.md, summary.json and figures to --out.

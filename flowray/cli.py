@@ -245,9 +245,9 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=positive_int, default=10, help="head top-k for the overlap (default 10)")
     p.add_argument("--pair-k", type=positive_int, default=5, help="token-pair top-k per prompt (default 5)")
     p.add_argument("--batch-size", type=positive_int, default=128, help="rows per forward pass in the sweeps (default 128)")
-    p.add_argument("--route-batch", type=positive_int, default=8,
-                   help="prompts per edge_importances_batch call in the batched routes timing, and per "
-                        "interleaved measurement chunk (default 8)")
+    p.add_argument("--route-batch", type=positive_int, default=16,
+                   help="at most this many prompts per batched statistics call (the headline routes timing), "
+                        "and per interleaved measurement chunk (default 16)")
     p.add_argument("--ablation", choices=list(ABLATION_MODES), default="mean")
     p.add_argument("--out", type=Path, default=Path("compare-out"), help="output directory (report.md, figures)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -278,7 +278,8 @@ def register_compare(subparsers) -> argparse.ArgumentParser:
     """Add ``flowray compare`` to the CLI's subparsers (handler returns an exit code)."""
     p = subparsers.add_parser(
         "compare",
-        help="time and compare routes with activation patching and attention knockout on IOI (writes report.md)",
+        help="time and compare routes with activation patching, attention knockout and attribution patching "
+             "on IOI (writes report.md)",
     )
     add_compare_arguments(p)
     p.set_defaults(handler=cmd_compare)

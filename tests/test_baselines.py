@@ -469,18 +469,23 @@ def test_run_comparison_writes_the_report(tiny_lm, tmp_path):
     t = summary["timing"]
     P = summary["n_used"]
     assert P == 4 and t["patching_forward_passes"] == P * 2 * 4
-    assert all(t[k] > 0 for k in ("routes_s", "patching_s", "knockout_s"))
-    assert t["ratio_patching_over_routes"] == pytest.approx(t["patching_s"] / t["routes_s"])
-    assert t["ratio_cpu_knockout_over_routes_batched"] == pytest.approx(t["knockout_cpu_s"] / t["routes_batched_cpu_s"])
-    assert t["routes_batched_same_heads"]  # edge_importances_batch gives the same routes
+    assert all(t[k] > 0 for k in ("routes_batched_s", "routes_s", "patching_s", "knockout_s", "eap_s"))
+    for method in ("patching", "knockout", "eap"):  # stable keys; the headline is over the batched routes
+        assert t["ratios"][method] == pytest.approx(t[f"{method}_s"] / t["routes_batched_s"])
+        assert t["ratios_unbatched_cpu"][method] == pytest.approx(t[f"{method}_cpu_s"] / t["routes_cpu_s"])
+        assert f"**{t['ratios'][method]:.1f}x**" in report
+    split = t["split_per_prompt_s"]
+    parts = ("forward", "importances", "routes", "python_overhead", "outside_split")
+    assert sum(split[k] for k in parts) == pytest.approx(split["total"]) and split["forward"] > 0
+    assert t["routes_batched_same_heads"]  # the batched statistics give the one-prompt routes' heads
     assert 0 <= summary["heads"]["overlap_diff_vs_patching"] <= 3
+    assert 0 <= summary["heads"]["overlap_eap_vs_patching"] <= 3
     assert summary["faithfulness"]["ks"] == [1, 3]  # k = 100 > 2 layers x 4 heads is dropped
     curves = summary["faithfulness"]["curves"]
     assert set(curves) == {"routes: activation frequency", "routes: contrastive frequency difference",
-                           "patching effect", "random"}
+                           "patching effect", "EAP (attribution patching)", "random"}
     arrays = np.load(tmp_path / "arrays.npz")
-    assert arrays["patching_effect"].shape == (2, 4)
-    assert f"{t['ratio_patching_over_routes']:.1f}x" in report
+    assert arrays["patching_effect"].shape == arrays["eap_effect"].shape == (2, 4)
     assert write_report(tmp_path).read_text() == report  # summary.json holds everything the report shows
 
 

@@ -2,8 +2,10 @@
 
 - ``interventions``: per-head activation patching and head ablation (hooks on W_O's input);
 - ``knockout``: attention knockout of (query, source) pairs;
+- ``eap``: attribution patching (EAP), the gradient estimate of per-head patching;
+- ``batched``: the routes the corpus job's way (batched statistics, last position) and their time split;
 - ``forward``: what they share (input checks, last-position logits, the logit difference);
-- ``measure``: the measurement run's phases (routes, patching, knockout timed side by side);
+- ``measure``: the measurement run's phases (routes, patching, knockout, EAP timed side by side);
 - ``agreement``: rank statistics, head rankings, token-pair agreement;
 - ``faithfulness``: ablating each ranking's top heads against random heads;
 - ``run``: ``run_comparison``, the whole comparison, written to a directory;
@@ -22,6 +24,8 @@ _EXPORTS = {
                       "patching_sweep", "replace_heads"),
     "knockout": ("KNOCKOUT_IMPLEMENTATION", "Knockout", "KnockoutResult", "attention_knockout", "knockout_pairs",
                  "knockout_sweep", "_PLANS", "_knockout_attention"),
+    "eap": ("eap_sweep",),
+    "batched": ("LastRoute", "last_routes"),
     "forward": ("last_logits", "logit_diff"),
     "measure": ("Stopwatch",),
     "agreement": ("rank_heads", "rankdata", "spearman", "top_k"),

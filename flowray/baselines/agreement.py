@@ -4,7 +4,10 @@ numpy only. Shapes: ``L`` layers, ``H`` heads, ``T`` tokens. Definitions (the re
 
 - activation frequency of a head: the fraction of prompts whose last-position route has at least one
   sub-edge through it (paper section 3.1); contrastive frequency difference: on the prompts minus on their
-  twins; a head's flow and the token-to-token route strength: ``flowray.routes.route_flows``;
+  twins; both from the corpus job's statistics (``HeadStats``), ties broken by the head's mean importance
+  at the last position (its summed sub-edge importance there, the section 4 component vector);
+- a head's flow and the token-to-token route strength: ``flowray.routes.route_flows`` of the edge-level
+  routes (``RouteStats``), which the statistics do not keep;
 - knockout strength of (i, j) = ``LD_clean - LD_knocked``; rankings use its absolute value.
 """
 
@@ -71,6 +74,31 @@ def mean_sd(xs) -> tuple[float, float]:
 
 # --- routes: frequencies and flows ------------------------------------------------------------------------
 @dataclass
+class HeadStats:
+    freq: np.ndarray  # [L, H] activation frequency over prompts
+    importance: np.ndarray  # [L, H] mean importance of the head at the last position
+    n_heads_in_route: list  # per prompt
+
+
+def head_stats(last_routes, n_layers: int, n_heads: int) -> HeadStats:
+    """Frequencies and last-position importances of ``flowray.baselines.batched.LastRoute`` records."""
+    freq = np.zeros(n_layers * n_heads)
+    importance = np.zeros(n_layers * n_heads)
+    for r in last_routes:
+        freq[r.heads] += 1
+        importance += r.importance
+    n = max(len(last_routes), 1)
+    return HeadStats((freq / n).reshape(n_layers, n_heads), (importance / n).reshape(n_layers, n_heads),
+                     [len(r.heads) for r in last_routes])
+
+
+def same_heads(routes, last_routes, n_heads: int) -> bool:
+    """Whether each ``(route, T)`` holds exactly the heads of the matching ``LastRoute``."""
+    return len(routes) == len(last_routes) and all(
+        sorted(route.heads()) == r.head_pairs(n_heads) for (route, _), r in zip(routes, last_routes))
+
+
+@dataclass
 class RouteStats:
     freq: np.ndarray  # [L, H] activation frequency over prompts
     flow: np.ndarray  # [L, H] mean head flow
@@ -97,43 +125,52 @@ def route_stats(routes, n_layers: int, n_heads: int) -> RouteStats:
 
 
 # --- agreement ----------------------------------------------------------------------------------------
-def head_row(h, effect, diff, freq) -> dict:
+def head_row(h, effect, diff, freq, eap) -> dict:
     l, k = h
     return {"layer": l, "head": k, "patching_effect": float(effect[l, k]), "flow_diff": float(diff[l, k]),
-            "flow_freq": float(freq[l, k])}
+            "flow_freq": float(freq[l, k]), "eap_effect": float(eap[l, k])}
 
 
-def head_agreement(clean: RouteStats, twins: RouteStats, effect: np.ndarray, top: int) -> tuple[dict, dict]:
-    """Flow rankings vs the patching ranking of heads: ``(summary rows, rankings by name)``.
+def head_agreement(clean: HeadStats, twins: HeadStats, effect: np.ndarray, eap: np.ndarray, top: int, *,
+                   flow_diff: np.ndarray | None = None) -> tuple[dict, dict]:
+    """Route rankings vs the patching and EAP rankings of heads: ``(summary rows, rankings by name)``.
 
-    ``clean``/``twins``: route statistics of the prompts and of their ABC twins; ``effect``: ``[L, H]`` the
-    patching effect. Flow ranks heads by the contrastive frequency difference (ties by the difference of mean
-    flow) or by the plain frequency (ties by flow); patching by its effect.
+    ``clean``/``twins``: head statistics of the prompts and of their ABC twins; ``effect``, ``eap``:
+    ``[L, H]`` the patching effect and EAP's estimate of it; ``flow_diff``: ``[L, H]`` the difference of mean
+    route flow (edge-level routes), reported as one more correlation. Routes rank heads by the contrastive
+    frequency difference (ties by the difference of mean last-position importance) or by the plain
+    frequency (ties by importance); patching and EAP by their effects.
     """
     diff = clean.freq - twins.freq  # [L, H]
-    diff_flow = clean.flow - twins.flow
-    rank_flow_diff = rank_heads(diff, diff_flow)
-    rank_flow_freq = rank_heads(clean.freq, clean.flow)
+    rank_flow_diff = rank_heads(diff, clean.importance - twins.importance)
+    rank_flow_freq = rank_heads(clean.freq, clean.importance)
     rank_patch = rank_heads(effect)
+    rank_eap = rank_heads(eap)
     n_all = effect.size
-    top_eff = set(rank_patch[:top])
+    top_eff, top_eap = set(rank_patch[:top]), set(rank_eap[:top])
     rows = {
         "top": top,
         "chance_overlap": top * top / n_all,
         "overlap_diff_vs_patching": len(set(rank_flow_diff[:top]) & top_eff),
         "overlap_freq_vs_patching": len(set(rank_flow_freq[:top]) & top_eff),
+        "overlap_eap_vs_patching": len(top_eap & top_eff),
+        "overlap_diff_vs_eap": len(set(rank_flow_diff[:top]) & top_eap),
         "spearman_diff_vs_patching": spearman(diff, effect),
         "spearman_freq_vs_patching": spearman(clean.freq, effect),
-        "spearman_diff_flow_vs_patching": spearman(diff_flow, effect),
+        "spearman_diff_flow_vs_patching": spearman(flow_diff, effect) if flow_diff is not None else float("nan"),
         "spearman_abs_diff_vs_abs_patching": spearman(np.abs(diff), np.abs(effect)),
-        "top_patching": [head_row(h, effect, diff, clean.freq) for h in rank_patch[:top]],
-        "top_flow_diff": [head_row(h, effect, diff, clean.freq) for h in rank_flow_diff[:top]],
-        "top_flow_freq": [head_row(h, effect, diff, clean.freq) for h in rank_flow_freq[:top]],
+        "spearman_eap_vs_patching": spearman(eap, effect),
+        "spearman_diff_vs_eap": spearman(diff, eap),
+        "top_patching": [head_row(h, effect, diff, clean.freq, eap) for h in rank_patch[:top]],
+        "top_flow_diff": [head_row(h, effect, diff, clean.freq, eap) for h in rank_flow_diff[:top]],
+        "top_flow_freq": [head_row(h, effect, diff, clean.freq, eap) for h in rank_flow_freq[:top]],
+        "top_eap": [head_row(h, effect, diff, clean.freq, eap) for h in rank_eap[:top]],
         "heads_with_freq_1": int((clean.freq >= 1.0).sum()),
     }
     rankings = {"routes: activation frequency": rank_flow_freq,
                 "routes: contrastive frequency difference": rank_flow_diff,
-                "patching effect": rank_patch}
+                "patching effect": rank_patch,
+                "EAP (attribution patching)": rank_eap}
     return rows, rankings
 
 

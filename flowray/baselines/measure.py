@@ -1,13 +1,17 @@
-"""The measurement run's phases: prompts in, then routes, patching and knockout timed side by side.
+"""The measurement run's phases: prompts in, then routes, patching, knockout and EAP timed side by side.
 
-(a) routes: ``edge_importances`` + ``extract_route`` (last position) for every prompt, one prompt at a time,
-    and (a') for their ABC twins; (a_b) the prompts again through ``edge_importances_batch``;
+(a_b) routes: ``flowray.stats.prediction_stats_batch`` on padded batches of prompts, last position (the
+      corpus job's path: ``flowray.baselines.batched``), with a plain forward pass of the same batch beside
+      it to split the time; (a_b') the same for their ABC twins;
+(a) and (a') the same routes one prompt at a time (``edge_importances`` + ``extract_route``): the secondary
+    timing, and the edge-level routes the token-to-token agreement reads;
 (b) per-head activation patching from the contrastive (ABC) twin, every head of every layer;
-(c) attention knockout of every token pair ``j < i`` (all heads, all layers, no renormalisation).
+(c) attention knockout of every token pair ``j < i`` (all heads, all layers, no renormalisation);
+(d) attribution patching (EAP): every head from two forward passes and one backward pass.
 
-The methods take turns on chunks of prompts of one token length, so that other processes slowing the
-machine for a while slow all methods alike instead of one phase. Shapes: ``P`` prompts, ``T`` tokens,
-``L`` layers, ``H`` heads.
+The methods take turns on chunks of prompts (sorted by token length, so that a batch pads little), so
+that other processes slowing the machine for a while slow all methods alike instead of one phase. Shapes:
+``P`` prompts, ``T`` tokens, ``L`` layers, ``H`` heads.
 """
 
 from __future__ import annotations
@@ -22,13 +26,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from flowray.api import edge_importances, edge_importances_batch
+from flowray.api import edge_importances
+from flowray.baselines.batched import SPLIT_PARTS, SplitClock, last_routes, plain_forward
+from flowray.baselines.eap import eap_sweep
 from flowray.baselines.forward import last_logits
 from flowray.baselines.interventions import PatchingResult, patching_sweep
 from flowray.baselines.knockout import attention_knockout, knockout_sweep
 from flowray.routes import extract_route
 
-PHASES = ("routes", "routes_contrastive", "routes_batched", "patching", "knockout")
+PHASES = ("routes_batched", "routes_batched_contrastive", "forward_batched", "routes", "routes_contrastive",
+          "patching", "knockout", "eap")
+BASELINES = ("patching", "knockout", "eap")
 
 
 # --- timing ---------------------------------------------------------------------------------------------
@@ -106,15 +114,13 @@ def route_of(lm, ids, tau: float):
     return extract_route(edge_importances(lm, ids[None]), tau=tau, position=-1), int(ids.shape[0])
 
 
-def routes_batched(lm, ids_list, tau: float) -> list:
-    """The same routes for several prompts from one ``edge_importances_batch`` call."""
-    return [extract_route(imp, tau=tau, position=-1) for imp in edge_importances_batch(lm, [i[None] for i in ids_list])]
-
-
-def warm_up(lm, item, answer, wrong) -> None:
+def warm_up(lm, item, answer, wrong, tau: float) -> None:
     """One untimed pass of each kind, so no method pays for first-call setup (lazy imports, allocator)."""
     edge_importances(lm, item.clean[None])
+    last_routes(lm, [item.clean, item.corrupt], tau)
+    plain_forward(lm, [item.clean, item.corrupt])
     patching_sweep(lm.model, lm.adapter, item.clean[None], item.corrupt[None], answer, wrong, batch_size=8)
+    eap_sweep(lm.model, lm.adapter, item.clean[None], item.corrupt[None], answer, wrong)
     with attention_knockout(lm.model, lm.adapter, [(0, 1, 0)]):
         last_logits(lm.model, item.clean[None])
 
@@ -124,75 +130,112 @@ class Measurement:
     """What the interleaved phases measured, per prompt in prompt order."""
 
     phases: dict  # phase name -> Stopwatch
-    clean_routes: list  # (route, T) of each prompt
-    twin_routes: list  # (route, T) of each ABC twin
+    split: SplitClock  # the phases inside (a_b)'s calls
+    clean_last: list  # LastRoute of each prompt (a_b)
+    twin_last: list  # LastRoute of each ABC twin (a_b')
+    clean_routes: list  # (route, T) of each prompt (a)
+    twin_routes: list  # (route, T) of each ABC twin (a')
     knock: list  # (ld_clean, delta [T, T]) of each prompt's knockout sweep
     patch: PatchingResult
-    batched_freq: np.ndarray  # [L, H] activation frequency from the batched routes
-    n_chunks: int  # edge_importances_batch calls
+    eap: PatchingResult  # ld_patched: EAP's first-order estimate
+    n_chunks: int  # prediction_stats_batch calls per side (prompts or twins)
     n_pairs: int  # knockout forward passes
+    n_eap_calls: int  # EAP sweeps (each: two forward passes and one backward pass of a same-length batch)
+    load_averages: list  # the 1-minute load average as each chunk began
 
 
-def measure(lm, items: list[Item], by_length: dict, answer, wrong, *, tau: float, route_batch: int,
-            batch_size: int, progress: bool) -> Measurement:
-    """Run (a), (a'), (a_b), (b) and (c) chunk by chunk, each under its own stopwatch."""
+def chunks_of(items: list[Item], route_batch: int) -> list[list[int]]:
+    """Prompt indices sorted by token length, cut into near-equal chunks of at most ``route_batch``."""
+    order = sorted(range(len(items)), key=lambda i: (int(items[i].clean.shape[0]), i))
+    n = -(-len(order) // route_batch)
+    bounds = np.linspace(0, len(order), n + 1).round().astype(int)
+    return [order[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def measure(lm, items: list[Item], answer, wrong, *, tau: float, route_batch: int, batch_size: int,
+            progress: bool) -> Measurement:
+    """Run (a_b), (a_b'), (a), (a'), (b), (c) and (d) chunk by chunk, each under its own stopwatch."""
     hf, adapter = lm.model, lm.adapter
-    s = adapter.shape
     P = len(items)
 
     def stack(idx, attr):
         return torch.stack([getattr(items[i], attr) for i in idx])
 
     phases = {name: Stopwatch() for name in PHASES}
-    clean_routes, twin_routes, knock = [None] * P, [None] * P, [None] * P
-    batched_freq = np.zeros((s.n_layers, s.n_heads))
-    results, order, n_pairs = [], [], 0
-    chunks = [(T, idx[c : c + route_batch]) for T, idx in by_length.items() for c in range(0, len(idx), route_batch)]
-    for T, chunk in bar_chunks(chunks, progress):
-        for i in chunk:  # (a) one prompt at a time, the way a user runs flowray
+    split = SplitClock()
+    per_prompt = {k: [None] * P for k in ("clean_last", "twin_last", "clean_routes", "twin_routes", "knock")}
+    results, eaps, order, n_pairs, n_eap = [], [], [], 0, 0
+    chunks = chunks_of(items, route_batch)
+    loads = []
+    for c, chunk in enumerate(bar_chunks(chunks, progress)):
+        loads.append(load_average())
+        clean, twins = [items[i].clean for i in chunk], [items[i].corrupt for i in chunk]
+        got = {}
+        # (a_b) the corpus job's batched statistics, last position, then a plain forward pass of the same batch
+        # to split its time; (a_b') the twins, for the contrastive difference. Which goes first alternates, so
+        # that whatever the first call after the baselines pays falls on both alike.
+        for side in (("clean", "twins") if c % 2 == 0 else ("twins", "clean")):
+            if side == "clean":
+                with phases["routes_batched"]:
+                    got[side] = last_routes(lm, clean, tau, split)
+                with phases["forward_batched"]:
+                    plain_forward(lm, clean)
+            else:
+                with phases["routes_batched_contrastive"]:
+                    got[side] = last_routes(lm, twins, tau)
+        for k, i in enumerate(chunk):
+            per_prompt["clean_last"][i], per_prompt["twin_last"][i] = got["clean"][k], got["twins"][k]
+        for i in chunk:  # (a) and (a'): one prompt at a time, the way a user explores one prompt
             with phases["routes"]:
-                clean_routes[i] = route_of(lm, items[i].clean, tau)
-        for i in chunk:  # (a') the twins, for the contrastive difference
+                per_prompt["clean_routes"][i] = route_of(lm, items[i].clean, tau)
             with phases["routes_contrastive"]:
-                twin_routes[i] = route_of(lm, items[i].corrupt, tau)
-        with phases["routes_batched"]:  # (a_b) the prompts again, batched like the baselines
-            for route in routes_batched(lm, [items[i].clean for i in chunk], tau):
-                for l, h in route.heads():
-                    batched_freq[l, h] += 1 / P
-        with phases["patching"]:  # (b)
-            results.append(patching_sweep(hf, adapter, stack(chunk, "clean"), stack(chunk, "corrupt"),
-                                          answer[chunk], wrong[chunk], batch_size=batch_size, progress=progress))
-        order += chunk
-        with phases["knockout"]:  # (c)
-            res = knockout_sweep(hf, adapter, stack(chunk, "clean"), answer[chunk], wrong[chunk],
-                                 batch_size=batch_size, progress=progress)
-        for row, i in enumerate(chunk):
-            knock[i] = (res.ld_clean[row], res.delta[row])
-        n_pairs += len(chunk) * T * (T - 1) // 2
+                per_prompt["twin_routes"][i] = route_of(lm, items[i].corrupt, tau)
+        for T, idx in groups(int(items[i].clean.shape[0]) for i in chunk).items():
+            sub = [chunk[k] for k in idx]  # one token length: the baselines batch without padding
+            with phases["patching"]:  # (b)
+                results.append(patching_sweep(hf, adapter, stack(sub, "clean"), stack(sub, "corrupt"), answer[sub],
+                                              wrong[sub], batch_size=batch_size, progress=progress))
+            with phases["knockout"]:  # (c)
+                res = knockout_sweep(hf, adapter, stack(sub, "clean"), answer[sub], wrong[sub],
+                                     batch_size=batch_size, progress=progress)
+            with phases["eap"]:  # (d)
+                eaps.append(eap_sweep(hf, adapter, stack(sub, "clean"), stack(sub, "corrupt"), answer[sub], wrong[sub]))
+            for row, i in enumerate(sub):
+                per_prompt["knock"][i] = (res.ld_clean[row], res.delta[row])
+            order += sub
+            n_pairs += len(sub) * T * (T - 1) // 2
+            n_eap += 1
     patch = reorder(PatchingResult.concatenate(results), order)
-    return Measurement(phases, clean_routes, twin_routes, knock, patch, batched_freq, len(chunks), n_pairs)
+    eap = reorder(PatchingResult.concatenate(eaps), order)
+    return Measurement(phases, split, **per_prompt, patch=patch, eap=eap, n_chunks=len(chunks), n_pairs=n_pairs,
+                       n_eap_calls=n_eap, load_averages=loads)
 
 
 def bar_chunks(chunks: list, progress: bool):
-    bar = tqdm(total=sum(len(c) for _, c in chunks), desc="routes + patching + knockout", unit="prompt",
+    bar = tqdm(total=sum(len(c) for c in chunks), desc="routes + patching + knockout + EAP", unit="prompt",
                disable=not progress)
     try:
-        for T, chunk in chunks:
-            yield T, chunk
+        for chunk in chunks:
+            yield chunk
             bar.update(len(chunk))
     finally:
         bar.close()
 
 
 def reorder(res, order: list[int]):
-    """Results concatenated in group order -> prompt order."""
+    """Results concatenated in chunk order -> prompt order."""
     inv = np.argsort(np.asarray(order))
     return PatchingResult(res.ld_clean[inv], res.ld_corrupt[inv], res.ld_patched[inv])
 
 
 def timing(m: Measurement, *, load_seconds: float, route_batch: int, same_heads: bool, n_heads_total: int) -> dict:
-    """Seconds (wall and CPU) per phase and the ratios of the baselines over the routes."""
-    P = len(m.clean_routes)
+    """Seconds (wall and CPU) per phase, the per-prompt split of (a_b) and the baselines' ratios over routes.
+
+    ``ratios[method]``: the method's seconds over (a_b)'s (batched routes of the prompts, the headline);
+    ``ratios_both``: over (a_b) + (a_b') (prompts and twins: what the contrastive ranking needs);
+    ``ratios_unbatched``: over (a) (one prompt at a time). ``*_cpu``: the same in process CPU seconds.
+    """
+    P = len(m.clean_last)
     out = {
         "load_model_s": load_seconds,
         "routes_batch": route_batch,
@@ -200,18 +243,34 @@ def timing(m: Measurement, *, load_seconds: float, route_batch: int, same_heads:
         "routes_batched_same_heads": same_heads,
         "patching_forward_passes": P * n_heads_total,
         "knockout_forward_passes": m.n_pairs,
+        "eap_calls": m.n_eap_calls,
     }
     for name, watch in m.phases.items():
         out[f"{name}_s"], out[f"{name}_cpu_s"] = watch.wall, watch.cpu
-    for suffix in ("s", "cpu_s"):
-        kind = "" if suffix == "s" else "_cpu"
-        routes, twins, batched = (out[f"{n}_{suffix}"] for n in ("routes", "routes_contrastive", "routes_batched"))
-        for method in ("patching", "knockout"):
-            spent = out[f"{method}_{suffix}"]
-            out[f"ratio{kind}_{method}_over_routes"] = spent / routes
-            out[f"ratio{kind}_{method}_over_routes_both"] = spent / (routes + twins)
-            out[f"ratio{kind}_{method}_over_routes_batched"] = spent / batched
+    out["split_per_prompt_s"] = split_per_prompt(m, P)
+    for kind, suffix in (("", "s"), ("_cpu", "cpu_s")):
+        batched = out[f"routes_batched_{suffix}"]
+        both = batched + out[f"routes_batched_contrastive_{suffix}"]
+        single = out[f"routes_{suffix}"]
+        for key, routes in (("ratios", batched), ("ratios_both", both), ("ratios_unbatched", single)):
+            out[key + kind] = {method: out[f"{method}_{suffix}"] / routes for method in BASELINES}
     return out
+
+
+def split_per_prompt(m: Measurement, P: int) -> dict:
+    """(a_b)'s wall seconds per prompt: forward pass (a plain one of the same batch), importances (the rest
+    of the forward pass under the capture), routes (every position's, then the host copies) and Python
+    setup (input checks, padding, per-sequence state); they sum to (a_b) per prompt."""
+    w = m.split.wall
+    forward = m.phases["forward_batched"].wall
+    return {
+        "total": m.phases["routes_batched"].wall / P,
+        "forward": forward / P,
+        "importances": (w["forward_and_importances"] - forward) / P,
+        "routes": w["routes"] / P,
+        "python_overhead": w["setup"] / P,
+        "outside_split": (m.phases["routes_batched"].wall - sum(w[k] for k in SPLIT_PARTS)) / P,
+    }
 
 
 # --- the machine ------------------------------------------------------------------------------------------

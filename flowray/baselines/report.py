@@ -79,52 +79,75 @@ def _setup(S: dict) -> list[str]:
 
 
 def _time(S: dict) -> list[str]:
-    t = S["timing"]
+    t, m = S["timing"], S["machine"]
+    P = S["n_used"]
+    sp = t["split_per_prompt_s"]
+    ms = 1000.0
+    r, rb, ru = t["ratios"], t["ratios_both"], t["ratios_unbatched"]
+    rc, rbc, ruc = t["ratios_cpu"], t["ratios_both_cpu"], t["ratios_unbatched_cpu"]
+    names = {"patching": "per-head activation patching", "knockout": "attention knockout", "eap": "EAP"}
     return [
         "",
         "## Time",
         "",
         "All measured in the same process, model loaded once "
         f"(loading took {_f(t['load_model_s'], 1)} s, not counted), after one untimed warm-up pass of each kind. "
-        f"The methods take turns on chunks of at most {t['routes_batch']} prompts of one token length, so a busy "
-        "spell of the machine slows them alike.",
+        f"The methods take turns on chunks of at most {t['routes_batch']} prompts (sorted by token length), so a "
+        "busy spell of the machine slows them alike. 1-minute load average "
+        f"{_f(m.get('load_average_start'), 1)} before the run and {_f(m.get('load_average_end'), 1)} at its end "
+        f"on {m['cpu_count']} cores{_loads(m.get('load_average_chunks'))}.",
         "",
         "Wall: wall-clock seconds. CPU: process CPU seconds over all threads (about threads x wall when the "
         "cores are free; steadier than wall when other processes share the machine).",
         "",
-        "| what | forward passes | wall s | CPU s |",
+        "| what | passes | wall s | CPU s |",
         "| --- | ---: | ---: | ---: |",
-        f"| (a) routes of the {S['n_used']} prompts (edge_importances + extract_route, one prompt at a time) | "
-        f"{S['n_used']} | {_f(t['routes_s'], 2)} | {_f(t['routes_cpu_s'], 2)} |",
-        f"| (a') routes of the {S['n_used']} ABC twins (needed for the contrastive difference) | {S['n_used']} | "
-        f"{_f(t['routes_contrastive_s'], 2)} | {_f(t['routes_contrastive_cpu_s'], 2)} |",
-        f"| (a_b) routes of the {S['n_used']} prompts, edge_importances_batch of up to {t['routes_batch']} prompts "
-        f"(same heads as (a): {'yes' if t['routes_batched_same_heads'] else 'NO'}) | "
-        f"{t['routes_batched_calls']} | {_f(t['routes_batched_s'], 2)} | {_f(t['routes_batched_cpu_s'], 2)} |",
+        f"| **(a_b) routes of the {P} prompts, the corpus job's batched statistics** (`prediction_stats_batch`, "
+        f"padded batches of up to {t['routes_batch']}, last position) | {t['routes_batched_calls']} | "
+        f"**{_f(t['routes_batched_s'], 2)}** | {_f(t['routes_batched_cpu_s'], 2)} |",
+        f"| (a_b') the same for the {P} ABC twins (for the contrastive difference) | {t['routes_batched_calls']} | "
+        f"{_f(t['routes_batched_contrastive_s'], 2)} | {_f(t['routes_batched_contrastive_cpu_s'], 2)} |",
+        f"| (a) routes of the {P} prompts one prompt at a time (edge_importances + extract_route; same heads as "
+        f"(a_b), twins included: {'yes' if t['routes_batched_same_heads'] else 'NO'}) | {P} | "
+        f"{_f(t['routes_s'], 2)} | {_f(t['routes_cpu_s'], 2)} |",
+        f"| (a') the twins one at a time | {P} | {_f(t['routes_contrastive_s'], 2)} | "
+        f"{_f(t['routes_contrastive_cpu_s'], 2)} |",
         f"| (b) per-head activation patching, every head of every layer (batch {S['batch_size']}) | "
         f"{t['patching_forward_passes']} | {_f(t['patching_s'], 1)} | {_f(t['patching_cpu_s'], 1)} |",
         f"| (c) attention knockout of every token pair j < i (batch {S['batch_size']}) | "
         f"{t['knockout_forward_passes']} | {_f(t['knockout_s'], 1)} | {_f(t['knockout_cpu_s'], 1)} |",
+        f"| (d) EAP: attribution patching of every head (per batch of one length: corrupted forward, clean "
+        f"forward, backward) | {t['eap_calls']} x 3 | {_f(t['eap_s'], 2)} | {_f(t['eap_cpu_s'], 2)} |",
         "",
-        "| ratio | wall | CPU |",
-        "| --- | ---: | ---: |",
-        f"| (b) patching / (a) routes | **{_f(t['ratio_patching_over_routes'], 1)}x** | "
-        f"**{_f(t['ratio_cpu_patching_over_routes'], 1)}x** |",
-        f"| (c) knockout / (a) routes | **{_f(t['ratio_knockout_over_routes'], 1)}x** | "
-        f"**{_f(t['ratio_cpu_knockout_over_routes'], 1)}x** |",
-        f"| (b) patching / ((a) + (a')) routes of prompts and twins | {_f(t['ratio_patching_over_routes_both'], 1)}x | "
-        f"{_f(t['ratio_cpu_patching_over_routes_both'], 1)}x |",
-        f"| (c) knockout / ((a) + (a')) | {_f(t['ratio_knockout_over_routes_both'], 1)}x | "
-        f"{_f(t['ratio_cpu_knockout_over_routes_both'], 1)}x |",
-        f"| (b) patching / (a_b) batched routes | {_f(t['ratio_patching_over_routes_batched'], 1)}x | "
-        f"{_f(t['ratio_cpu_patching_over_routes_batched'], 1)}x |",
-        f"| (c) knockout / (a_b) batched routes | {_f(t['ratio_knockout_over_routes_batched'], 1)}x | "
-        f"{_f(t['ratio_cpu_knockout_over_routes_batched'], 1)}x |",
+        "Baselines over routes (how many times longer the baseline takes):",
+        "",
+        "| baseline | / (a_b) batched routes | CPU | / ((a_b) + (a_b')) prompts and twins | CPU | "
+        "/ (a) one prompt at a time | CPU |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *[f"| {names[k]} | **{_f(r[k], 1)}x** | {_f(rc[k], 1)}x | {_f(rb[k], 1)}x | {_f(rbc[k], 1)}x | "
+          f"{_f(ru[k], 1)}x | {_f(ruc[k], 1)}x |" for k in ("patching", "knockout", "eap")],
+        "",
+        f"Where (a_b)'s time goes, per prompt (wall ms; {_f(sp['total'] * ms, 1)} ms in all): forward pass "
+        f"{_f(sp['forward'] * ms, 1)} (a plain forward pass of the same padded batch, timed beside it), "
+        f"importances {_f(sp['importances'] * ms, 1)} (the rest of the forward pass under the capture: eager "
+        "attention, the streamed sub-edge importances and their reductions, the top-1 token at every position), "
+        f"routes {_f(sp['routes'] * ms, 1)} (every position's route, then the copies to the host), Python "
+        f"overhead {_f(sp['python_overhead'] * ms, 1)} (input checks, padding and per-sequence state before the "
+        f"forward pass), unaccounted {_f(sp['outside_split'] * ms, 1)}. The importances are computed one sequence "
+        "and one layer at a time inside the forward pass, so their Python loop counts under importances, not "
+        "under overhead.",
         "",
         f"(The faithfulness ablations below took {_f(t['faithfulness_s'], 1)} s; they are an evaluation, not a "
         "method, and are not in the ratios.)",
     ]
 
+
+
+def _loads(loads) -> str:
+    loads = [x for x in loads or [] if x is not None]
+    if not loads:
+        return ""
+    return f"; as each chunk began: mean {_f(float(np.mean(loads)), 1)}, max {_f(max(loads), 1)}"
 
 
 def _heads(S: dict) -> list[str]:
@@ -135,9 +158,11 @@ def _heads(S: dict) -> list[str]:
         "## Agreement: heads",
         "",
         "Flow ranks heads by their contrastive activation frequency difference (frequency in the last-position "
-        "routes of the prompts minus in the routes of their ABC twins; ties by the difference of mean route flow "
-        "through the head). Patching ranks them by the normalised drop of the mean logit difference when the "
-        "head's output is patched from the twin.",
+        "routes of the prompts, from the batched statistics (a_b), minus in the routes of their ABC twins; ties "
+        "by the difference of the heads' mean importance at the last position). Patching ranks them by the "
+        "normalised drop of the mean logit difference when the head's output is patched from the twin; EAP by "
+        "its first-order estimate of the same drop ((a_corrupt - a_clean) . dLD/da at the head's output, "
+        "summed over positions, normalised alike).",
         "",
         "| comparison | value |",
         "| --- | ---: |",
@@ -145,20 +170,27 @@ def _heads(S: dict) -> list[str]:
         f"(chance {h['chance_overlap']:.2f}) |",
         f"| top-{top} overlap, plain flow frequency vs patching | {h['overlap_freq_vs_patching']} / {top} |",
         f"| Spearman, flow difference vs patching effect (all heads) | **{_f(h['spearman_diff_vs_patching'])}** |",
-        f"| Spearman, flow-weighted difference vs patching effect | {_f(h['spearman_diff_flow_vs_patching'])} |",
+        f"| Spearman, difference of mean route flow (edge-level routes (a)) vs patching effect | "
+        f"{_f(h['spearman_diff_flow_vs_patching'])} |",
         f"| Spearman, plain flow frequency vs patching effect | {_f(h['spearman_freq_vs_patching'])} |",
         f"| Spearman, abs(flow difference) vs abs(patching effect) | {_f(h['spearman_abs_diff_vs_abs_patching'])} |",
+        f"| top-{top} overlap, EAP vs patching | {h['overlap_eap_vs_patching']} / {top} |",
+        f"| Spearman, EAP vs patching effect | {_f(h['spearman_eap_vs_patching'])} |",
+        f"| top-{top} overlap, flow difference vs EAP | {h['overlap_diff_vs_eap']} / {top} |",
+        f"| Spearman, flow difference vs EAP | {_f(h['spearman_diff_vs_eap'])} |",
         f"| heads in every prompt's route (frequency 1) | {h['heads_with_freq_1']} |",
         "",
-        f"Top {top} heads by patching effect vs by flow difference:",
+        f"Top {top} heads by patching effect, by flow difference and by EAP:",
         "",
-        "| rank | patching: head | effect | its flow diff | flow: head | flow diff | its effect |",
-        "| ---: | --- | ---: | ---: | --- | ---: | ---: |",
+        "| rank | patching: head | effect | its flow diff | flow: head | flow diff | its effect | EAP: head | "
+        "EAP effect | its effect |",
+        "| ---: | --- | ---: | ---: | --- | ---: | ---: | --- | ---: | ---: |",
     ]
-    for r, (a, b) in enumerate(zip(h["top_patching"], h["top_flow_diff"]), 1):
+    for r, (a, b, c) in enumerate(zip(h["top_patching"], h["top_flow_diff"], h["top_eap"]), 1):
         lines.append(
             f"| {r} | {a['layer']}.{a['head']} | {_f(a['patching_effect'])} | {_f(a['flow_diff'], 2)} | "
-            f"{b['layer']}.{b['head']} | {_f(b['flow_diff'], 2)} | {_f(b['patching_effect'])} |"
+            f"{b['layer']}.{b['head']} | {_f(b['flow_diff'], 2)} | {_f(b['patching_effect'])} | "
+            f"{c['layer']}.{c['head']} | {_f(c['eap_effect'])} | {_f(c['patching_effect'])} |"
         )
     return lines
 
@@ -243,27 +275,24 @@ def _discussion(S: dict) -> list[str]:
     t, h, p, fa, m = S["timing"], S["heads"], S["pairs"], S["faithfulness"], S["machine"]
     out = []
     device = m["device"]
+    r, ru = t["ratios"], t["ratios_unbatched"]
     out.append(
-        f"- **Speed.** Here patching every head took {_f(t['ratio_patching_over_routes'], 0)}x and knocking out "
-        f"every token pair {_f(t['ratio_knockout_over_routes'], 0)}x the wall time of the routes of the same prompts "
-        f"({_f(t['ratio_cpu_patching_over_routes'], 0)}x / {_f(t['ratio_cpu_knockout_over_routes'], 0)}x in CPU time; "
-        f"{_f(t['ratio_patching_over_routes_both'], 0)}x / {_f(t['ratio_knockout_over_routes_both'], 0)}x against "
-        "the routes of prompts and twins, which the contrastive ranking needs). The paper's ~100x compares its "
-        "routes (5 s) with ACDC (8 min, GPU, GPT-2 small, 50 IOI prompts): ACDC patches *edges* iteratively and "
-        "is not a per-head sweep, so the numbers are not the same measurement. The ratio here scales with the "
-        "number of heads (patching: L x H passes per prompt) and with T^2 (knockout), so it grows with the model "
-        "and the prompt; routes cost about one forward pass plus the importance maths."
+        f"- **Speed.** Here patching every head took {_f(r['patching'], 0)}x, knocking out every token pair "
+        f"{_f(r['knockout'], 0)}x and EAP {_f(r['eap'], 1)}x the wall time of the batched routes of the same "
+        f"prompts ({_f(t['ratios_both']['patching'], 0)}x / {_f(t['ratios_both']['knockout'], 0)}x / "
+        f"{_f(t['ratios_both']['eap'], 1)}x against the routes of prompts and twins, which the contrastive "
+        f"ranking needs; {_f(ru['patching'], 0)}x / {_f(ru['knockout'], 0)}x / {_f(ru['eap'], 1)}x against the "
+        "routes one prompt at a time). EAP, like the routes, costs a few passes per prompt whatever the number of "
+        "heads; patching costs L x H passes per prompt and knockout T^2 / 2, so their ratios grow with the model "
+        "and the prompt. The paper's ~100x compares its routes (5 s) with ACDC (8 min, GPU, GPT-2 small, 50 IOI "
+        "prompts): ACDC patches *edges* iteratively and is not a per-head sweep, so the numbers are not the same "
+        "measurement."
     )
     out.append(
         f"- **Timings are {device} timings** with {m['torch_threads']} torch threads on a shared machine (see the "
-        "load average above). In (a) the routes run one prompt at a time while the baselines are batched "
-        f"({S['batch_size']} rows per pass), which favours the baselines; (a_b) batches the routes too "
-        f"({_f(t['routes_batched_s'], 2)} s, patching {_f(t['ratio_patching_over_routes_batched'], 0)}x, knockout "
-        f"{_f(t['ratio_knockout_over_routes_batched'], 0)}x). On a GPU batching would shrink (b) and (c) more than "
-        "(a). When other processes compete for the cores, the routes (many small operations, each a parallel "
-        "region of every thread) slow down much more than the large batched passes of the baselines, so a busy "
-        "machine understates the ratios: check the load average. Read the ratios as this machine's, not as "
-        "constants."
+        "load average above). When other processes compete for the cores, the routes (many small operations, "
+        "each a parallel region of every thread) slow down more than the large batched passes of the baselines, "
+        "so a busy machine understates the ratios. Read the ratios as this machine's, not as constants."
     )
     diff_rho, freq_rho = h["spearman_diff_vs_patching"], h["spearman_freq_vs_patching"]
     agree = (
@@ -275,6 +304,16 @@ def _discussion(S: dict) -> list[str]:
         agree += (" Subtracting the twins' routes brings flow closer to patching, as the paper's figure 6 "
                   "(right) suggests: heads used for every prediction drop out of the difference.")
     out.append(agree)
+    out.append(
+        f"- **EAP.** Attribution patching shares {h['overlap_eap_vs_patching']} of its top {h['top']} heads with "
+        f"exact patching (Spearman {_f(h['spearman_eap_vs_patching'], 2)}) at {_f(t['eap_s'] / t['patching_s'] * 100, 1)}% "
+        "of its time: it is the first-order estimate of the same intervention, so it agrees with patching by "
+        "construction where the model is close to linear in a head's output, and it is a stand-in for patching, "
+        f"not an independent check of it. Against the routes' contrastive difference: {h['overlap_diff_vs_eap']} of "
+        f"{h['top']} (Spearman {_f(h['spearman_diff_vs_eap'], 2)}). The routes need no corrupted prompt for the "
+        "plain frequency and no gradient; EAP needs a twin and a backward pass, and scores heads (or edges) for "
+        "one metric only."
+    )
     out.append(
         f"- **Connections.** Knockout and routes agree on the top {p['k']} token pairs "
         f"{_f(p['all/overlap']['mean'], 2)} of the time (chance {_f(p['all/chance']['mean'], 2)}). The strongest "
@@ -297,9 +336,9 @@ def _discussion(S: dict) -> list[str]:
             "- **Faithfulness.** Ablating the routes' top heads leaves less of the logit difference than ablating "
             "as many random heads (by more than one sd of the random draws) for " + "; for ".join(beats) + ". The "
             "most frequent heads include generic ones (frequency 1 in every route, needed by the twins too), which "
-            "the contrastive ranking discounts. The patching curve is not an independent check: replacing "
-            "a head by its mean over ABC twins is close to the very intervention patching ranked the heads by "
-            "(identical where a template group holds only the prompt's own twin). Ablation measures necessity "
+            "the contrastive ranking discounts. The patching and EAP curves are not independent checks: "
+            "replacing a head by its mean over ABC twins is close to the very intervention patching ranked the "
+            "heads by (identical where a template group holds only the prompt's own twin), and EAP estimates it. Ablation measures necessity "
             f"under a distribution shift ({fa['ablation']}-ablation) and downstream heads can compensate "
             "(self-repair), so a small drop does not prove a head unused."
         )
@@ -313,12 +352,13 @@ def _discussion(S: dict) -> list[str]:
 
 def print_summary(summary: dict, file=None) -> None:
     file = file or sys.stdout
-    t, h = summary["timing"], summary["heads"]
+    t, h, m = summary["timing"], summary["heads"], summary["machine"]
+    r = t["ratios"]
     print(
-        f"routes {t['routes_s']:.2f} s | patching {t['patching_s']:.1f} s ({t['ratio_patching_over_routes']:.1f}x, "
-        f"CPU {t['ratio_cpu_patching_over_routes']:.1f}x) | knockout {t['knockout_s']:.1f} s "
-        f"({t['ratio_knockout_over_routes']:.1f}x, CPU {t['ratio_cpu_knockout_over_routes']:.1f}x) | "
-        f"top-{h['top']} overlap {h['overlap_diff_vs_patching']}/{h['top']} | "
+        f"routes (batched) {t['routes_batched_s']:.2f} s | patching {t['patching_s']:.1f} s ({r['patching']:.1f}x) | "
+        f"knockout {t['knockout_s']:.1f} s ({r['knockout']:.1f}x) | EAP {t['eap_s']:.2f} s ({r['eap']:.1f}x) | "
+        f"routes one at a time {t['routes_s']:.2f} s | load average {_f(m.get('load_average_start'), 1)} -> "
+        f"{_f(m.get('load_average_end'), 1)} | top-{h['top']} overlap {h['overlap_diff_vs_patching']}/{h['top']} | "
         f"Spearman {_f(h['spearman_diff_vs_patching'], 2)}",
         file=file,
     )

@@ -1,8 +1,9 @@
 """Information flow routes vs patching baselines on IOI: how fast, how much agreement, how faithful.
 
-``run_comparison`` measures, in one process with the model loaded once, the routes, per-head activation
-patching and attention knockout (``flowray.baselines.measure``), compares what they find (head rankings;
-token-to-token connections: ``flowray.baselines.agreement``) and ablates the heads the routes rank highest
+``run_comparison`` measures, in one process with the model loaded once, the routes (the corpus job's
+batched statistics, and one prompt at a time), per-head activation patching, attention knockout and
+attribution patching (``flowray.baselines.measure``), compares what they find (head rankings;
+token-to-token connections: ``flowray.baselines.agreement``) and ablates the heads each ranks highest
 against random heads (``flowray.baselines.faithfulness``). It writes ``report.md``
 (``flowray.baselines.report``), ``summary.json``, the raw arrays (``arrays.npz``) and PNG figures to
 ``out_dir``.
@@ -18,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowray.baselines.agreement import RouteStats, head_agreement, pair_agreement, route_stats, spearman
+from flowray.baselines.agreement import (HeadStats, RouteStats, head_agreement, head_stats, pair_agreement, route_stats,
+                                         same_heads, spearman)
 from flowray.baselines.faithfulness import faithfulness
 from flowray.baselines.measure import (Measurement, Stopwatch, groups, load_average, machine, measure, prepare, timing,
                                        warm_up)
@@ -45,7 +47,7 @@ def run_comparison(
     top: int = 10,
     pair_k: int = 5,
     batch_size: int = 128,
-    route_batch: int = 8,
+    route_batch: int = 16,
     ablation: str = "mean",
     reference_n: int | None = None,
     templates: str = "both",
@@ -62,8 +64,9 @@ def run_comparison(
         ks: numbers of heads to ablate for the faithfulness curve.
         random_draws: random head sets per k; top: head top-k for the ranking overlap; pair_k: token-pair top-k.
         batch_size: rows per forward pass in the patching / knockout / ablation sweeps.
-        route_batch: prompts per ``edge_importances_batch`` call for the batched routes timing; also the
-            chunk of prompts after which the measurement moves on to the next method (interleaving).
+        route_batch: at most this many prompts per ``prediction_stats_batch`` call (the batched routes, the
+            headline timing); also the chunk of prompts after which the measurement moves on to the next
+            method (interleaving).
         ablation: "mean" (per position over ABC twins of the same template and length) or "zero".
         reference_n: extra IOI prompts whose ABC twins join the mean-ablation reference (default 4 n).
         prompts: TaskPrompt-like records (text, contrastive, answer, wrong, template, meta) to use instead.
@@ -89,12 +92,14 @@ def run_comparison(
     answer, wrong = torch.tensor([it.answer_id for it in items]), torch.tensor([it.wrong_id for it in items])
     by_length = groups(int(it.clean.shape[0]) for it in items)  # T -> prompt indices
 
-    warm_up(lm, items[0], answer[:1], wrong[:1])
-    m = measure(lm, items, by_length, answer, wrong, tau=tau, route_batch=route_batch, batch_size=batch_size,
-                progress=progress)
-    clean_stats = route_stats(m.clean_routes, s.n_layers, s.n_heads)
+    warm_up(lm, items[0], answer[:1], wrong[:1], tau)
+    m = measure(lm, items, answer, wrong, tau=tau, route_batch=route_batch, batch_size=batch_size, progress=progress)
+    clean_heads = head_stats(m.clean_last, s.n_layers, s.n_heads)  # the corpus job's routes: the rankings
+    twin_heads = head_stats(m.twin_last, s.n_layers, s.n_heads)
+    clean_stats = route_stats(m.clean_routes, s.n_layers, s.n_heads)  # edge-level routes: flows, token pairs
     twin_stats = route_stats(m.twin_routes, s.n_layers, s.n_heads)
-    heads, rankings = head_agreement(clean_stats, twin_stats, m.patch.effect(), top)
+    heads, rankings = head_agreement(clean_heads, twin_heads, m.patch.effect(), m.eap.effect(), top,
+                                     flow_diff=clean_stats.flow - twin_stats.flow)
     with Stopwatch() as m.phases["faithfulness"]:
         faith = faithfulness(lm, items, by_length, answer, wrong, m.patch.ld_clean, rankings, ks=ks,
                              draws=random_draws, seed=seed, ablation=ablation,
@@ -104,13 +109,15 @@ def run_comparison(
         "model": lm.name, "n_requested": len(prompts), "n_used": P, "dropped": dropped, "seed": seed, "tau": tau,
         "templates": templates, "token_lengths": sorted(int(T) for T in by_length), "batch_size": batch_size,
         "ablation": ablation, "command": command,
-        "machine": {**machine(lm.model), "load_average_start": load_start, "load_average_end": load_average()},
-        **_results(m, clean_stats, twin_stats, load_seconds=load_seconds, route_batch=route_batch),
+        "machine": {**machine(lm.model), "load_average_start": load_start, "load_average_end": load_average(),
+                    "load_average_chunks": m.load_averages},
+        **_results(m, clean_heads, twin_heads, load_seconds=load_seconds, route_batch=route_batch,
+                   same=same_heads(m.clean_routes + m.twin_routes, m.clean_last + m.twin_last, s.n_heads)),
         "heads": heads,
         "pairs": pair_agreement(m.knock, clean_stats, pair_k),
         "faithfulness": faith,
     }
-    return _write(out_dir, summary, m, clean_stats, twin_stats, items, lm.tokenizer, top)
+    return _write(out_dir, summary, m, clean_heads, twin_heads, clean_stats, twin_stats, items, lm.tokenizer, top)
 
 
 def _call(**kwargs) -> str:
@@ -160,7 +167,8 @@ def _prompts(lm, prompts, *, n: int, seed: int, templates: str):
     return prompts, items, dropped
 
 
-def _results(m: Measurement, clean: RouteStats, twins: RouteStats, *, load_seconds: float, route_batch: int) -> dict:
+def _results(m: Measurement, clean: HeadStats, twins: HeadStats, *, load_seconds: float, route_batch: int,
+             same: bool) -> dict:
     """The summary's ``task`` (logit differences, route sizes) and ``timing`` parts."""
     ld_clean, ld_corrupt = m.patch.ld_clean, m.patch.ld_corrupt
     task = {
@@ -171,12 +179,12 @@ def _results(m: Measurement, clean: RouteStats, twins: RouteStats, *, load_secon
         "route_heads_contrastive_mean": float(np.mean(twins.n_heads_in_route)),
     }
     times = timing(m, load_seconds=load_seconds, route_batch=route_batch, n_heads_total=clean.freq.size,
-                   same_heads=bool(np.allclose(m.batched_freq, clean.freq)))
+                   same_heads=same)
     return {"task": task, "timing": times}
 
 
-def _write(out_dir: Path, summary: dict, m: Measurement, clean: RouteStats, twins: RouteStats, items, tok,
-           top: int) -> dict:
+def _write(out_dir: Path, summary: dict, m: Measurement, clean: HeadStats, twins: HeadStats, clean_routes: RouteStats,
+           twin_routes: RouteStats, items, tok, top: int) -> dict:
     """``arrays.npz``, the figures, ``summary.json`` and ``report.md``; returns the summary."""
     effect = m.patch.effect()
     diff = clean.freq - twins.freq
@@ -185,15 +193,19 @@ def _write(out_dir: Path, summary: dict, m: Measurement, clean: RouteStats, twin
         "patching_ld_patched": m.patch.ld_patched,
         "ld_clean": m.patch.ld_clean,
         "ld_corrupt": m.patch.ld_corrupt,
+        "eap_effect": m.eap.effect(),
+        "eap_ld_patched": m.eap.ld_patched,
         "flow_freq": clean.freq,
         "flow_freq_contrastive": twins.freq,
-        "flow_head_flow": clean.flow,
-        "flow_head_flow_contrastive": twins.flow,
+        "flow_importance": clean.importance,
+        "flow_importance_contrastive": twins.importance,
+        "flow_head_flow": clean_routes.flow,
+        "flow_head_flow_contrastive": twin_routes.flow,
     }
     np.savez_compressed(out_dir / "arrays.npz", **arrays)
     tokens = [tok.decode([t]) for t in items[0].clean.tolist()]
     summary["figures"] = _figures(out_dir, effect, clean.freq, diff, summary["faithfulness"], m.knock[0][1],
-                                  clean.pair_flow[0], tokens, top)
+                                  clean_routes.pair_flow[0], tokens, top)
     (out_dir / "summary.json").write_text(json.dumps(_jsonable(summary), indent=1))
     report = out_dir / "report.md"
     report.write_text(render_report(summary))
