@@ -210,7 +210,6 @@ class FlowWorker:
         import torch
 
         from flowray.stats import prediction_stats_batch
-
         from flowray.tables import SILENT_INFLUENCE
 
         return prediction_stats_batch(self.lm, [torch.tensor([p.ids]) for p in group], self.taus,
