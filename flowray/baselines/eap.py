@@ -19,7 +19,7 @@ import contextlib
 
 import torch
 
-from flowray.baselines.forward import check_ids, check_targets, logit_diff, model_device
+from flowray.baselines.forward import check_twins, logit_diff, model_device
 from flowray.baselines.interventions import PatchingResult, _split_heads, head_outputs
 from flowray.errors import InputError
 from flowray.models.base import Adapter
@@ -62,16 +62,8 @@ def eap_sweep(model, adapter: Adapter, clean_ids, corrupt_ids, answer_ids, wrong
         ``LD_clean + sum_{t,k} (a_corrupt - a_clean) * dLD/da`` (``ld_clean``, ``ld_corrupt`` exact), so that
         ``effect()`` compares with ``patching_sweep``'s directly.
     """
-    clean_ids = check_ids(clean_ids, "clean_ids")
-    corrupt_ids = check_ids(corrupt_ids, "corrupt_ids")
-    if clean_ids.shape != corrupt_ids.shape:
-        raise InputError(
-            f"clean_ids and corrupt_ids must have the same shape [P, T] (twins of equal token length); "
-            f"got {tuple(clean_ids.shape)} and {tuple(corrupt_ids.shape)}"
-        )
+    clean_ids, corrupt_ids, answer_ids, wrong_ids = check_twins(clean_ids, corrupt_ids, answer_ids, wrong_ids)
     P = clean_ids.shape[0]
-    answer_ids = check_targets(answer_ids, P, "answer_ids")
-    wrong_ids = check_targets(wrong_ids, P, "wrong_ids")
     s = adapter.shape
     corrupt_acts, corrupt_logits = head_outputs(model, adapter, corrupt_ids)  # [L, P, T, H, dh]; forward 1
     ld_corrupt = logit_diff(corrupt_logits, answer_ids, wrong_ids)

@@ -34,6 +34,19 @@ def check_targets(ids, n: int, what: str) -> torch.Tensor:
     return t
 
 
+def check_twins(clean_ids, corrupt_ids, answer_ids, wrong_ids):
+    """``[P, T]`` clean and corrupted ids of equal shape and ``[P]`` answer / wrong ids, checked."""
+    clean_ids = check_ids(clean_ids, "clean_ids")
+    corrupt_ids = check_ids(corrupt_ids, "corrupt_ids")
+    if clean_ids.shape != corrupt_ids.shape:
+        raise InputError(
+            f"clean_ids and corrupt_ids must have the same shape [P, T] (twins of equal token length); "
+            f"got {tuple(clean_ids.shape)} and {tuple(corrupt_ids.shape)}"
+        )
+    P = clean_ids.shape[0]
+    return clean_ids, corrupt_ids, check_targets(answer_ids, P, "answer_ids"), check_targets(wrong_ids, P, "wrong_ids")
+
+
 def model_device(model) -> torch.device:
     return next(model.parameters()).device
 

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from flowray.baselines.forward import batches, check_batch_size, check_ids, check_targets, last_logits, logit_diff, progress_bar
+from flowray.baselines.forward import (batches, check_batch_size, check_ids, check_targets, check_twins, last_logits,
+                                       logit_diff, progress_bar)
 from flowray.baselines.options import ABLATION_MODES
 from flowray.errors import FlowrayError, InputError, UnsupportedArchitectureError
 from flowray.models.base import Adapter
@@ -202,17 +203,9 @@ def patching_sweep(
         clean_ids, corrupt_ids: ``[P, T]`` token ids; row ``p`` of each is a clean/corrupted twin.
         answer_ids, wrong_ids: ``[P]`` the token ids of the logit difference.
     """
-    clean_ids = check_ids(clean_ids, "clean_ids")
-    corrupt_ids = check_ids(corrupt_ids, "corrupt_ids")
-    if clean_ids.shape != corrupt_ids.shape:
-        raise InputError(
-            f"clean_ids and corrupt_ids must have the same shape [P, T] (twins of equal token length); "
-            f"got {tuple(clean_ids.shape)} and {tuple(corrupt_ids.shape)}"
-        )
+    clean_ids, corrupt_ids, answer_ids, wrong_ids = check_twins(clean_ids, corrupt_ids, answer_ids, wrong_ids)
     batch_size = check_batch_size(batch_size)
     P = clean_ids.shape[0]
-    answer_ids = check_targets(answer_ids, P, "answer_ids")
-    wrong_ids = check_targets(wrong_ids, P, "wrong_ids")
     s = adapter.shape
     corrupt_acts, corrupt_logits = head_outputs(model, adapter, corrupt_ids)  # [L, P, T, H, dh]
     ld_corrupt = logit_diff(corrupt_logits, answer_ids, wrong_ids)
