@@ -20,7 +20,7 @@ import contextlib
 import torch
 
 from flowray.baselines.forward import check_twins, logit_diff, model_device
-from flowray.baselines.interventions import PatchingResult, _split_heads, head_outputs
+from flowray.baselines.interventions import PatchingResult, _split_heads, head_outputs, w_o_inputs
 from flowray.errors import InputError
 from flowray.models.base import Adapter
 from flowray.models.modes import eval_mode
@@ -34,20 +34,12 @@ def _head_inputs_with_grad(model, adapter: Adapter, sink: dict):
     def leaf(_module, _args, out):
         return out.detach().requires_grad_(True)
 
-    def make_hook(l: int):
-        def pre(_module, args, kwargs):
-            sink[l] = args[0] if args else kwargs["input"]
-
-        return pre
-
-    handles = [model.get_input_embeddings().register_forward_hook(leaf)]
+    handle = model.get_input_embeddings().register_forward_hook(leaf)
     try:
-        for l, layer in enumerate(adapter.layers()):
-            handles.append(adapter.head_output_module(layer).register_forward_pre_hook(make_hook(l), with_kwargs=True))
-        yield
+        with w_o_inputs(adapter, sink.__setitem__):
+            yield
     finally:
-        for handle in handles:
-            handle.remove()
+        handle.remove()
 
 
 def eap_sweep(model, adapter: Adapter, clean_ids, corrupt_ids, answer_ids, wrong_ids) -> PatchingResult:

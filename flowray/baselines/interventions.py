@@ -116,6 +116,27 @@ def replace_heads(
             handle.remove()
 
 
+@contextlib.contextmanager
+def w_o_inputs(adapter: Adapter, store) -> Iterator[None]:
+    """Within the block, a forward pass calls ``store(layer, x)`` with every layer's W_O input ``x``
+    ``[B, T, H*dh]`` (every head's output, before the output projection mixes them)."""
+
+    def make_hook(l: int):
+        def pre(_module, args, kwargs):
+            store(l, args[0] if args else kwargs["input"])
+
+        return pre
+
+    handles = []
+    try:
+        for l, layer in enumerate(adapter.layers()):
+            handles.append(adapter.head_output_module(layer).register_forward_pre_hook(make_hook(l), with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.inference_mode()
 def head_outputs(model, adapter: Adapter, input_ids) -> tuple[torch.Tensor, torch.Tensor]:
     """Every head's output (W_O's input) in one forward pass.
@@ -124,22 +145,8 @@ def head_outputs(model, adapter: Adapter, input_ids) -> tuple[torch.Tensor, torc
     """
     input_ids = check_ids(input_ids)
     acts: dict[int, torch.Tensor] = {}
-    handles = []
-
-    def make_hook(l: int):
-        def pre(_module, args, kwargs):
-            x = args[0] if args else kwargs["input"]
-            acts[l] = _split_heads(x, adapter).detach().clone()
-
-        return pre
-
-    try:
-        for l, layer in enumerate(adapter.layers()):
-            handles.append(adapter.head_output_module(layer).register_forward_pre_hook(make_hook(l), with_kwargs=True))
+    with w_o_inputs(adapter, lambda l, x: acts.__setitem__(l, _split_heads(x, adapter).detach().clone())):
         logits = last_logits(model, input_ids)
-    finally:
-        for handle in handles:
-            handle.remove()
     return torch.stack([acts[l] for l in range(len(acts))]), logits
 
 
