@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -186,8 +187,6 @@ def _generate(n: int, task: str, draw: Callable[[int], TaskPrompt | None]) -> li
 
 def _word_span(text: str, word: str) -> list[int]:
     """[start, end) of the first occurrence of ``word`` as a whole word (the IOI indirect object)."""
-    import re
-
     match = re.search(rf"\b{re.escape(word)}\b", text)
     return [match.start(), match.end()]
 

@@ -158,9 +158,7 @@ class FlowWorker:
         source = None
         span = meta.get("source_chars")
         if span is not None:
-            last = max(p for p in range(T) if target[p])
-            if isinstance(meta.get("prompt_chars"), int):  # the prediction of the answer's first token
-                last = min(p for p in range(T) if target[p])
+            last = target.index(True)  # the prediction right after the prompt
             start, end = span
             positions = [p for p in range(lead, last + 1) if offsets[p][0] < end and offsets[p][1] > start]
             source = (last, positions) if positions else None
