@@ -403,10 +403,14 @@ class Accumulator:
         same_frac = c["same_word_major"] / max(later_n, 1)
         silent_frac = c["first_subword_silent"] / max(first_n, 1)
         is_prev = (prev_frac >= ROLE_FRACTION) & (prev_n > 0)
-        is_merge = (same_frac >= ROLE_FRACTION) & (silent_frac >= ROLE_FRACTION) & ~is_prev & (later_n > 0)
+        merging = (same_frac >= ROLE_FRACTION) & ~is_prev & (later_n > 0)  # criterion (i), not previous-token
+        is_merge = merging & (silent_frac >= ROLE_FRACTION)
         role = np.where(is_prev, "previous_token", np.where(is_merge, "subword_merging", None))
-        pruned = {f"first_subword_silent_fraction_pruned@{tau:g}":
-                  c[f"first_subword_silent_pruned@{tau:g}"] / max(first_n, 1) for tau in self.taus}
+        pruned = {}
+        for tau in self.taus:
+            silent = c[f"first_subword_silent_pruned@{tau:g}"] / max(first_n, 1)
+            pruned[f"first_subword_silent_fraction_pruned@{tau:g}"] = silent
+            pruned[f"subword_merging_pruned@{tau:g}"] = merging & (silent >= ROLE_FRACTION)  # (ii) after pruning
         return pl.DataFrame({
             "domain": domain, "layer": layers, "head": heads,
             "previous_token_fraction": prev_frac, "subword_merging_fraction": same_frac,

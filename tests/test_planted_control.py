@@ -163,6 +163,8 @@ def test_job_reports_exactly_the_planted_roles(job_tables):
     for tau in (0.01, 0.03):
         assert merge[f"first_subword_silent_fraction_pruned@{tau:g}"] > CLEAR, merge
         assert prev[f"first_subword_silent_fraction_pruned@{tau:g}"] < 1 - CLEAR, prev
+        flagged = [flat for flat, row in by_flat.items() if row[f"subword_merging_pruned@{tau:g}"]]
+        assert flagged == [FLAT["merge"]], (tau, flagged)
     for flat, row in by_flat.items():
         if flat in (FLAT["prev"], FLAT["merge"]):
             continue

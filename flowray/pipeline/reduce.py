@@ -13,7 +13,7 @@ import pyarrow as pa
 from flowray.config import JobConfig
 from flowray.errors import FlowrayError
 from flowray.pipeline.storage import Storage
-from flowray.tables import ERRORS, ROLE_FRACTION, Accumulator
+from flowray.tables import ERRORS, Accumulator
 
 log = logging.getLogger(__name__)
 TABLES = ("head_activation", "ffn_activation", "component_importance", "head_roles", "domain_specialisation",
@@ -238,9 +238,7 @@ def _summary(tables: dict, errors: pa.Table, config: JobConfig, pos_tagging: boo
               "head's renormalised importance is either 0 or above tau, so the paper's threshold only has a meaning "
               "before pruning. With silence after pruning instead:"]
     for tau in config.tau:
-        col = f"first_subword_silent_fraction_pruned@{tau:g}"
-        pruned = roles.filter((pl.col("subword_merging_fraction") >= ROLE_FRACTION) & (pl.col(col) >= ROLE_FRACTION)
-                              & (pl.col("previous_token_fraction") < ROLE_FRACTION))
+        pruned = roles.filter(pl.col(f"subword_merging_pruned@{tau:g}"))
         lines.append(f"  - tau = {tau:g}: {_fmt_heads(pruned.iter_rows(named=True))}")
     tau = max(config.tau)  # the most selective threshold separates heads best
     act = tables["head_activation"].filter(pl.col("tau") == tau).join(
