@@ -61,6 +61,7 @@ def test_shipped_configs_validate(path):
     ({"model": ["a"]}, "model: expected a string; got ['a']"),
     ({"dtype": ["float32"]}, "dtype: expected one of"),
     ({"general_domain": 7}, "general_domain: expected a string; got 7"),
+    ({"prepend_bos": "maybe"}, "prepend_bos: expected true/false; got 'maybe'"),
     ({"cpus_per_actor": float("nan")}, "cpus_per_actor: expected a finite number; got nan"),
     ({"gpus_per_actor": float("inf")}, "gpus_per_actor: expected a finite number; got inf"),
     ({"corpora": [{"domain": "x", "source": {"kind": "jsonl", "paths": ["/nonexistent/file.jsonl"], "text_field": "text"}}]},
@@ -116,3 +117,4 @@ def test_content_hash_ignores_resources_but_not_science():
     assert a.content_hash() == _cfg(actors=7, gpus_per_actor=1, batch_size=9, output="s3://b/x").content_hash()
     assert a.content_hash() != _cfg(tau=[0.02]).content_hash()
     assert a.content_hash() != _cfg(max_tokens=17).content_hash()
+    assert a.content_hash() != _cfg(prepend_bos=False).content_hash()

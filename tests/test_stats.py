@@ -173,6 +173,16 @@ def test_without_word_data_and_bad_inputs():
         prediction_stats_batch(model, [ids, ids[:, :4]], 0.04, words=[(np.zeros(9, int), np.ones(9, bool))])
     with pytest.raises(InputError, match="padding_side must be 'right' or 'left'"):
         prediction_stats_batch(model, [ids], 0.04, padding_side="middle")
+    with pytest.raises(InputError, match="one \\(query, positions\\) pair or None per sequence: 2; got 1"):
+        prediction_stats_batch(model, [ids, ids[:, :4]], 0.04, sources=[None])
+    for source in ((9, [0]), (4, [5]), (4, []), (-1, [0])):
+        with pytest.raises(InputError, match=f"query position in \\[0, 9\\).*got query {source[0]}"):
+            prediction_stats(model, ids, 0.04, source=source)
+    with pytest.raises(InputError, match="a source must be a \\(query, positions\\) pair of ints; got 'x'"):
+        prediction_stats(model, ids, 0.04, source="x")
+    for above in (-0.1, 1, True, "0"):
+        with pytest.raises(InputError, match="active_above must be a number in \\[0, 1\\)"):
+            prediction_stats(model, ids, 0.04, active_above=above)
 
 
 def test_the_smollm2_ioi_prompt_equals_the_dense_path(smollm2):
