@@ -270,13 +270,15 @@ _ARGMAX_CHUNK = 256
 
 
 @contextlib.contextmanager
-def predicted_ids(model: torch.nn.Module, sink: list) -> Iterator[None]:
+def predicted_ids(model: torch.nn.Module, sink: list, positions: list[int] | None = None) -> Iterator[None]:
     """Within the block, a forward pass appends its top-1 next-token ids ``[B, T]`` to ``sink`` without the
     ``[B, T, V]`` logits: the output embedding gets the final hidden states, computes the argmax in chunks of
     positions and passes on only the last position (the model's logits then hold that one position).
+    ``positions``: one position per batch row; then only those rows go through the output embedding (the
+    model's logits hold them, ``[B, 1, V]``) and ``sink`` gets their ``[B]`` ids.
 
     Exact for models whose logits are the output embedding's output or a monotone map of it (soft-capping,
-    scaling by a positive constant); the hook is removed on exit.
+    scaling by a positive constant); the hooks are removed on exit.
     """
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
@@ -286,6 +288,9 @@ def predicted_ids(model: torch.nn.Module, sink: list) -> Iterator[None]:
 
     def pre_hook(_module, args):
         hidden = args[0]  # [B, T, d]
+        if positions is not None:  # the model's own output embedding reads those rows; hook() takes the argmax
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            return (hidden[rows, torch.tensor(positions, device=hidden.device)][:, None], *args[1:])  # [B, 1, d]
         top = torch.empty(hidden.shape[:2], dtype=torch.long, device=hidden.device)
         for c0 in range(0, hidden.shape[1], _ARGMAX_CHUNK):
             c1 = min(hidden.shape[1], c0 + _ARGMAX_CHUNK)
@@ -293,8 +298,14 @@ def predicted_ids(model: torch.nn.Module, sink: list) -> Iterator[None]:
         sink.append(top)
         return (hidden[:, -1:], *args[1:])
 
-    handle = head.register_forward_pre_hook(pre_hook)
+    def hook(_module, _args, output):
+        sink.append(output[:, 0].argmax(-1))  # [B]
+
+    handles = [head.register_forward_pre_hook(pre_hook)]
+    if positions is not None:
+        handles.append(head.register_forward_hook(hook))
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()

@@ -46,12 +46,13 @@ def _f_max(F):  # pragma: no cover - compiled
 
 
 def _prox_rows(out, probs, F, f_max, y, p0, few):  # pragma: no cover - compiled
-    """Turn ``out[h, r, j] = s_p . F_hj`` (j <= p) into ``prox(alpha[h, r, j] F_hj, y_r)``; zero j > p.
+    """Turn ``out[g, h, r, j] = s_p . F_ghj`` (j <= p) into ``prox(alpha[g, h, r, j] F_ghj, y_gr)``; zero j > p.
 
-    A chunk of ``C`` query rows at positions ``p = p0 + r``: out, probs ``[H, C, J]`` float32 with
-    ``J >= p0 + C`` sources; F ``[H, T, d]`` and f_max ``[H, T]`` (``T >= J``; only ``j < J`` is read);
-    y ``[C, d]`` the chunk's nodes; few: how many of the smallest ``|y_p|`` coordinates to keep per row.
-    The whole sequence is one chunk with ``p0 = 0``, ``C = J = T``.
+    ``G`` sequences, each a chunk of ``C`` query rows at positions ``p = p0 + r``: out, probs ``[G, H, C, J]``
+    float32 with ``J >= p0 + C`` sources; F ``[G, H, T, d]`` and f_max ``[G, H, T]`` (``T >= J``; only
+    ``j < J`` is read); y ``[G, C, d]`` the chunks' nodes; few: how many of the smallest ``|y_p|`` coordinates
+    to keep per row. A whole sequence is one chunk with ``p0 = 0``, ``C = J = T``; several whole sequences of
+    a right-padded batch are one call on the padded grid (a real row never reads a source after it).
 
     Only coordinates with ``|y_d| < a |F_d| <= a max|F_hj|`` can overshoot, so each sub-edge takes the
     cheapest exact case:
@@ -63,19 +64,21 @@ def _prox_rows(out, probs, F, f_max, y, p0, few):  # pragma: no cover - compiled
     - otherwise ``sum_d (|y_d| - |y_d - a F_d|)`` over all ``d`` in one branch-free loop that LLVM
       vectorises (each term is small where ``a F_d`` is, so float32 keeps it accurate).
     """
-    H, C, J = out.shape
-    d = F.shape[2]
+    G, H, C, J = out.shape
+    d = F.shape[3]
     zero = np.float32(0.0)
     n_few = min(few, d)
     # per row: the n_few smallest |y_p| ascending (their coordinates and signs), then a bound that
     # every other coordinate reaches: the next smallest |y_p| (inf when there is none)
-    small = np.full((C, n_few + 1), np.inf, dtype=np.float32)
-    small_at = np.zeros((C, n_few + 1), dtype=np.int64)
-    small_sign = np.ones((C, n_few), dtype=np.float32)
-    for r in numba.prange(C):
-        vals, at = small[r], small_at[r]
+    small = np.full((G, C, n_few + 1), np.inf, dtype=np.float32)
+    small_at = np.zeros((G, C, n_few + 1), dtype=np.int64)
+    small_sign = np.ones((G, C, n_few), dtype=np.float32)
+    for task in numba.prange(G * C):
+        g = task // C
+        r = task - g * C
+        vals, at = small[g, r], small_at[g, r]
         for k in range(d):  # insertion into the sorted n_few + 1 smallest
-            u = abs(y[r, k])
+            u = abs(y[g, r, k])
             if u < vals[n_few]:
                 q = n_few
                 while q > 0 and vals[q - 1] > u:
@@ -85,73 +88,77 @@ def _prox_rows(out, probs, F, f_max, y, p0, few):  # pragma: no cover - compiled
                 vals[q] = u
                 at[q] = k
         for q in range(n_few):
-            if y[r, at[q]] < 0:
-                small_sign[r, q] = -1.0
-    for task in numba.prange(H * C):
-        h = task // C
-        r = task - h * C
+            if y[g, r, at[q]] < 0:
+                small_sign[g, r, q] = -1.0
+    for task in numba.prange(G * H * C):
+        g = task // (H * C)
+        h = (task // C) % H
+        r = task % C
         p = p0 + r
-        yp = y[r]
-        smallest = small[r, 0]
-        bound = small[r, n_few]
+        yp = y[g, r]
+        smallest = small[g, r, 0]
+        bound = small[g, r, n_few]
+        row, arow, fm = out[g, h, r], probs[g, h, r], f_max[g, h]
         for j in range(p + 1):
-            a = probs[h, r, j]
-            lin = a * out[h, r, j]  # a (s . F): exact when no coordinate of a F overshoots y
+            a = arow[j]
+            lin = a * row[j]  # a (s . F): exact when no coordinate of a F overshoots y
             if not lin > zero:  # prox = relu(lin - 2 * overshoot) with overshoot >= 0
-                out[h, r, j] = zero
+                row[j] = zero
                 continue
-            thr = a * f_max[h, j]
+            thr = a * fm[j]
             if thr <= smallest:  # a |F_d| <= thr <= |y_d| everywhere: nothing overshoots
-                out[h, r, j] = lin
+                row[j] = lin
                 continue
-            Fj = F[h, j]
+            Fj = F[g, h, j]
             if thr <= bound:  # only the n_few smallest coordinates can overshoot
                 over = zero
                 for q in range(n_few):  # zero wherever a coordinate does not overshoot
-                    over += max(a * small_sign[r, q] * Fj[small_at[r, q]] - small[r, q], zero)
+                    over += max(a * small_sign[g, r, q] * Fj[small_at[g, r, q]] - small[g, r, q], zero)
                 v = lin - np.float32(2.0) * over
             else:
                 v = zero
                 for k in range(d):  # from 0 to a fixed count over contiguous rows: LLVM vectorises this
                     v += abs(yp[k]) - abs(yp[k] - a * Fj[k])
-            out[h, r, j] = v if v > zero else zero
+            row[j] = v if v > zero else zero
         for j in range(p + 1, J):
-            out[h, r, j] = zero
+            row[j] = zero
 
 
 def _normalise_rows(sub, y, parts, p0):  # pragma: no cover - compiled
-    """Finish a chunk of nodes: direct parts' proximities, then every part divided by the node's total.
+    """Finish chunks of nodes: direct parts' proximities, then every part divided by the node's total.
 
-    sub: ``[H, C, J]`` sub-edge proximities of rows at positions ``p0 + r`` (``H`` may be 0), scaled in
-    place; y: ``[C, d]`` the nodes; parts: ``[K, C, d]`` the direct parts. Returns their importances
-    ``[K, C]``. A node whose parts all have proximity 0 gets 0 everywhere (not NaN).
+    sub: ``[G, H, C, J]`` sub-edge proximities of rows at positions ``p0 + r`` of ``G`` sequences (``H`` may
+    be 0), scaled in place; y: ``[G, C, d]`` the nodes; parts: ``[K, G, C, d]`` the direct parts. Returns
+    their importances ``[K, G, C]``. A node whose parts all have proximity 0 gets 0 everywhere (not NaN).
     """
-    H = sub.shape[0]
-    K, T, d = parts.shape
+    H = sub.shape[1]
+    K, G, C, d = parts.shape
     zero = np.float32(0.0)
-    direct = np.empty((K, T), dtype=np.float32)
-    for p in numba.prange(T):
-        yp = y[p]
+    direct = np.empty((K, G, C), dtype=np.float32)
+    for task in numba.prange(G * C):
+        g = task // C
+        p = task - g * C
+        yp = y[g, p]
         total = 0.0  # float64
         for k in range(K):
-            zp = parts[k, p]
+            zp = parts[k, g, p]
             v = zero
             for c in range(d):  # sum_d |y_d| - |y_d - z_d|: small terms where z is small
                 v += abs(yp[c]) - abs(yp[c] - zp[c])
             v = v if v > zero else zero
-            direct[k, p] = v
+            direct[k, g, p] = v
             total += v
         for h in range(H):
-            row = sub[h, p]
+            row = sub[g, h, p]
             acc = zero
             for j in range(p0 + p + 1):
                 acc += row[j]
             total += acc
         scale = np.float32(1.0 / total) if total > 0.0 else zero
         for k in range(K):
-            direct[k, p] *= scale
+            direct[k, g, p] *= scale
         for h in range(H):
-            row = sub[h, p]
+            row = sub[g, h, p]
             for j in range(p0 + p + 1):
                 row[j] *= scale
     return direct
@@ -159,6 +166,7 @@ def _normalise_rows(sub, y, parts, p0):  # pragma: no cover - compiled
 
 _compiled: dict = {}
 _lock = threading.Lock()
+_threads = threading.local()  # the thread count this thread last gave numba
 
 
 def _kernels(threads: int) -> dict:
@@ -185,7 +193,10 @@ def _kernels(threads: int) -> dict:
             _compiled["f_max"] = jit(_f_max)
             _compiled["prox"] = jit(_prox_rows)
             _compiled["normalise"] = jit(_normalise_rows)
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    n = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
+    if getattr(_threads, "n", None) != n:  # numba's setting is per calling thread; setting it costs ~15 us
+        numba.set_num_threads(n)
+        _threads.n = n
     return _compiled
 
 
@@ -198,9 +209,10 @@ def warm_up(threads: int = 1) -> None:
     """
     if not AVAILABLE:
         return
-    F = np.ones((1, 2, 3), dtype=np.float32)
-    fm = f_max(F, threads)
-    out, probs, y = np.ones((1, 2, 2), np.float32), np.ones((1, 2, 2), np.float32), np.ones((2, 3), np.float32)
+    F = np.ones((1, 1, 2, 3), dtype=np.float32)
+    fm = f_max(F[0], threads)[None]
+    out, probs = np.ones((1, 1, 2, 2), np.float32), np.ones((1, 1, 2, 2), np.float32)
+    y = np.ones((1, 2, 3), np.float32)
     prox_rows(out, probs, F, fm, y, 0, threads)
     normalise_rows(out, y, y[None].copy(), 0, threads)
 
@@ -212,10 +224,10 @@ def f_max(F: np.ndarray, threads: int) -> np.ndarray:
 
 def prox_rows(out: np.ndarray, probs: np.ndarray, F: np.ndarray, f_max: np.ndarray, y: np.ndarray, p0: int,
               threads: int) -> None:
-    """Sub-edge proximities of a chunk of query rows, in place (see ``_prox_rows`` for the arrays)."""
+    """Sub-edge proximities of chunks of query rows of ``G`` sequences, in place (``_prox_rows``: the arrays)."""
     _kernels(threads)["prox"](out, probs, F, f_max, y, p0, FEW)
 
 
 def normalise_rows(sub: np.ndarray, y: np.ndarray, parts: np.ndarray, p0: int, threads: int) -> np.ndarray:
-    """Direct parts' importances ``[K, C]``; sub-edge proximities ``[H, C, J]`` made importances in place."""
+    """Direct parts' importances ``[K, G, C]``; proximities ``[G, H, C, J]`` made importances in place."""
     return _kernels(threads)["normalise"](sub, y, parts, p0)

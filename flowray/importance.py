@@ -65,16 +65,26 @@ def proximity(parts: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def head_outputs(values: torch.Tensor, w_o: torch.Tensor) -> torch.Tensor:
-    """``f^h(x_j)`` for every head and source: values ``[H_kv, T, dh]``, W_O ``[H, dh, d]`` -> ``[H, T, d]``."""
+    """``f^h(x_j)`` for every head and source: values ``[H_kv, T, dh]``, W_O ``[H, dh, d]`` -> ``[H, T, d]``.
+
+    Values ``[G, H_kv, T, dh]`` of ``G`` sequences give ``[G, H, T, d]``: a view of one ``[H, G * T, d]``
+    product (one GEMM per head, where broadcasting W_O over ``G`` would copy it ``G`` times).
+    """
     H, dh, d = w_o.shape
-    H_kv, T, _ = values.shape
-    v = values.repeat_interleave(H // H_kv, dim=0)  # [H, T, dh]; query head h reads kv head h // group
-    return torch.bmm(v, w_o)  # [H, T, d]
+    v = values.repeat_interleave(H // values.shape[-3], dim=-3)  # [(G,) H, T, dh]; head h reads kv head h // group
+    if v.dim() == 3:
+        return torch.bmm(v, w_o)  # [H, T, d]
+    G, _, T, _ = v.shape
+    return torch.bmm(v.transpose(0, 1).reshape(H, G * T, dh), w_o).view(H, G, T, d).transpose(0, 1)
 
 
 @dataclass(frozen=True)
 class HeadOutputs:
-    """One layer's head outputs for one sequence, computed once and read by every chunk of query rows."""
+    """One layer's head outputs for one sequence, computed once and read by every chunk of query rows.
+
+    ``head_outputs_of`` a ``[G, H_kv, T, dh]`` batch gives the ``G`` sequences' outputs at once (a leading
+    ``G`` on values, F and f_max), which ``sub_edge_block`` reads.
+    """
 
     values: torch.Tensor  # [H_kv, T, dh] float32, value bias included
     w_o: torch.Tensor  # [H, dh, d] float32
@@ -85,17 +95,21 @@ class HeadOutputs:
 
 def head_outputs_of(values: torch.Tensor, w_o: torch.Tensor, *, backend: str = "auto",
                     w_flat: torch.Tensor | None = None) -> HeadOutputs:
-    """``HeadOutputs`` from values ``[H_kv, T, dh]`` and W_O ``[H, dh, d]`` (any float dtype).
+    """``HeadOutputs`` from values ``[H_kv, T, dh]`` (or ``[G, H_kv, T, dh]``) and W_O ``[H, dh, d]`` (any
+    float dtype).
 
     ``w_flat``: ``flat_output_projection(w_o)``, when the caller computes it once for several sequences.
     """
     H = w_o.shape[0]
-    if values.shape[0] == 0 or H % values.shape[0]:
-        raise ValueError(f"query heads H={H} must be a multiple of kv heads H_kv={values.shape[0]}")
+    if values.shape[-3] == 0 or H % values.shape[-3]:
+        raise ValueError(f"query heads H={H} must be a multiple of kv heads H_kv={values.shape[-3]}")
     values, w_o = values.float(), w_o.float()
-    F = head_outputs(values, w_o)  # [H, T, d]
+    F = head_outputs(values, w_o)  # [(G,) H, T, d]
     if resolve_backend(backend, F.device) == "cpu":
-        f_max = torch.from_numpy(cpu_kernel.f_max(F.numpy(), torch.get_num_threads()))
+        base = F if F.dim() == 3 else F.transpose(0, 1)  # contiguous: [H, T, d] or [H, G, T, d]
+        T, d = F.shape[-2:]
+        f_max = torch.from_numpy(cpu_kernel.f_max(base.reshape(-1, T, d).numpy(), torch.get_num_threads()))
+        f_max = f_max.view(base.shape[:-1]) if F.dim() == 3 else f_max.view(base.shape[:-1]).transpose(0, 1)
     else:
         f_max = F.abs().amax(-1)
     if w_flat is None:
@@ -135,20 +149,37 @@ def sub_edge_rows(
     backend = resolve_backend(backend, y.device)
     if out is None:
         out = torch.empty(H, C, J, dtype=torch.float32, device=y.device)
-    y, probs = y.float(), probs.float()
     if backend == "cpu":
-        values, w_o = heads.values, heads.w_o
-        H_kv, dh = values.shape[0], w_o.shape[1]
-        # sign(y) with -1 for -0.0: any sign works where y_d = 0 (|0 - aF| = -a s F + 2 relu(a s F) for
-        # s = +-1), and copysign is 10x faster than a where()
-        s = torch.ones_like(y).copysign_(y)  # [C, d]
-        G = (s @ heads.w_flat).view(-1, H, dh).transpose(0, 1)  # [H, C, dh]  s_p W_O^h^T, one GEMM
-        # s_p . F_hj = G_hp . v_j, one GEMM per kv head: its query heads' rows of G stacked ([group * C, dh])
-        torch.bmm(G.reshape(H_kv, -1, dh), values[:, :J].transpose(1, 2), out=out.view(H_kv, -1, J))
-        cpu_kernel.prox_rows(out.numpy(), probs.contiguous().numpy(), heads.F.numpy(), heads.f_max.numpy(),
-                             y.contiguous().numpy(), p0, torch.get_num_threads())
+        batched = HeadOutputs(heads.values[None], heads.w_o, heads.w_flat, heads.F[None], heads.f_max[None])
+        sub_edge_block(y[None], probs[None], batched, p0, out=out[None])
         return out
-    out.copy_(_sub_edge_rows_torch(y, probs, heads, p0, element_budget, dense_rank))
+    out.copy_(_sub_edge_rows_torch(y.float(), probs.float(), heads, p0, element_budget, dense_rank))
+    return out
+
+
+def sub_edge_block(y: torch.Tensor, probs: torch.Tensor, heads: HeadOutputs, p0: int = 0, *,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """``sub_edge_rows`` of ``G`` sequences at once on the CPU kernel: the same ``C`` rows of each.
+
+    y ``[G, C, d]``, probs ``[G, H, C, J]``, heads from ``head_outputs_of`` a ``[G, H_kv, T, dh]`` batch;
+    out: optional contiguous float32 ``[G, H, C, J]``. Rows of a right-padded batch read only sources before
+    them, so whole sequences of different lengths share one call on the padded grid (their padded rows get
+    values nobody reads). Returns ``[G, H, C, J]`` proximities, zero for ``j > p``.
+    """
+    G, H, C, J = probs.shape
+    if out is None:
+        out = torch.empty(G, H, C, J, dtype=torch.float32, device=y.device)
+    y, probs = y.float(), probs.float()
+    values = heads.values  # [G, H_kv, T, dh]
+    H_kv, dh = values.shape[1], heads.w_o.shape[1]
+    # sign(y) with -1 for -0.0: any sign works where y_d = 0 (|0 - aF| = -a s F + 2 relu(a s F) for
+    # s = +-1), and copysign is 10x faster than a where()
+    s = torch.ones_like(y).copysign_(y)  # [G, C, d]
+    Gs = (s.view(G * C, -1) @ heads.w_flat).view(G, C, H, dh).transpose(1, 2)  # [G, H, C, dh] s_p W_O^h^T
+    # s_p . F_hj = G_hp . v_j, one GEMM per kv head: its query heads' rows of G stacked ([group * C, dh])
+    torch.matmul(Gs.reshape(G, H_kv, -1, dh), values[:, :, :J].transpose(-1, -2), out=out.view(G, H_kv, -1, J))
+    cpu_kernel.prox_rows(out.numpy(), probs.contiguous().numpy(), heads.F.numpy(), heads.f_max.numpy(),
+                         y.contiguous().numpy(), p0, torch.get_num_threads())
     return out
 
 
@@ -384,12 +415,21 @@ def finish_rows(sub: torch.Tensor | None, y: torch.Tensor, direct_parts: torch.T
     """Normalise a chunk of nodes: sub-edge proximities ``[H, C, J]`` (rows at positions ``p0 + r``; scaled
     in place) or None, nodes ``y`` ``[C, d]`` and direct parts ``[K, C, d]`` -> importances."""
     if resolve_backend(backend, y.device) == "cpu" and (sub is None or sub.is_contiguous()):
-        C = y.shape[0]
-        sub_np = np.zeros((0, C, C), dtype=np.float32) if sub is None else sub.numpy()
-        direct = cpu_kernel.normalise_rows(sub_np, y.float().contiguous().numpy(),
-                                           direct_parts.float().contiguous().numpy(), p0, torch.get_num_threads())
-        return NodeImportances(attn=sub, direct=torch.from_numpy(direct))
+        node = finish_block(None if sub is None else sub[None], y[None], direct_parts[:, None], p0)
+        return NodeImportances(attn=sub, direct=node.direct[:, 0])
     return normalise(sub, proximity(direct_parts.float(), y.float()), inplace=True)
+
+
+def finish_block(sub: torch.Tensor | None, y: torch.Tensor, direct_parts: torch.Tensor, p0: int = 0
+                 ) -> NodeImportances:
+    """``finish_rows`` of ``G`` sequences at once on the CPU kernel: proximities ``[G, H, C, J]``
+    (contiguous, scaled in place) or None, nodes ``[G, C, d]``, direct parts ``[K, G, C, d]`` -> importances
+    (``.direct`` ``[K, G, C]``)."""
+    G, C = y.shape[:2]
+    sub_np = np.zeros((G, 0, C, C), dtype=np.float32) if sub is None else sub.numpy()
+    direct = cpu_kernel.normalise_rows(sub_np, y.float().contiguous().numpy(),
+                                       direct_parts.float().contiguous().numpy(), p0, torch.get_num_threads())
+    return NodeImportances(attn=sub, direct=torch.from_numpy(direct))
 
 
 def direct_node(y: torch.Tensor, direct_parts: torch.Tensor, *, backend: str = "auto") -> NodeImportances:

@@ -19,7 +19,6 @@ is one layer's queries, keys and head outputs plus one ``[H, C, T]`` chunk: line
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,13 +28,17 @@ from flowray.api import _unpack, pad_sequences, padded_forward_inputs
 from flowray.capture import LayerActivations, capture_layers, predicted_ids
 from flowray.errors import InputError
 from flowray.models.modes import eval_mode
+from flowray.sparse_routes import Graph, merge, routes_of, split_keys
 from flowray.importance import (
     DEFAULT_ELEMENT_BUDGET,
+    HeadOutputs,
     direct_node,
+    finish_block,
     finish_rows,
     flat_output_projection,
     head_outputs_of,
     resolve_backend,
+    sub_edge_block,
     sub_edge_rows,
 )
 
@@ -52,7 +55,7 @@ class PredictionStats:
     n_heads: int
     parallel: bool
     token_ids: np.ndarray  # [T] int64
-    predicted_ids: np.ndarray  # [T] int64, the model's top-1 next token
+    predicted_ids: np.ndarray  # [T] int64, the model's top-1 next token (predictions="last": -1 but at T - 1)
     components: np.ndarray  # [T, L*H + L] float32: heads' summed sub-edge importances, then FFNs
     route_heads: dict[float, list[np.ndarray]]  # tau -> T arrays of flat head ids (ascending)
     route_ffn: dict[float, list[np.ndarray]]  # tau -> T arrays of layers whose FFN edge is in the route
@@ -102,7 +105,8 @@ def prediction_stats(
     word_index=None,
     first_subword=None,
     source=None,
-    active_above: float = 0.0,
+    active_above: float | None = 0.0,
+    predictions: str = "all",
     backend: str = "auto",
     element_budget: int | None = None,
 ) -> PredictionStats:
@@ -117,14 +121,17 @@ def prediction_stats(
         source: optional ``(query, positions)``: ``source_edges`` is then each head's importance of the
             sub-edges from those positions to position ``query`` (e.g. the indirect object -> the last token).
         active_above: ``pruned_heads[tau]`` lists the heads whose pruned, renormalised importance at a
-            position exceeds this (0: every head with a sub-edge above tau there).
+            position exceeds this (0: every head with a sub-edge above tau there; None: not computed, ``{}``).
+        predictions: the predictions studied: ``"all"`` (every position's route and top-1 next token) or
+            ``"last"`` (the last position's only: the other positions' routes are empty and their
+            ``predicted_ids`` -1; the output embedding sees one row). The importances are every position's.
         backend: the importance kernel (``"auto"``, ``"cpu"``, ``"torch"``).
         element_budget: elements of one chunk of importances ``[H, C, T]``; sets ``C`` (None: 4M on the
             CPU, where chunks stay in cache, 64M on GPUs, where fewer and larger kernels win).
     """
     words = None if word_index is None else [(word_index, first_subword)]
-    return prediction_stats_batch(model, [input_ids], taus, words=words, sources=[source],
-                                  active_above=active_above, backend=backend, element_budget=element_budget)[0]
+    return prediction_stats_batch(model, [input_ids], taus, words=words, sources=[source], active_above=active_above,
+                                  predictions=predictions, backend=backend, element_budget=element_budget)[0]
 
 
 @torch.no_grad()
@@ -135,7 +142,8 @@ def prediction_stats_batch(
     *,
     words: list | None = None,
     sources: list | None = None,
-    active_above: float = 0.0,
+    active_above: float | None = 0.0,
+    predictions: str = "all",
     padding_side: str = "right",
     backend: str = "auto",
     element_budget: int | None = None,
@@ -149,7 +157,8 @@ def prediction_stats_batch(
         return []
     input_ids, attention_mask = pad_sequences(model, sequences, padding_side)
     return prediction_stats_padded(model, input_ids, attention_mask, taus, words=words, sources=sources,
-                                   active_above=active_above, backend=backend, element_budget=element_budget)
+                                   active_above=active_above, predictions=predictions, backend=backend,
+                                   element_budget=element_budget)
 
 
 @torch.no_grad()
@@ -161,7 +170,8 @@ def prediction_stats_padded(
     *,
     words: list | None = None,
     sources: list | None = None,
-    active_above: float = 0.0,
+    active_above: float | None = 0.0,
+    predictions: str = "all",
     backend: str = "auto",
     element_budget: int | None = None,
 ) -> list[PredictionStats]:
@@ -180,8 +190,12 @@ def prediction_stats_padded(
     if sources is not None and len(sources) != len(spans):
         raise InputError(f"sources must hold one (query, positions) pair or None per sequence: {len(spans)}; "
                          f"got {len(sources)}")
-    if isinstance(active_above, bool) or not isinstance(active_above, (int, float)) or not 0 <= active_above < 1:
-        raise InputError(f"active_above must be a number in [0, 1); got {active_above!r}")
+    if active_above is not None and (isinstance(active_above, bool) or not isinstance(active_above, (int, float))
+                                     or not 0 <= active_above < 1):
+        raise InputError(f"active_above must be a number in [0, 1) or None (no pruned_heads); got {active_above!r}")
+    if predictions not in PREDICTIONS:
+        raise InputError(f"predictions must be one of {list(PREDICTIONS)} (every position's routes and top-1 "
+                         f"tokens, or the last position's); got {predictions!r}")
     backend = resolve_backend(backend, device)
     s = adapter.shape
     states = [_Sequence(s.n_layers, s.n_heads, T, s.parallel, min(taus), device,
@@ -189,20 +203,142 @@ def prediction_stats_padded(
               for b, (_, T) in enumerate(spans)]
     layers = adapter.layers()
 
+    blocks = _blocks(spans, s.n_heads, element_budget, backend)
+
     def consume(rec: LayerActivations) -> None:
         w_o, _bias = adapter.output_projection(layers[rec.layer])  # the bias is in the node, in no edge
         w_o = w_o.detach().float()  # [H, dh, d]
         w_flat = flat_output_projection(w_o)  # [d, H * dh], once per layer for every sequence
-        for b, span in enumerate(spans):
-            states[b].add_layer(rec, b, span, w_o, w_flat, backend, element_budget)
+        whole = isinstance(rec.probs, torch.Tensor)  # the layer's weights are held, not recomputed by rows
+        for first, stop in blocks:
+            if stop - first > 1 and not whole:  # recomputed weights come a sequence at a time
+                for b in range(first, stop):
+                    _add_layer(states, b, b + 1, spans, rec, w_o, w_flat, backend, element_budget)
+            else:
+                _add_layer(states, first, stop, spans, rec, w_o, w_flat, backend, element_budget)
 
     top: list[torch.Tensor] = []
+    last = None if predictions == "all" else [start + T - 1 for start, T in spans]
     with eval_mode(hf_model), capture_layers(hf_model, adapter, consume, rows=True, reuse_probs=True), \
-            predicted_ids(hf_model, top):
+            predicted_ids(hf_model, top, positions=last):
         hf_model(**forward_kwargs)
-    predicted = top[0]  # [B, T] on the device
-    return [st.finish(taus, input_ids[b, start : start + T], predicted[b, start : start + T], name, active_above)
-            for b, ((start, T), st) in enumerate(zip(spans, states))]
+    if last is None:
+        predicted = top[0]  # [B, T_pad] on the device
+    else:  # [B, T_pad]: -1 except at each sequence's last position
+        predicted = torch.full(input_ids.shape, -1, dtype=torch.long, device=top[0].device)
+        predicted[torch.arange(len(last), device=predicted.device), torch.tensor(last, device=predicted.device)] = top[0]
+    routes = [None] * len(states) if predictions == "all" else _last_routes(states, taus)
+    return [st.finish(taus, input_ids[b, start : start + T], predicted[b, start : start + T], name, active_above,
+                      routes[b]) for b, ((start, T), st) in enumerate(zip(spans, states))]
+
+
+def _last_routes(states: list, taus) -> list[tuple[dict, dict]]:
+    """Each sequence's last-position route at every tau, found in one pass over their graphs side by side;
+    the other positions' lists are empty."""
+    merged, offsets = merge([st.graph() for st in states])
+    L, H, B = merged.L, merged.H, len(states)
+    last = torch.tensor([o + st.T - 1 for o, st in zip(offsets, states)], device=merged.ffn.device)
+    out = [({}, {}) for _ in states]
+    for tau in taus:
+        head_keys, ffn_keys = routes_of(merged, tau, last)
+        for kind, keys, width in ((0, head_keys, L * H), (1, ffn_keys, L)):
+            for b, route in enumerate(split_keys(keys, width, B)):
+                T = states[b].T
+                out[b][kind][tau] = [np.zeros(0, dtype=np.int64)] * (T - 1) + [route]
+    return out
+
+
+def _blocks(spans: list, H: int, budget: int, backend: str) -> list[tuple[int, int]]:
+    """Batch rows ``first .. stop - 1`` whose importances one call computes, per layer.
+
+    On the CPU kernel, consecutive whole sequences that start at position 0 (right padding) share one call
+    on their padded grid while its ``[G, H, T, T]`` importances fit ``budget``: for short texts the calls'
+    fixed costs, not the arithmetic, are most of the time. Every other sequence is a block of its own,
+    in chunks of query rows.
+    """
+    out: list[tuple[int, int]] = []
+    for b, (start, T) in enumerate(spans):
+        if out and backend == "cpu" and start == 0:
+            first, stop = out[-1]
+            G, T_max = stop - first + 1, max(T, *(spans[k][1] for k in range(first, stop)))
+            if spans[first][0] == 0 and G * H * T_max * T_max <= budget:
+                out[-1] = (first, b + 1)
+                continue
+        out.append((b, b + 1))
+    return out
+
+
+def _add_layer(states: list, first: int, stop: int, spans: list, rec: LayerActivations, w_o, w_flat,
+               backend: str, budget: int) -> None:
+    """Fold layer ``rec.layer``'s importances of batch rows ``first .. stop - 1`` into their states.
+
+    ``G = stop - first`` sequences with the same start (one sequence, or several at position 0) on a grid of
+    ``T`` positions, the longest's; query rows in chunks of ``C`` within ``budget`` elements ``[G, H, C, T]``.
+    """
+    l, G, H = rec.layer, stop - first, states[first].H
+    start, T = spans[first][0], max(spans[b][1] for b in range(first, stop))
+    bs, rows = slice(first, stop), slice(start, start + T)
+    x = rec.inputs[bs, rows].float()  # [G, T, d]
+    attn_out = rec.attn_out[bs, rows].float()
+    out = rec.outputs[bs, rows].float()
+    heads = head_outputs_of(rec.values[bs, :, rows], w_o, backend=backend, w_flat=w_flat)  # F [G, H, T, d]
+    parallel = states[first].parallel
+    if parallel:
+        y, parts = out, torch.stack([x, out - x - attn_out])  # [G, T, d], [2, G, T, d]
+    else:
+        y = x + attn_out  # x^{lA}
+        parts = x[None]  # [1, G, T, d]
+    row_scale = rec.row_scale  # [B, T] post-attention norms' 1/r_pos, if any
+    C = max(1, min(T, budget // max(1, G * H * T)))  # query rows per chunk
+    scratch = torch.empty(G * H * C * T, dtype=torch.float32, device=y.device)
+    for p0 in range(0, T, C):
+        p1 = min(T, p0 + C)
+        if G == 1:
+            probs = rec.prob_rows(first, start, p0, p1)[None]  # [1, H, c, p1]
+        else:
+            probs = rec.probs[bs, :, p0:p1, :p1]  # [G, H, c, p1], every row starting at position 0
+        if row_scale is not None:
+            probs = probs * row_scale[bs, start + p0 : start + p1][:, None, :, None]
+        dest = scratch[: G * H * (p1 - p0) * p1].view(G, H, p1 - p0, p1)
+        if backend == "cpu":
+            sub = sub_edge_block(y[:, p0:p1], probs, heads, p0, out=dest)
+            direct = finish_block(sub, y[:, p0:p1], parts[:, :, p0:p1], p0).direct  # [K, G, c]
+        else:  # one sequence
+            one = HeadOutputs(heads.values[0], heads.w_o, heads.w_flat, heads.F[0], heads.f_max[0])
+            sub = sub_edge_rows(y[0, p0:p1], probs[0], one, p0, backend=backend, out=dest[0])[None]
+            direct = finish_rows(sub[0], y[0, p0:p1], parts[:, 0, p0:p1], p0, backend=backend).direct[:, None]
+        sums, hits = _block_hits(sub, p0, [spans[b][1] for b in range(first, stop)], l, states[first].tau_min)
+        for g, b in enumerate(range(first, stop)):
+            st, q1 = states[b], min(p1, spans[b][1])
+            if q1 <= p0:
+                continue
+            st._reduce_rows(l, p0, q1, sub[g, :, : q1 - p0, :q1], sums[g, :, : q1 - p0], hits[g])
+            st.attn_residual[l, p0:q1] = direct[0, g, : q1 - p0]
+            if parallel:
+                st.ffn[l, p0:q1] = direct[1, g, : q1 - p0]
+    if not parallel:
+        block = direct_node(out.reshape(G * T, -1), torch.stack([y, out - y]).reshape(2, G * T, -1), backend=backend)
+        direct = block.direct.view(2, G, T)
+        for g, b in enumerate(range(first, stop)):
+            st = states[b]
+            st.ffn_residual[l], st.ffn[l] = direct[:, g, : st.T]
+
+
+def _block_hits(imp: torch.Tensor, p0: int, lengths: list[int], layer: int, tau_min: float):
+    """A block's importances ``[G, H, C, J]`` (rows p0..): each head's sum per row ``[G, H, C]``, and per
+    sequence its sub-edges above ``tau_min`` (at most ~1/tau_min per node) as ``([n, 4] (layer, head, pos, j),
+    [n] values)``, rows past a sequence's length (padding) left out."""
+    hit = torch.nonzero(imp > tau_min)  # [N, 4] (g, h, row, j)
+    values = imp[hit[:, 0], hit[:, 1], hit[:, 2], hit[:, 3]]
+    if len(lengths) > 1:  # rows past a sequence's end are padding
+        real = hit[:, 2] + p0 < torch.tensor(lengths, device=hit.device)[hit[:, 0]]
+        hit, values = hit[real], values[real]
+        counts = torch.bincount(hit[:, 0], minlength=len(lengths)).tolist()
+    else:
+        counts = [hit.shape[0]]
+    hit[:, 0] = layer
+    hit[:, 2] += p0
+    return imp.sum(-1), list(zip(hit.split(counts), values.split(counts)))
 
 
 class _Sequence:
@@ -215,7 +351,7 @@ class _Sequence:
         self.attn_residual = torch.zeros(L, T, **zeros)
         self.ffn = torch.zeros(L, T, **zeros)
         self.ffn_residual = None if parallel else torch.zeros(L, T, **zeros)
-        self.sparse: list[tuple[torch.Tensor, torch.Tensor]] = [None] * L  # (h, pos, j) [N, 3], values [N]
+        self.hits: list[tuple[torch.Tensor, torch.Tensor]] = []  # ([n, 4] (layer, head, pos, j), [n] values)
         self.prev = self.same = self.word_index = self.first = None
         if words is not None:
             word_index, first = words
@@ -231,43 +367,11 @@ class _Sequence:
             self.query, self.source_positions = _check_source(source, T, device)
             self.source_edges = torch.zeros(L, H, **zeros)
 
-    def add_layer(self, rec: LayerActivations, b: int, span: tuple[int, int], w_o, w_flat, backend: str,
-                  budget: int):
-        l, (start, T), H = rec.layer, span, self.H
-        rows = slice(start, start + T)
-        x = rec.inputs[b, rows].float()  # [T, d]
-        attn_out = rec.attn_out[b, rows].float()
-        out = rec.outputs[b, rows].float()
-        heads = head_outputs_of(rec.values[b, :, rows], w_o, backend=backend, w_flat=w_flat)  # F [H, T, d]
-        if self.parallel:
-            y, parts = out, torch.stack([x, out - x - attn_out])  # [T, d], [2, T, d]
-        else:
-            y = x + attn_out  # x^{lA}
-            parts = x[None]  # [1, T, d]
-        row_scale = rec.row_scale  # [B, T] post-attention norms' 1/r_pos, if any
-        C = max(1, min(T, budget // max(1, H * T)))  # query rows per chunk: [H, C, T] within the budget
-        scratch = torch.empty(H * C * T, dtype=torch.float32, device=y.device)
-        for p0 in range(0, T, C):
-            p1 = min(T, p0 + C)
-            probs = rec.prob_rows(b, start, p0, p1)  # [H, c, p1]
-            if row_scale is not None:
-                probs = probs * row_scale[b, start + p0 : start + p1][None, :, None]
-            dest = scratch[: H * (p1 - p0) * p1].view(H, p1 - p0, p1)
-            sub = sub_edge_rows(y[p0:p1], probs, heads, p0, backend=backend, out=dest)
-            node = finish_rows(sub, y[p0:p1], parts[:, p0:p1], p0, backend=backend)
-            self._reduce_rows(l, p0, p1, node.attn)
-            if self.parallel:
-                self.attn_residual[l, p0:p1], self.ffn[l, p0:p1] = node.direct
-            else:
-                self.attn_residual[l, p0:p1] = node.direct[0]
-        if not self.parallel:
-            block = direct_node(out, torch.stack([y, out - y]), backend=backend)
-            self.ffn_residual[l], self.ffn[l] = block.direct
-
-    def _reduce_rows(self, l: int, p0: int, p1: int, imp: torch.Tensor) -> None:
-        """Fold a chunk's importances ``[H, C, p1]`` (rows p0..p1-1) into the running statistics."""
+    def _reduce_rows(self, l: int, p0: int, p1: int, imp: torch.Tensor, head_sum: torch.Tensor, hits) -> None:
+        """Fold a chunk's importances ``[H, C, p1]`` (rows p0..p1-1), their row sums ``[H, C]`` and their
+        sub-edges above tau_min (``_block_hits``) into the running statistics."""
         H, C, J = imp.shape
-        self.head_sum[l, :, p0:p1] = imp.sum(-1)
+        self.head_sum[l, :, p0:p1] = head_sum
         if self.prev is not None:
             pos = torch.arange(p0, p1, device=imp.device)  # [C]
             before = (pos - 1).clamp_min(0)
@@ -278,37 +382,42 @@ class _Sequence:
             self.same[l, :, p0:p1] = torch.einsum("hcj,cj->hc", imp, same.to(imp.dtype))
         if self.query is not None and p0 <= self.query < p1:
             self.source_edges[l] = imp[:, self.query - p0, self.source_positions].sum(-1)
-        hit = torch.nonzero(imp > self.tau_min)  # [N, 3] (h, row, j); at most ~1/tau_min per node
-        values = imp[hit[:, 0], hit[:, 1], hit[:, 2]]
-        hit[:, 1] += p0
-        prev = self.sparse[l]
-        self.sparse[l] = (hit, values) if prev is None else (torch.cat([prev[0], hit]), torch.cat([prev[1], values]))
+        self.hits.append(hits)
 
-    def pruned_heads(self, tau: float, active_above: float) -> list[np.ndarray]:
+    def graph(self) -> Graph:
+        hit = torch.cat([h for h, _ in self.hits])
+        values = torch.cat([v for _, v in self.hits])
+        return Graph(self.L, self.H, self.T, self.parallel, hit, values, self.attn_residual, self.ffn, self.ffn_residual)
+
+    def pruned_heads(self, graph: Graph, tau: float, active_above: float) -> list[np.ndarray]:
         """Per position, the flat heads whose importance at its own attention node, after every part <= tau
         is dropped and the kept parts are rescaled to sum to 1, exceeds ``active_above``."""
         L, H, T = self.L, self.H, self.T
         kept_heads = torch.zeros(L, H, T, dtype=torch.float32, device=self.head_sum.device)
-        for l, (hit, values) in enumerate(self.sparse):
-            keep = values > tau
-            kept_heads[l].index_put_((hit[keep, 0], hit[keep, 1]), values[keep], accumulate=True)
+        keep = graph.values > tau
+        kept = graph.hit[keep]
+        kept_heads.index_put_((kept[:, 0], kept[:, 1], kept[:, 2]), graph.values[keep], accumulate=True)
         node = kept_heads.sum(1) + self.attn_residual * (self.attn_residual > tau)  # [L, T] kept parts
         if self.parallel:  # the FFN is a part of the same node
             node = node + self.ffn * (self.ffn > tau)
         pruned = kept_heads / torch.where(node > 0, node, 1.0)[:, None, :]
         lhp = torch.nonzero(pruned > active_above)  # [k, 3] (layer, head, pos)
         keys = torch.sort(lhp[:, 2] * (L * H) + lhp[:, 0] * H + lhp[:, 1]).values
-        return _split(keys, L * H, T)
+        return split_keys(keys, L * H, T)
 
-    def finish(self, taus, token_ids, predicted, name: str, active_above: float = 0.0) -> PredictionStats:
+    def finish(self, taus, token_ids, predicted, name: str, active_above: float | None = 0.0,
+               routes: tuple[dict, dict] | None = None) -> PredictionStats:
+        """The statistics on the host; ``routes``: the (heads, FFNs) route lists per tau when the caller
+        found them already (the last position's, ``_last_routes``), else every position's, found here."""
         L, H, T = self.L, self.H, self.T
         heads = self.head_sum.permute(2, 0, 1).reshape(T, L * H)  # [T, L*H]
         components = torch.cat([heads, self.ffn.T], dim=1)  # [T, L*H + L]
-        route_heads, route_ffn = {}, {}
-        for tau in taus:
-            head_keys, ffn_keys = _routes(self, tau)
-            route_heads[tau] = _split(head_keys, L * H, T)
-            route_ffn[tau] = _split(ffn_keys, L, T)
+        graph = self.graph() if routes is None or active_above is not None else None
+        route_heads, route_ffn = routes if routes is not None else ({}, {})
+        for tau in taus if routes is None else ():
+            head_keys, ffn_keys = routes_of(graph, tau)
+            route_heads[tau] = split_keys(head_keys, L * H, T)
+            route_ffn[tau] = split_keys(ffn_keys, L, T)
         prev = same = None
         if self.prev is not None:
             total = self.head_sum
@@ -325,7 +434,8 @@ class _Sequence:
             token_ids=token_ids.cpu().numpy().astype(np.int64), predicted_ids=predicted.cpu().numpy().astype(np.int64),
             components=components.cpu().numpy(), route_heads=route_heads, route_ffn=route_ffn,
             prev_share=prev, same_word_share=same,
-            pruned_heads={tau: self.pruned_heads(tau, active_above) for tau in taus},
+            pruned_heads={} if active_above is None else {tau: self.pruned_heads(graph, tau, active_above)
+                                                          for tau in taus},
             source_edges=None if self.source_edges is None else self.source_edges.reshape(L * H).cpu().numpy(),
             meta={"model": name},
         )
@@ -345,79 +455,6 @@ def _check_source(source, T: int, device) -> tuple[int, torch.Tensor]:
     return query, torch.tensor(positions, dtype=torch.long, device=device)
 
 
+PREDICTIONS = ("all", "last")  # prediction_stats(predictions=): the positions whose routes and top-1 are found
 # Elements of one [H, C, T] chunk on GPUs (256 MiB of float32): Llama-2-7B at 2k tokens in one chunk.
 GPU_ELEMENT_BUDGET = 1 << 26
-# Routes of this many predictions at a time: the reached sets are [T, chunk] floats (linear in T).
-ROUTE_CHUNK = 1024
-# Up to this many positions a layer's edges are a dense [T, T] matrix (a GEMM is cheapest); above it a
-# sparse CSR matrix (at most ~T / tau_min entries) keeps memory linear in T.
-DENSE_EDGES_UP_TO = 1024
-
-
-def _sparse_edge_matrix(src: torch.Tensor, dst: torch.Tensor, T: int) -> torch.Tensor:
-    """``[T, T]`` sparse CSR matrix with 1 at ``(dst, src)``: multiplying a reached set ``[T, P]`` by it moves
-    every prediction from each source position to all the positions its kept edges lead to."""
-    keys = torch.unique(dst * T + src)  # sorted by row: CSR straight away, no duplicates
-    rows = keys // T
-    crow = torch.zeros(T + 1, dtype=torch.long, device=src.device)
-    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=T), 0)
-    ones = torch.ones(keys.numel(), dtype=torch.float32, device=src.device)
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": CSR @ dense is all we use
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow, keys % T, ones, size=(T, T))
-
-
-def _routes(seq: _Sequence, tau: float, dense: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every position's route at ``tau``, top-down over the sparse graph, predictions in chunks.
-
-    Returns sorted unique keys ``p * L*H + flat_head`` and ``p * L + layer``. The rules are
-    ``route_masks``': at block l the FFN edge is in p's route when a reached position keeps its FFN part;
-    the attention node of a reached position is reached when its FFN or residual part survives
-    (sequential blocks); from a reached attention node every kept sub-edge (pos, j) and a kept residual
-    reach position j (resp. pos) one block down, and every head with a kept sub-edge there is in the route.
-    """
-    L, H, T, dev = seq.L, seq.H, seq.T, seq.head_sum.device
-    dense = T <= DENSE_EDGES_UP_TO if dense is None else dense
-    # every layer's kept parts at once: [N, 4] (layer, head, pos, j) sub-edges, [L, T] direct parts
-    hit = torch.cat([torch.cat([torch.full_like(h[:, :1], l), h], 1)[v > tau] for l, (h, v) in enumerate(seq.sparse)])
-    ffn_keep = (seq.ffn > tau).float()  # [L, T]
-    res_keep = seq.attn_residual > tau
-    self_keep = res_keep | (seq.ffn > tau) if seq.parallel else res_keep
-    through = None if seq.parallel else ((seq.ffn > tau) | (seq.ffn_residual > tau)).float()[:, :, None]
-    at_node = torch.zeros(L, H, T, dtype=torch.float32, device=dev)  # head with a kept sub-edge at pos
-    at_node[hit[:, 0], hit[:, 1], hit[:, 2]] = 1.0
-    selfs = torch.nonzero(self_keep)  # [S, 2] (layer, pos)
-    if dense:  # [L, T, T]: E[l, j, pos] = 1 when pos keeps a part from j one block down
-        E = torch.zeros(L, T, T, dtype=torch.float32, device=dev)
-        E[hit[:, 0], hit[:, 3], hit[:, 2]] = 1.0
-        E[selfs[:, 0], selfs[:, 1], selfs[:, 1]] = 1.0
-        edges = list(E)
-    else:
-        edges = [_sparse_edge_matrix(torch.cat([hit[hit[:, 0] == l, 2], selfs[selfs[:, 0] == l, 1]]),
-                                     torch.cat([hit[hit[:, 0] == l, 3], selfs[selfs[:, 0] == l, 1]]), T)
-                 for l in range(L)]
-    head_keys, ffn_keys = [], []
-    for c0 in range(0, T, ROUTE_CHUNK):
-        c1 = min(T, c0 + ROUTE_CHUNK)
-        P = c1 - c0
-        reached = torch.zeros(T, P, dtype=torch.float32, device=dev)  # [pos, p]: p reaches pos atop block l
-        reached[torch.arange(c0, c1, device=dev), torch.arange(P, device=dev)] = 1.0
-        heads_on = torch.empty(L, H, P, dtype=torch.bool, device=dev)
-        ffn_on = torch.empty(L, P, dtype=torch.bool, device=dev)
-        for l in range(L - 1, -1, -1):
-            ffn_on[l] = (ffn_keep[l] @ reached) > 0  # [P]
-            M = reached if through is None else reached * through[l]  # [T, P] attention nodes reached
-            heads_on[l] = (at_node[l] @ M) > 0  # [H, P]
-            reached = ((edges[l] @ M) > 0).float()  # [T, P]
-        lhp = torch.nonzero(heads_on)  # [k, 3] (layer, head, p)
-        head_keys.append((lhp[:, 2] + c0) * (L * H) + lhp[:, 0] * H + lhp[:, 1])
-        lp = torch.nonzero(ffn_on)  # [k, 2] (layer, p)
-        ffn_keys.append((lp[:, 1] + c0) * L + lp[:, 0])
-    return torch.unique(torch.cat(head_keys)), torch.unique(torch.cat(ffn_keys))
-
-
-def _split(keys: torch.Tensor, width: int, T: int) -> list[np.ndarray]:
-    """Sorted keys ``p * width + value`` -> T arrays of values (ascending), one per position p."""
-    keys = keys.cpu().numpy()
-    counts = np.bincount(keys // width, minlength=T)
-    return np.split((keys % width).astype(np.int64), np.cumsum(counts)[:-1])

@@ -128,7 +128,7 @@ def test_both_backends_and_both_attention_paths(case, attn):
 def test_sparse_edge_matrices_and_chunks_of_predictions(monkeypatch, case):
     """Long texts take the sparse-CSR edge matrices and several chunks of predictions: same routes."""
     import flowray.capture
-    import flowray.stats as stats_module
+    import flowray.sparse_routes as stats_module
 
     monkeypatch.setattr(stats_module, "DENSE_EDGES_UP_TO", 0)
     monkeypatch.setattr(flowray.capture, "KEEP_WEIGHTS_UP_TO", 0)

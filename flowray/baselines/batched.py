@@ -1,12 +1,12 @@
 """The comparison's routes, computed the way the corpus job computes them, and where their time goes.
 
 ``last_routes`` runs ``flowray.stats.prediction_stats_batch`` (one padded forward pass under the capture,
-the streamed importances, every position's route) on a batch of prompts and keeps the last position:
-its route's heads and its heads' importances. No route code of its own: the heads are the corpus job's.
+the streamed importances, the last position's route: ``predictions="last"``) on a batch of prompts: the
+last position's route heads and its heads' importances. No route code of its own: the corpus job's.
 
 ``SplitClock`` times the phases of those calls from the outside, with hooks on the model's top module:
 setup before the forward pass (input checks, padding, per-sequence state: Python), the forward pass with
-the capture's importances inside it, and what follows it (every position's route, the copies to the host).
+the capture's importances inside it, and what follows it (the routes, the copies to the host).
 A plain forward pass of the same batch, timed beside it (``plain_forward``), splits the middle part into
 the forward pass itself and the importances. Shapes: ``T`` tokens, ``L`` layers, ``H`` heads.
 """
@@ -76,7 +76,9 @@ def last_routes(lm, ids_list: list, tau: float, clock: SplitClock | None = None)
     L, H = lm.adapter.shape.n_layers, lm.adapter.shape.n_heads
     marks = [_now()]
     with _forward_marks(lm.model, marks) if clock is not None else contextlib.nullcontext():
-        stats = prediction_stats_batch(lm, [ids[None] for ids in ids_list], (tau,))
+        # what the comparison reads: the routes and importances, the last position's prediction (no other
+        # row through the output embedding), no tau-pruned silence
+        stats = prediction_stats_batch(lm, [ids[None] for ids in ids_list], (tau,), predictions="last", active_above=None)
     out = [LastRoute(heads=st.route_heads[tau][-1], importance=st.components[-1, : L * H], n_tokens=st.n_tokens)
            for st in stats]
     if clock is not None:
@@ -87,8 +89,8 @@ def last_routes(lm, ids_list: list, tau: float, clock: SplitClock | None = None)
 
 @torch.inference_mode()
 def plain_forward(lm, ids_list: list) -> None:
-    """One plain forward pass (the model's own attention, logits at every position) of the padded batch
-    ``last_routes`` builds from the same prompts."""
+    """One plain forward pass (the model's own attention, logits at the last position, like the baselines')
+    of the padded batch ``last_routes`` builds from the same prompts."""
     input_ids, attention_mask = pad_sequences(lm, [ids[None] for ids in ids_list], "right")
     _, _, kwargs = padded_forward_inputs(lm.model, lm.adapter, input_ids, attention_mask)
-    lm.model(**kwargs)
+    lm.model(**kwargs, logits_to_keep=1)

@@ -259,7 +259,7 @@ def timing(m: Measurement, *, load_seconds: float, route_batch: int, same_heads:
 
 def split_per_prompt(m: Measurement, P: int) -> dict:
     """(a_b)'s wall seconds per prompt: forward pass (a plain one of the same batch), importances (the rest
-    of the forward pass under the capture), routes (every position's, then the host copies) and Python
+    of the forward pass under the capture), routes (the last positions', then the host copies) and Python
     setup (input checks, padding, per-sequence state); they sum to (a_b) per prompt."""
     w = m.split.wall
     forward = m.phases["forward_batched"].wall

@@ -130,12 +130,12 @@ def _time(S: dict) -> list[str]:
         f"Where (a_b)'s time goes, per prompt (wall ms; {_f(sp['total'] * ms, 1)} ms in all): forward pass "
         f"{_f(sp['forward'] * ms, 1)} (a plain forward pass of the same padded batch, timed beside it), "
         f"importances {_f(sp['importances'] * ms, 1)} (the rest of the forward pass under the capture: eager "
-        "attention, the streamed sub-edge importances and their reductions, the top-1 token at every position), "
-        f"routes {_f(sp['routes'] * ms, 1)} (every position's route, then the copies to the host), Python "
-        f"overhead {_f(sp['python_overhead'] * ms, 1)} (input checks, padding and per-sequence state before the "
-        f"forward pass), unaccounted {_f(sp['outside_split'] * ms, 1)}. The importances are computed one sequence "
-        "and one layer at a time inside the forward pass, so their Python loop counts under importances, not "
-        "under overhead.",
+        "attention, the streamed sub-edge importances and their reductions, the last position's top-1 token), "
+        f"routes {_f(sp['routes'] * ms, 1)} (the last position's route of every prompt in one pass, then the "
+        f"copies to the host), Python overhead {_f(sp['python_overhead'] * ms, 1)} (input checks, padding and "
+        f"per-sequence state before the forward pass), unaccounted {_f(sp['outside_split'] * ms, 1)}. The "
+        "importances of a layer are computed for the whole padded batch at once inside the forward pass (one "
+        "kernel call per layer), so their Python counts under importances, not under overhead.",
         "",
         f"(The faithfulness ablations below took {_f(t['faithfulness_s'], 1)} s; they are an evaluation, not a "
         "method, and are not in the ratios.)",

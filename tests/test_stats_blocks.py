@@ -1,0 +1,111 @@
+"""Short sequences of a right-padded batch share one kernel call per layer, and the comparison's narrower
+statistics (last prediction only, no pruned silence): each equals the dense path exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_stats import TAUS, _assert_equal_to_dense, _words
+from tiny_models import CASES, NEW_CASES, VOCAB, tiny_model
+
+import flowray.stats as stats_module
+from flowray.api import edge_importances_batch
+from flowray.errors import InputError
+from flowray.importance import head_outputs, head_outputs_of
+from flowray.routes import route_masks
+from flowray.stats import _blocks, prediction_stats, prediction_stats_batch
+
+LENGTHS = (13, 5, 22, 1, 9)
+
+
+def _spy_blocks(monkeypatch) -> list[int]:
+    """The number of sequences of every ``sub_edge_block`` call from here on."""
+    sizes: list[int] = []
+    real = stats_module.sub_edge_block
+
+    def spy(y, probs, heads, p0=0, *, out=None):
+        sizes.append(int(probs.shape[0]))
+        return real(y, probs, heads, p0, out=out)
+
+    monkeypatch.setattr(stats_module, "sub_edge_block", spy)
+    return sizes
+
+
+@pytest.mark.parametrize("case", CASES + NEW_CASES)
+def test_a_block_of_short_sequences_equals_the_dense_path(monkeypatch, case):
+    """Every family (post-attention norms' row scales, soft-capping, parallel blocks, MoE) with lengths
+    1 to 22 side by side on one padded grid: components, shares, sources, routes, pruned heads, predictions."""
+    model = tiny_model(case, seed=4, attn="eager" if case.startswith("gemma2") else "sdpa")
+    gen = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(0, VOCAB, (1, T), generator=gen) for T in LENGTHS]
+    words = [_words(s.shape[1], i) for i, s in enumerate(seqs)]
+    sources = [(12, [3, 7]), None, (21, [0, 20]), (0, [0]), None]
+    dense = edge_importances_batch(model, seqs)
+    sizes = _spy_blocks(monkeypatch)
+    got = prediction_stats_batch(model, seqs, TAUS, words=words, sources=sources)
+    assert max(sizes) == len(seqs), f"the batch was not one block: {sorted(set(sizes))}"
+    n = sum(_assert_equal_to_dense(d, s, w, TAUS, src) for d, s, w, src in zip(dense, got, words, sources))
+    assert n > 0
+
+
+def test_a_budget_splits_the_batch_into_blocks_and_left_padding_keeps_one_per_sequence(monkeypatch):
+    H = 3
+    right = [(0, 5), (0, 13), (0, 4), (0, 22), (0, 2)]
+    # a block's [G, H, T_max, T_max] must fit: 5 and 13 (2*3*13^2 = 1014), 4 alone would make 22 exceed
+    assert _blocks(right, H, 1100, "cpu") == [(0, 2), (2, 3), (3, 4), (4, 5)]
+    assert _blocks(right, H, 1 << 22, "cpu") == [(0, 5)]
+    assert _blocks(right, H, 1 << 22, "torch") == [(b, b + 1) for b in range(5)]
+    left = [(17, 5), (9, 13), (0, 22), (0, 22)]  # only rows that start at 0 share a grid
+    assert _blocks(left, H, 1 << 22, "cpu") == [(0, 1), (1, 2), (2, 4)]
+    model = tiny_model("llama-gqa", seed=2)
+    gen = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, VOCAB, (1, T), generator=gen) for T in (5, 13, 4, 22, 2)]
+    dense = edge_importances_batch(model, seqs)
+    sizes = _spy_blocks(monkeypatch)
+    got = prediction_stats_batch(model, seqs, TAUS, element_budget=model.config.num_attention_heads * 2 * 13 ** 2)
+    assert max(sizes) == 2 and 1 in sizes
+    assert sum(_assert_equal_to_dense(d, s, None, TAUS) for d, s in zip(dense, got)) > 0
+
+
+@pytest.mark.parametrize("case", ["llama-gqa", "neox-parallel", "gemma2"])
+def test_the_last_prediction_only(case):
+    """predictions="last": the last position's route and top-1 token equal the dense ones; the other
+    positions have empty routes and -1; importances are every position's; active_above=None: no pruning."""
+    model = tiny_model(case, seed=6, attn="eager" if case == "gemma2" else "sdpa")
+    gen = torch.Generator().manual_seed(8)
+    seqs = [torch.randint(0, VOCAB, (1, T), generator=gen) for T in (7, 16, 1, 11)]
+    dense = edge_importances_batch(model, seqs)
+    n_heads = 0
+    for padding in ("right", "left"):
+        got = prediction_stats_batch(model, seqs, TAUS, predictions="last", active_above=None, padding_side=padding)
+        for d, s in zip(dense, got):
+            T, L, H = d.n_tokens, d.n_layers, d.n_heads
+            np.testing.assert_allclose(s.components, d.component_importance(), atol=1e-6, rtol=0)
+            assert s.predicted_ids[-1] == d.predicted_ids[-1] and (s.predicted_ids[:-1] == -1).all()
+            assert s.pruned_heads == {}
+            for tau in TAUS:
+                masks = route_masks(d, tau)
+                assert s.route_heads[tau][-1].tolist() == np.flatnonzero(masks.heads.reshape(T, L * H)[-1]).tolist()
+                assert s.route_ffn[tau][-1].tolist() == np.flatnonzero(masks.ffn[-1]).tolist()
+                assert all(len(r) == 0 for r in s.route_heads[tau][:-1] + s.route_ffn[tau][:-1])
+                assert len(s.route_heads[tau]) == len(s.route_ffn[tau]) == T
+                n_heads += len(s.route_heads[tau][-1])
+    assert n_heads > 0
+    ids = seqs[1]
+    for bad in ("first", None, ["last"]):
+        with pytest.raises(InputError, match="predictions must be one of \\['all', 'last'\\]"):
+            prediction_stats(model, ids, 0.04, predictions=bad)
+
+
+def test_head_outputs_of_a_batch_are_each_sequences_own():
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(3, 2, 7, 5, generator=gen)  # [G, H_kv, T, dh]
+    w_o = torch.randn(4, 5, 6, generator=gen)  # [H, dh, d]
+    batch = head_outputs_of(values, w_o, backend="cpu")
+    assert batch.F.shape == (3, 4, 7, 6) and batch.f_max.shape == (3, 4, 7)
+    for g in range(3):
+        one = head_outputs_of(values[g], w_o, backend="cpu")
+        torch.testing.assert_close(batch.F[g], one.F, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(batch.f_max[g], one.f_max, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(head_outputs(values[g], w_o), one.F)
