@@ -51,7 +51,8 @@ def _in_process(config, docs, repeats: int) -> dict:
     worker = FlowWorker(config)
     startup = time.perf_counter() - t0
     batches = _batches(worker, docs, config.batch_size)
-    tokens = sum(int(m.sum()) for _, m in batches)
+    tokens = sum(int(m.sum()) for _, m in batches)  # what both passes process: BOS included
+    rows = tokens - (len(docs) if worker.bos is not None else 0)  # the BOS row is not written
     model = worker.lm.model
 
     def forward():
@@ -61,7 +62,7 @@ def _in_process(config, docs, repeats: int) -> dict:
 
     def job():
         preds, errors = worker.process(docs)
-        assert preds.num_rows == tokens and errors.num_rows == 0, (preds.num_rows, tokens, errors.num_rows)
+        assert preds.num_rows == rows and errors.num_rows == 0, (preds.num_rows, rows, errors.num_rows)
 
     forward()
     worker.process(docs[:2])  # warm-up: first-call allocations, cached kernels
@@ -71,7 +72,7 @@ def _in_process(config, docs, repeats: int) -> dict:
             t = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t)
-    return {"tokens": tokens, "startup_s": startup, "startup": worker.startup, "forward_s": statistics.median(fwd),
+    return {"tokens": tokens, "threads": torch.get_num_threads(), "startup_s": startup, "startup": worker.startup, "forward_s": statistics.median(fwd),
             "job_s": statistics.median(stats), "forward_all": fwd, "job_all": stats}
 
 
@@ -92,7 +93,9 @@ def _ray_runs(base: dict, out: Path) -> list[dict]:
         for m in markers:
             busy[m["worker"]] = busy.get(m["worker"], 0.0) + m["seconds"]
             startup[m["worker"]] = m.get("startup") or {}
-        rows.append({"name": f"{actors} actor(s) x {cpus} CPU", "tokens": manifest["counts"]["predictions_written"],
+        c = manifest["counts"]  # tokens processed: the rows written plus each text's BOS (no row of its own)
+        tokens = c["predictions_written"] + (c["texts_with_predictions"] if manifest.get("bos") else 0)
+        rows.append({"name": f"{actors} actor(s) x {cpus} CPU", "tokens": tokens,
                      "map_s": manifest["timings"]["map_s"], "busy_s": max(busy.values()),
                      "startup": max(startup.values(), key=lambda s: s.get("init_s", 0.0))})
     ray.shutdown()
@@ -114,29 +117,28 @@ def main() -> int:
     import torch
 
     from flowray.config import JobConfig
-    from flowray.pipeline.job import run_job
 
     out = Path(tempfile.mkdtemp(prefix="flowray-bench-"))
     base = {"model": "smollm2", "output": str(out), "max_tokens": args.max_tokens, "texts_per_domain": args.texts,
             "texts_per_shard": args.texts_per_shard, "batch_size": args.batch_size, "tau": [0.01, 0.03, 0.04],
             "corpora": [{"domain": "prose", "source": {"kind": "pydoc_topics"}}]}
-    rows = [] if args.no_ray else _ray_runs(base, out)
-    if args.no_ray:  # the shards only: prepare writes them before any actor starts
-        from flowray.models.loading import load_tokenizer
-        from flowray.pipeline.prepare import prepare
-        from flowray.pipeline.storage import Storage
+    # the texts' shards, prepared as the job prepares them; the in-process comparison runs first, before Ray
+    # and the driver's kernel warm-up (which sizes numba's pool to one thread) have touched this process
+    from flowray.models.loading import load_tokenizer
+    from flowray.pipeline.prepare import prepare
+    from flowray.pipeline.storage import Storage
 
-        cfg = JobConfig.from_dict({**base, "run_name": "a1c1"})
-        prepare(cfg, Storage(str(out / "a1c1")), load_tokenizer("smollm2"))
-    shards = sorted((out / "a1c1" / "shards").glob("*.parquet"))
+    prepare(JobConfig.from_dict({**base, "run_name": "texts"}), Storage(str(out / "texts")), load_tokenizer("smollm2"))
+    shards = sorted((out / "texts" / "shards").glob("*.parquet"))
     docs = [d for s in shards for d in pq.read_table(s).to_pylist()]
     config = JobConfig.from_dict({**base, "run_name": "inproc", "cpus_per_actor": torch.get_num_threads()})
     inproc = _in_process(config, docs, args.repeats)
+    rows = [] if args.no_ray else _ray_runs(base, out)
 
     tokens = inproc["tokens"]
     fwd_rate = tokens / inproc["forward_s"]
-    print(f"# {len(docs)} texts, {tokens} tokens (<= {args.max_tokens} per text), SmolLM2-135M, CPU, "
-          f"batches of {args.batch_size} bucketed by length; in-process: {torch.get_num_threads()} torch threads, "
+    print(f"# {len(docs)} texts, {tokens} tokens (<= {args.max_tokens} per text, a BOS each), SmolLM2-135M, CPU, "
+          f"batches of {args.batch_size} bucketed by length; in-process: {inproc['threads']} torch threads, "
           f"medians of {args.repeats} interleaved repeats; Ray: 2 logical CPUs")
     print(f"{'what':<44} {'tokens':>7} {'seconds':>8} {'tokens/s':>9} {'vs forward':>11}")
     print(f"{'plain forward pass, same batches':<44} {tokens:>7} {inproc['forward_s']:>8.2f} {fwd_rate:>9.1f} {1.0:>10.2f}x")

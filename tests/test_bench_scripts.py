@@ -39,3 +39,18 @@ def test_gpu_job_benchmark_runs_its_code_path_on_a_tiny_model():
     assert float(fwd[2]) > 0 and float(job[3]) > 0  # tokens/s of both, measured
     assert 0 < float(job[4].rstrip("x")) < 10  # the ratio, printed from the two measurements
     assert "# T=128: runs" in proc.stdout and "# longest text that ran: 128 tokens" in proc.stdout
+
+
+def test_the_job_throughput_benchmark_runs_in_process_on_two_short_texts():
+    """The worker, timed beside a plain forward pass of the same batches, writes one row per text token
+    (its BOS processed, no row of its own): the bench checks that count on every repeat."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "job_throughput.py"), "--texts", "2", "--max-tokens",
+                           "12", "--texts-per-shard", "2", "--batch-size", "2", "--repeats", "1", "--no-ray"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout.splitlines()
+    assert out[0].startswith("# 2 texts,") and "a BOS each" in out[0]
+    fwd = next(line for line in out if line.startswith("plain forward pass"))
+    job = next(line for line in out if line.startswith("worker, steady state"))
+    assert float(fwd.split()[-2]) > 0 and float(job.split()[-2]) > 0  # tokens/s, both measured
+    assert 0 < float(job.split()[-1].rstrip("x")) < 10
