@@ -227,15 +227,16 @@ def prediction_stats_padded(
     else:  # [B, T_pad]: -1 except at each sequence's last position
         predicted = torch.full(input_ids.shape, -1, dtype=torch.long, device=top[0].device)
         predicted[torch.arange(len(last), device=predicted.device), torch.tensor(last, device=predicted.device)] = top[0]
-    routes = [None] * len(states) if predictions == "all" else _last_routes(states, taus)
-    return [st.finish(taus, input_ids[b, start : start + T], predicted[b, start : start + T], name, active_above,
-                      routes[b]) for b, ((start, T), st) in enumerate(zip(spans, states))]
+    graphs = [st.graph() for st in states]  # the routes and the pruned heads read them
+    routes = [None] * len(states) if predictions == "all" else _last_routes(states, graphs, taus)
+    return [st.finish(taus, input_ids[b, start : start + T], predicted[b, start : start + T], name, graphs[b],
+                      active_above, routes[b]) for b, ((start, T), st) in enumerate(zip(spans, states))]
 
 
-def _last_routes(states: list, taus) -> list[tuple[dict, dict]]:
+def _last_routes(states: list, graphs: list[Graph], taus) -> list[tuple[dict, dict]]:
     """Each sequence's last-position route at every tau, found in one pass over their graphs side by side;
     the other positions' lists are empty."""
-    merged, offsets = merge([st.graph() for st in states])
+    merged, offsets = merge(graphs)
     L, H, B = merged.L, merged.H, len(states)
     last = torch.tensor([o + st.T - 1 for o, st in zip(offsets, states)], device=merged.ffn.device)
     out = [({}, {}) for _ in states]
@@ -405,19 +406,21 @@ class _Sequence:
         keys = torch.sort(lhp[:, 2] * (L * H) + lhp[:, 0] * H + lhp[:, 1]).values
         return split_keys(keys, L * H, T)
 
-    def finish(self, taus, token_ids, predicted, name: str, active_above: float | None = 0.0,
+    def finish(self, taus, token_ids, predicted, name: str, graph: Graph, active_above: float | None = 0.0,
                routes: tuple[dict, dict] | None = None) -> PredictionStats:
-        """The statistics on the host; ``routes``: the (heads, FFNs) route lists per tau when the caller
-        found them already (the last position's, ``_last_routes``), else every position's, found here."""
+        """The statistics on the host, from this sequence's ``graph()``; ``routes``: the (heads, FFNs) route
+        lists per tau when the caller found them already (the last position's, ``_last_routes``), else every
+        position's, found here."""
         L, H, T = self.L, self.H, self.T
         heads = self.head_sum.permute(2, 0, 1).reshape(T, L * H)  # [T, L*H]
         components = torch.cat([heads, self.ffn.T], dim=1)  # [T, L*H + L]
-        graph = self.graph() if routes is None or active_above is not None else None
-        route_heads, route_ffn = routes if routes is not None else ({}, {})
-        for tau in taus if routes is None else ():
-            head_keys, ffn_keys = routes_of(graph, tau)
-            route_heads[tau] = split_keys(head_keys, L * H, T)
-            route_ffn[tau] = split_keys(ffn_keys, L, T)
+        if routes is None:
+            routes = ({}, {})
+            for tau in taus:
+                head_keys, ffn_keys = routes_of(graph, tau)
+                routes[0][tau] = split_keys(head_keys, L * H, T)
+                routes[1][tau] = split_keys(ffn_keys, L, T)
+        route_heads, route_ffn = routes
         prev = same = None
         if self.prev is not None:
             total = self.head_sum
