@@ -49,8 +49,8 @@ def _prox_rows(out, probs, F, f_max, y, p0, few):  # pragma: no cover - compiled
     """Turn ``out[g, h, r, j] = s_p . F_ghj`` (j <= p) into ``prox(alpha[g, h, r, j] F_ghj, y_gr)``; zero j > p.
 
     ``G`` sequences, each a chunk of ``C`` query rows at positions ``p = p0 + r``: out, probs ``[G, H, C, J]``
-    float32 with ``J >= p0 + C`` sources; F ``[G, H, T, d]`` and f_max ``[G, H, T]`` (``T >= J``; only
-    ``j < J`` is read); y ``[G, C, d]`` the chunks' nodes; few: how many of the smallest ``|y_p|`` coordinates
+    float32 with ``J >= p0 + C`` sources; F ``[H, G, T, d]`` and f_max ``[H, G, T]``, head-major (``T >= J``;
+    only ``j < J`` is read); y ``[G, C, d]`` the chunks' nodes; few: how many of the smallest ``|y_p|`` coordinates
     to keep per row. A whole sequence is one chunk with ``p0 = 0``, ``C = J = T``; several whole sequences of
     a right-padded batch are one call on the padded grid (a real row never reads a source after it).
 
@@ -98,7 +98,7 @@ def _prox_rows(out, probs, F, f_max, y, p0, few):  # pragma: no cover - compiled
         yp = y[g, r]
         smallest = small[g, r, 0]
         bound = small[g, r, n_few]
-        row, arow, fm = out[g, h, r], probs[g, h, r], f_max[g, h]
+        row, arow, fm = out[g, h, r], probs[g, h, r], f_max[h, g]
         for j in range(p + 1):
             a = arow[j]
             lin = a * row[j]  # a (s . F): exact when no coordinate of a F overshoots y
@@ -109,7 +109,7 @@ def _prox_rows(out, probs, F, f_max, y, p0, few):  # pragma: no cover - compiled
             if thr <= smallest:  # a |F_d| <= thr <= |y_d| everywhere: nothing overshoots
                 row[j] = lin
                 continue
-            Fj = F[g, h, j]
+            Fj = F[h, g, j]
             if thr <= bound:  # only the n_few smallest coordinates can overshoot
                 over = zero
                 for q in range(n_few):  # zero wherever a coordinate does not overshoot
@@ -210,7 +210,7 @@ def warm_up(threads: int = 1) -> None:
     if not AVAILABLE:
         return
     F = np.ones((1, 1, 2, 3), dtype=np.float32)
-    fm = f_max(F[0], threads)[None]
+    fm = f_max(F[0], threads)[None]  # G = H = 1: head-major or not alike
     out, probs = np.ones((1, 1, 2, 2), np.float32), np.ones((1, 1, 2, 2), np.float32)
     y = np.ones((1, 2, 3), np.float32)
     prox_rows(out, probs, F, fm, y, 0, threads)

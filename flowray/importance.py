@@ -178,7 +178,10 @@ def sub_edge_block(y: torch.Tensor, probs: torch.Tensor, heads: HeadOutputs, p0:
     Gs = (s.view(G * C, -1) @ heads.w_flat).view(G, C, H, dh).transpose(1, 2)  # [G, H, C, dh] s_p W_O^h^T
     # s_p . F_hj = G_hp . v_j, one GEMM per kv head: its query heads' rows of G stacked ([group * C, dh])
     torch.matmul(Gs.reshape(G, H_kv, -1, dh), values[:, :, :J].transpose(-1, -2), out=out.view(G, H_kv, -1, J))
-    cpu_kernel.prox_rows(out.numpy(), probs.contiguous().numpy(), heads.F.numpy(), heads.f_max.numpy(),
+    # the kernel reads F and f_max head-major ([H, G, ...]: how head_outputs lays a batch out) and compiles
+    # for contiguous arrays: a strided F view made it 2x slower (its O(d) loops no longer vectorise)
+    F, f_max = heads.F.transpose(0, 1).contiguous(), heads.f_max.transpose(0, 1).contiguous()
+    cpu_kernel.prox_rows(out.numpy(), probs.contiguous().numpy(), F.numpy(), f_max.numpy(),
                          y.contiguous().numpy(), p0, torch.get_num_threads())
     return out
 
