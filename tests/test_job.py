@@ -205,7 +205,13 @@ def test_driver_stopped_mid_run_then_restarted(tmp_path, tiny_model_dir):
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started, mid-run
     proc.wait()
-    finished_before = len(markers())
+    # a Ray worker outside the driver's process group can commit one more shard before it notices that its
+    # raylet is gone (seen once in CI: 5 markers counted, 6 resumed): count once the markers stop changing
+    finished_before, settled = len(markers()), time.time()
+    while time.time() - settled < 3 and time.time() < deadline + 60:
+        time.sleep(0.2)
+        if len(markers()) != finished_before:
+            finished_before, settled = len(markers()), time.time()
     assert 2 <= finished_before < 68, f"the kill should land mid-run ({finished_before} of 68 shards done)"
     assert not (tmp_path / "runs" / "stop" / "manifest.json").exists()
     subprocess.run(cmd, check=True, capture_output=True, timeout=600)
