@@ -72,8 +72,9 @@ def _in_process(config, docs, repeats: int) -> dict:
             t = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t)
-    return {"tokens": tokens, "threads": torch.get_num_threads(), "startup_s": startup, "startup": worker.startup, "forward_s": statistics.median(fwd),
-            "job_s": statistics.median(stats), "forward_all": fwd, "job_all": stats}
+    return {"tokens": tokens, "threads": torch.get_num_threads(), "startup_s": startup, "startup": worker.startup,
+            "forward_s": statistics.median(fwd), "job_s": statistics.median(stats), "forward_all": fwd,
+            "job_all": stats}
 
 
 def _ray_runs(base: dict, out: Path) -> list[dict]:

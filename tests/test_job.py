@@ -210,8 +210,9 @@ def test_driver_stopped_mid_run_then_restarted(tmp_path, tiny_model_dir):
     finished_before, settled = len(markers()), time.time()
     while time.time() - settled < 3 and time.time() < deadline + 60:
         time.sleep(0.2)
-        if len(markers()) != finished_before:
-            finished_before, settled = len(markers()), time.time()
+        now = len(markers())
+        if now != finished_before:
+            finished_before, settled = now, time.time()
     assert 2 <= finished_before < 68, f"the kill should land mid-run ({finished_before} of 68 shards done)"
     assert not (tmp_path / "runs" / "stop" / "manifest.json").exists()
     subprocess.run(cmd, check=True, capture_output=True, timeout=600)
