@@ -19,6 +19,7 @@ from flowray.errors import FlowrayError, InputError
 from flowray.explorer.cli import register_cli as register_explore
 from flowray.pipeline.cli import register_cli as register_job
 from flowray.tasks import IOI_TEMPLATE_SETS
+from flowray.threads import prefer_short_spin
 
 log = logging.getLogger("flowray")
 
@@ -245,7 +246,7 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=positive_int, default=10, help="head top-k for the overlap (default 10)")
     p.add_argument("--pair-k", type=positive_int, default=5, help="token-pair top-k per prompt (default 5)")
     p.add_argument("--batch-size", type=positive_int, default=128, help="rows per forward pass in the sweeps (default 128)")
-    p.add_argument("--route-batch", type=positive_int, default=16,
+    p.add_argument("--route-batch", type=positive_int, default=25,
                    help="at most this many prompts per batched statistics call (the headline routes timing), "
                         "and per interleaved measurement chunk (default 16)")
     p.add_argument("--ablation", choices=list(ABLATION_MODES), default="mean")
@@ -319,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    prefer_short_spin()  # before any command loads torch: flowray.threads says why
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

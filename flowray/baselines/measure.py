@@ -33,6 +33,7 @@ from flowray.baselines.forward import last_logits
 from flowray.baselines.interventions import PatchingResult, patching_sweep
 from flowray.baselines.knockout import attention_knockout, knockout_sweep
 from flowray.routes import extract_route
+from flowray.threads import spin_setting
 
 PHASES = ("routes_batched", "routes_batched_contrastive", "forward_batched", "routes", "routes_contrastive",
           "patching", "knockout", "eap")
@@ -291,6 +292,7 @@ def machine(model) -> dict:
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "gomp_spincount": spin_setting(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),

@@ -58,7 +58,8 @@ def _setup(S: dict) -> list[str]:
         S["command"],
         "```",
         "",
-        f"Machine: {m['device']}, CPU `{m['cpu']}`, {m['cpu_count']} cores, torch threads {m['torch_threads']}; "
+        f"Machine: {m['device']}, CPU `{m['cpu']}`, {m['cpu_count']} cores, torch threads {m['torch_threads']} "
+        f"(GOMP_SPINCOUNT {m.get('gomp_spincount') or 'unset'}: `flowray.threads`); "
         f"torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}; {m['dtype']} weights, "
         f"attention `{m['attn_implementation']}` for the patching and ablation passes (routes run eager "
         "attention, knockout runs the model's eager attention through flowray's registered function). "

@@ -47,7 +47,7 @@ def run_comparison(
     top: int = 10,
     pair_k: int = 5,
     batch_size: int = 128,
-    route_batch: int = 16,
+    route_batch: int = 25,
     ablation: str = "mean",
     reference_n: int | None = None,
     templates: str = "both",
