@@ -248,7 +248,7 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=128, help="rows per forward pass in the sweeps (default 128)")
     p.add_argument("--route-batch", type=positive_int, default=25,
                    help="at most this many prompts per batched statistics call (the headline routes timing), "
-                        "and per interleaved measurement chunk (default 16)")
+                        "and per interleaved measurement chunk (default 25)")
     p.add_argument("--ablation", choices=list(ABLATION_MODES), default="mean")
     p.add_argument("--out", type=Path, default=Path("compare-out"), help="output directory (report.md, figures)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
