@@ -8,7 +8,7 @@ import sys
 
 from flowray.threads import SHORT_SPIN, SPIN_VARIABLE, prefer_short_spin
 
-# what a fresh process sees once flowray.cli.main has run a command that loads torch
+# a fresh process: whether flowray.cli.main set the variable while torch was still unloaded, and its value
 PROBE = (
     "import sys, flowray.cli as c\n"
     "assert 'torch' not in sys.modules, 'importing the CLI loaded torch before main() could set the spin'\n"
@@ -17,7 +17,7 @@ PROBE = (
     "    c.main(['--help'])\n"
     "except SystemExit:\n"
     "    pass\n"
-    "import os, torch\n"
+    "import os\n"
     "print('value', os.environ.get('GOMP_SPINCOUNT'))\n"
 )
 
