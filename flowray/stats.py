@@ -229,8 +229,17 @@ def prediction_stats_padded(
         predicted[torch.arange(len(last), device=predicted.device), torch.tensor(last, device=predicted.device)] = top[0]
     graphs = [st.graph() for st in states]  # the routes and the pruned heads read them
     routes = [None] * len(states) if predictions == "all" else _last_routes(states, graphs, taus)
-    return [st.finish(taus, input_ids[b, start : start + T], predicted[b, start : start + T], name, graphs[b],
-                      active_above, routes[b]) for b, ((start, T), st) in enumerate(zip(spans, states))]
+    out = [st.finish(taus, input_ids[b, start : start + T], predicted[b, start : start + T], name, graphs[b],
+                     active_above, routes[b]) for b, ((start, T), st) in enumerate(zip(spans, states))]
+    if device.type == "cuda":  # every host copy in finish() was started without waiting: one wait per batch
+        torch.cuda.current_stream(device).synchronize()
+    return out
+
+
+def _host(x: torch.Tensor) -> np.ndarray:
+    """``x`` on the host as numpy; from CUDA a non-blocking copy into pinned memory, valid once the stream
+    is synchronised (``prediction_stats_padded`` does it once, before returning)."""
+    return x.to("cpu", non_blocking=True).numpy()
 
 
 def _last_routes(states: list, graphs: list[Graph], taus) -> list[tuple[dict, dict]]:
@@ -430,16 +439,16 @@ class _Sequence:
             prev[:, :, 0] = float("nan")
             ok_same = ok & (~self.first & (self.word_index >= 0))[None, None, :]  # later subwords only
             same = torch.where(ok_same, self.same / torch.where(ok, total, 1.0), nan)
-            prev = prev.permute(2, 0, 1).reshape(T, L * H).cpu().numpy()
-            same = same.permute(2, 0, 1).reshape(T, L * H).cpu().numpy()
+            prev = _host(prev.permute(2, 0, 1).reshape(T, L * H))
+            same = _host(same.permute(2, 0, 1).reshape(T, L * H))
         return PredictionStats(
             taus=tuple(taus), n_layers=L, n_heads=H, parallel=self.parallel,
-            token_ids=token_ids.cpu().numpy().astype(np.int64), predicted_ids=predicted.cpu().numpy().astype(np.int64),
-            components=components.cpu().numpy(), route_heads=route_heads, route_ffn=route_ffn,
+            token_ids=_host(token_ids.to(torch.int64, copy=True)), predicted_ids=_host(predicted.to(torch.int64, copy=True)),
+            components=_host(components), route_heads=route_heads, route_ffn=route_ffn,
             prev_share=prev, same_word_share=same,
             pruned_heads={} if active_above is None else {tau: self.pruned_heads(graph, tau, active_above)
                                                           for tau in taus},
-            source_edges=None if self.source_edges is None else self.source_edges.reshape(L * H).cpu().numpy(),
+            source_edges=None if self.source_edges is None else _host(self.source_edges.reshape(L * H)),
             meta={"model": name},
         )
 
