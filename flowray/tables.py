@@ -81,6 +81,33 @@ def predictions_schema(taus) -> pa.Schema:
     return pa.schema(fields)
 
 
+def parquet_layout(schema: pa.Schema) -> dict:
+    """``pyarrow.parquet.write_table`` options for a table of this module, column by column.
+
+    Measured on the job's prediction rows (7B shape, synthetic values with SmolLM2's mix; and a real SmolLM2
+    run): float vectors (list<float32>: components, shares) as BYTE_STREAM_SPLIT + zstd level 1 (the
+    exponent bytes compress, the mantissas do not: zstd on plain floats costs as much and saves less);
+    route lists (sorted small ints) as DELTA_BINARY_PACKED + zstd; both without dictionary (floats never
+    repeat enough) or statistics (no reader filters on a list's element). Scalar columns keep dictionaries,
+    zstd and statistics (readers filter on domain, doc_id, position). Against zstd with dictionaries and
+    statistics everywhere: ~0.7x the encode + sha256 CPU and 0.86x the bytes at the 7B shape, 0.4x and 0.7x
+    on SmolLM2's rows. Readers see the same schema and values. A list's Parquet leaf is ``<name>.list.element``.
+    """
+    vectors, ids, scalars = [], [], []
+    for f in schema:
+        if pa.types.is_list(f.type):
+            leaf = f"{f.name}.list.element"
+            (vectors if pa.types.is_floating(f.type.value_type) else ids).append(leaf)
+        else:
+            scalars.append(f.name)
+    return {
+        "compression": "zstd",
+        "use_dictionary": scalars,
+        "write_statistics": scalars,
+        "column_encoding": {**dict.fromkeys(vectors, "BYTE_STREAM_SPLIT"), **dict.fromkeys(ids, "DELTA_BINARY_PACKED")},
+    }
+
+
 ERRORS = pa.schema([
     pa.field("domain", pa.string(), nullable=False),
     pa.field("shard_id", pa.string(), nullable=False),
@@ -143,7 +170,8 @@ def _ragged_column(rows, value_type) -> pa.ListArray:
     """One list per row; ``rows`` is a list of arrays, or an object with ``offsets`` ``[n + 1]`` and
     ``values`` (``flowray.sparse_routes.KeyRows``), taken as they are."""
     if hasattr(rows, "offsets") and hasattr(rows, "values"):
-        return pa.ListArray.from_arrays(pa.array(rows.offsets.astype(np.int32)), pa.array(rows.values, type=value_type))
+        values = np.asarray(rows.values, dtype=value_type.to_pandas_dtype())
+        return pa.ListArray.from_arrays(pa.array(rows.offsets.astype(np.int32)), pa.array(values))
     lengths = np.array([len(r) for r in rows], dtype=np.int32)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     flat = np.concatenate(rows) if rows and lengths.sum() else np.zeros(0)
@@ -201,7 +229,7 @@ class TextRows:
             "pos": pa.array(self.pos, pa.string()),
             "next_pos": pa.array(self.next_pos, pa.string()),
             "target": pa.array(self.target.astype(bool)),
-            "component_importance": _list_column(self.components.astype(np.float32), pa.float32()),
+            "component_importance": _list_column(np.asarray(self.components, dtype=np.float32), pa.float32()),
             "prev_token_share": _list_column(self.prev_share, pa.float32()),
             "same_word_share": _list_column(self.same_word_share, pa.float32()),
             "source_edge_importance": pa.array(source, pa.list_(pa.float32())),

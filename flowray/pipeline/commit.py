@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flowray.pipeline.storage import Storage
+from flowray.tables import parquet_layout
 
 log = logging.getLogger(__name__)
 MARKER_VERSION = 2  # 1: a summary only (no sizes/checksums), written by flowray before markers proved files
@@ -32,7 +33,7 @@ def marker_path(shard_id: str) -> str:
 
 def _parquet_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(table, buf, **parquet_layout(table.schema))  # codec and encoding per column
     return buf.getvalue()
 
 
