@@ -35,10 +35,11 @@ class ModelStage:
 
     ``tokenizer``, ``shape`` (the adapter's: layers, heads, context) and ``startup`` (seconds per start-up
     step) are what the host side reads. Another stage with the same call (a benchmark's stand-in for the
-    device) can take its place in ``FlowWorker``.
+    device) can take its place in ``FlowWorker``. ``lm``: a ``LoadedModel`` already in memory (a
+    benchmark's random-weight model) instead of loading ``config.model``.
     """
 
-    def __init__(self, config: JobConfig):
+    def __init__(self, config: JobConfig, lm=None):
         clock = Clock()
         import torch
 
@@ -52,8 +53,8 @@ class ModelStage:
         if not config.gpus_per_actor:
             torch.set_num_threads(max(1, int(config.cpus_per_actor)))
         self.taus = tuple(config.tau)
-        self.lm = load_model(config.model, dtype=config.dtype, device=config.device,
-                             trust_remote_code=config.trust_remote_code)
+        self.lm = lm if lm is not None else load_model(config.model, dtype=config.dtype, device=config.device,
+                                                       trust_remote_code=config.trust_remote_code)
         clock.lap("load_model_s")
         self.tokenizer = self.lm.tokenizer
         self.shape = self.lm.adapter.shape

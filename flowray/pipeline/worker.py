@@ -99,8 +99,9 @@ class FlowWorker:
         return out
 
     # --- per text --------------------------------------------------------------------------------
-    def _prepare(self, index: int, doc: dict) -> _Prepared:
+    def _prepare(self, index: int, doc: dict, steps: dict | None = None) -> _Prepared:
         """Tokens (only as many as are kept, plus the next one) and their words; no POS tags yet."""
+        cpu = time.thread_time()
         from flowray.text import UniversalTagger, align_tokens, encode_kept
 
         text = doc.get("text")
@@ -113,6 +114,7 @@ class FlowWorker:
         need = None if doc.get("is_task") or not self.config.truncate else max_tokens + 1
         with self._tokenizing:
             ids, offsets = encode_kept(self.tokenizer, text, need)
+        cpu = _add(steps, "tokenise", cpu)
         if not ids:
             raise InputError("text encodes to no tokens")
         if len(ids) > max_tokens and not self.config.truncate:
@@ -134,6 +136,7 @@ class FlowWorker:
         look = min(len(ids), keep + 1)  # words of the kept tokens and of the next one
         lookahead = None if self.pos_tagging is None else getattr(self.pos_tagging, "lookahead", UniversalTagger.lookahead)
         words = align_tokens(text, offsets[:look], lookahead=lookahead)
+        _add(steps, "align", cpu)
         return _Prepared(index=index, doc=doc, ids=ids[:keep], next_ids=next_ids, words=words, target=target,
                          text=text, language=doc.get("language", "en"), source=source)
 
@@ -184,14 +187,16 @@ class FlowWorker:
         T = len(prep.ids)
         return np.asarray(prep.words.word_index[:T]), np.asarray(prep.words.first_subword[:T], dtype=bool)
 
-    def _rows(self, prep: _Prepared, st) -> TextRows:
+    def _pos(self, prep: _Prepared) -> list[str | None]:
+        """The universal POS tag of each token's word (the kept tokens and the next one)."""
         from flowray.text import tag_tokens
 
-        doc, T = prep.doc, len(prep.ids)
         if self.pos_tagging is None:
-            pos = [None] * len(prep.words.word_index)
-        else:
-            pos = tag_tokens(prep.text, prep.words, language=prep.language, tagger=self.pos_tagging)
+            return [None] * len(prep.words.word_index)
+        return tag_tokens(prep.text, prep.words, language=prep.language, tagger=self.pos_tagging)
+
+    def _rows(self, prep: _Prepared, st, pos: list[str | None]) -> TextRows:
+        doc, T = prep.doc, len(prep.ids)
         word_index, first = self._word_arrays(prep)
         is_task = bool(doc.get("is_task"))
         return TextRows(
@@ -237,19 +242,16 @@ class FlowWorker:
         Texts are bucketed by length (sorted, then ``batch_size`` at a time) so that padding stays small;
         one forward pass per batch, on the device thread, up to ``AHEAD`` batches ahead of the rows being
         built here. ``on_batch()``, when given, runs after each batch's rows (progress, tests). ``steps``,
-        when given, gains seconds per step: this thread's CPU time in ``tokenise`` (and word alignment),
-        ``pos_rows``; the device thread's wall and CPU time in ``device`` and ``device_cpu``.
+        when given, gains seconds per step: this thread's CPU time in ``tokenise``, ``align``, ``pos`` and
+        ``rows``; the device thread's wall and CPU time in ``device`` and ``device_cpu``.
         """
-        steps = {} if steps is None else steps
         order = next(self._shards)
         tables, errors, ready = [], [], []
-        cpu = time.thread_time()
         for index, doc in enumerate(docs):
             try:
-                ready.append(self._prepare(index, doc))
+                ready.append(self._prepare(index, doc, steps))
             except Exception as exc:  # noqa: BLE001 - any failure of one text becomes data, not a crash
                 errors.append((index, _error_row(doc, exc)))
-        _add(steps, "tokenise", time.thread_time() - cpu)
         ready.sort(key=lambda p: len(p.ids))
         size = self.config.batch_size
         pending: deque = deque()
@@ -265,27 +267,34 @@ class FlowWorker:
         predictions = pa.concat_tables([t for _, t in tables]) if tables else self.schema.empty_table()
         return predictions, pa.Table.from_pylist([e for _, e in errors], schema=ERRORS)
 
-    def _emit(self, future, tables: list, errors: list, steps: dict, on_batch) -> None:
+    def _emit(self, future, tables: list, errors: list, steps: dict | None, on_batch) -> None:
         """A finished device batch's rows: POS tags, Arrow columns (each text's failure becomes its error row)."""
         done, wall, device_cpu = future.result()
-        _add(steps, "device", wall)
-        _add(steps, "device_cpu", device_cpu)
-        cpu = time.thread_time()
+        if steps is not None:
+            steps["device"] = steps.get("device", 0.0) + wall
+            steps["device_cpu"] = steps.get("device_cpu", 0.0) + device_cpu
         for prep, st in done:
             if isinstance(st, Exception):
                 errors.append((prep.index, _error_row(prep.doc, st)))
                 continue
             try:
-                tables.append((prep.index, self._rows(prep, st).table(self.schema)))
+                cpu = time.thread_time()
+                pos = self._pos(prep)
+                cpu = _add(steps, "pos", cpu)
+                tables.append((prep.index, self._rows(prep, st, pos).table(self.schema)))
+                _add(steps, "rows", cpu)
             except Exception as exc:  # noqa: BLE001
                 errors.append((prep.index, _error_row(prep.doc, exc)))
-        _add(steps, "pos_rows", time.thread_time() - cpu)
         if on_batch is not None:
             on_batch()
 
 
-def _add(steps: dict, name: str, seconds: float) -> None:
-    steps[name] = steps.get(name, 0.0) + seconds
+def _add(steps: dict | None, name: str, since: float) -> float:
+    """Add this thread's CPU seconds since ``since`` to ``steps[name]`` (when steps are kept); return now."""
+    now = time.thread_time()
+    if steps is not None:
+        steps[name] = steps.get(name, 0.0) + now - since
+    return now
 
 
 def _error_row(doc: dict, exc: Exception) -> dict:
