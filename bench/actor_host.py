@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import queue
+import shutil
 import statistics
 import sys
 import tempfile
@@ -148,7 +149,7 @@ def make_tokenizer(kind: str, texts: list[str], vocab: int):
     if kind == "smollm2":
         from flowray.models.loading import load_tokenizer
 
-        return load_tokenizer("smollm2"), "SmolLM2's"
+        return load_tokenizer("smollm2"), "SmolLM2's tokenizer"
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -158,7 +159,7 @@ def make_tokenizer(kind: str, texts: list[str], vocab: int):
     tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                                       show_progress=False))
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>"), f"a BPE of {vocab} trained here"
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>"), f"a byte-level BPE ({vocab}) trained on them"
 
 
 def real_model(shape: str, tokenizer, device: str):
@@ -349,11 +350,12 @@ def main() -> int:
                 if us is None:
                     r["busy"] = device_alone(worker.flow, docs_by_shard) / r["wall"]
                 results.setdefault((mode, us), []).append(r)
-    _print(args, results, source, tok_name, run, texts)
+    shutil.rmtree(run, ignore_errors=True)
+    _print(args, results, source, tok_name, texts)
     return 0
 
 
-def _print(args, results: dict, source: str, tok_name: str, run: Path, texts: list) -> None:
+def _print(args, results: dict, source: str, tok_name: str, texts: list) -> None:
     import torch
 
     cfg = SHAPES[args.shape]
@@ -361,23 +363,22 @@ def _print(args, results: dict, source: str, tok_name: str, run: Path, texts: li
         torch.cuda.get_device_name() if args.device == "cuda" else "the CPU")
     cores = f"{args.cores} core(s)" if args.cores else f"{os.cpu_count()} cores"
     print(f"# actor host: {args.shape} shape ({cfg['num_hidden_layers']} layers x {cfg['num_attention_heads']} heads) "
-          f"on {where}; {len(texts)} texts ({source}) cut to {args.max_tokens} tokens, {tok_name} tokenizer; "
+          f"on {where}; {len(texts)} texts ({source}) cut to {args.max_tokens} tokens, {tok_name}; "
           f"shards of {args.texts_per_shard}, batches of {args.batch_size}; {cores}; taus {TAUS}; "
           f"medians of {args.repeats} interleaved repeats")
     med = (lambda rs, f: statistics.median(f(r) for r in rs))
     head = " ".join(f"{s:>11}" for s in STEPS)
-    print(f"{'mode':<8} {'dev us':>6} {'pred/s':>8} {'busy':>6} {'idle us':>7} {'B/pred':>7} {head} {'host us':>8}")
+    print(f"{'mode':<8} {'dev_us':>6} {'pred/s':>8} {'busy':>6} {'idle_us':>7} {'B/pred':>7} {head} {'host_us':>8}")
     for (mode, us), rs in results.items():
         steps = " ".join(f"{med(rs, lambda r, k=k: r['us'][k]):>11.2f}" for k in STEPS)
         total = med(rs, lambda r: sum(r["us"].values()))
         idle = f"{med(rs, lambda r: r['idle_us']):>7.1f}" if "idle_us" in rs[0] else f"{'-':>7}"
         print(f"{mode:<8} {'-' if us is None else f'{us:g}':>6} {med(rs, lambda r: r['predictions'] / r['wall']):>8.0f} "
               f"{med(rs, lambda r: r['busy']):>6.1%} {idle} {med(rs, lambda r: r['bytes']):>7.0f} {steps} {total:>8.2f}")
-    print("# host us: CPU microseconds per prediction by step, summed over threads; idle us: the device's idle "
+    print("# host_us: CPU microseconds per prediction by step, summed over threads; idle_us: the device's idle "
           "time per prediction between its first and last batch (the host work on the critical path); busy: "
           + ("the device's share of that time" if args.device == "stub" else
              "the batches' time through the stage alone over the pipeline's wall time"))
-    print(f"# run directory (not cleaned up): {run}")
 
 
 if __name__ == "__main__":

@@ -79,6 +79,11 @@ class FlowWorker:
         self.device = DeviceQueue()
         self._shards = itertools.count()  # the device's order: an older call's batches first
 
+    @property
+    def lm(self):
+        """The loaded model (``ModelStage``'s ``LoadedModel``)."""
+        return self.stage.lm
+
     def _tagger(self):
         from flowray.text import universal_tagger
 
