@@ -28,6 +28,7 @@ the same batches' time through the stage alone over the pipeline's time.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import queue
@@ -60,6 +61,7 @@ SHAPES = {  # LlamaConfig fields; the stand-in reads only the layers and heads
 # default job run (mean list lengths / L*H or L)
 ROUTE_FRACTIONS = {"route_heads": (0.51, 0.12, 0.056), "route_ffn": (0.99, 0.84, 0.73),
                    "pruned_heads": (0.16, 0.04, 0.025)}
+_RELEASE = bytes(4096)  # hashlib releases the GIL while it hashes 2 kB or more
 STEPS = ("tokenise", "align", "pos", "rows", "device_cpu", "encode", "commit_rest")
 
 
@@ -91,18 +93,41 @@ def synthetic_stats(T: int, words, L: int, H: int, seed: int) -> dict:
 
 
 class StubStage:
-    """The device stage's interface (``flowray.pipeline.device.ModelStage``) with no model: statistics of
-    the shape, precomputed per text, after sleeping ``device_us`` per prediction (a BOS is no prediction)."""
+    """The device stage's interface (``flowray.pipeline.device.ModelStage``) with no model.
 
-    def __init__(self, tokenizer, shape: str, lead: int):
+    A batch is ``launches`` kernel launches from this thread, as a forward pass issues them: each holds the
+    GIL for ``launch_us`` (the op's Python side) and then releases it once (torch releases it inside every
+    op), and queues ``device_us`` x predictions / launches of simulated device time behind the previous
+    kernel. The batch ends by waiting for the device (one synchronisation) and returns statistics of the
+    shape, precomputed per text. The device is busy while its queue holds work; it idles when the launches
+    fall behind, e.g. while other threads hold the GIL.
+    """
+
+    def __init__(self, tokenizer, shape: str, lead: int, launches: int, launch_us: float):
         cfg = SHAPES[shape]
         self.tokenizer, self.lead = tokenizer, lead
         self.shape = SimpleNamespace(n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
                                      max_positions=None)
         self.startup: dict = {}
-        self.device_us = 0.0
-        self.busy: list[tuple[float, float]] = []  # (start, end) of each simulated batch
+        self.device_us, self.launches, self.launch_us = 0.0, launches, launch_us
+        self.busy: list[tuple[float, float]] = []  # (start, end) of the device's busy stretches
         self._pre: dict = {}
+
+    def _device(self, predictions: int) -> None:
+        kernel = self.device_us * 1e-6 * predictions / self.launches
+        free = start = time.perf_counter()  # the device's queue runs dry at ``free``
+        for _ in range(self.launches):
+            until = time.perf_counter() + self.launch_us * 1e-6
+            while time.perf_counter() < until:  # the op's Python side, holding the GIL
+                pass
+            hashlib.sha256(_RELEASE)  # the op's C++ side: ~2 us with the GIL released, as torch's dispatch
+            now = time.perf_counter()
+            if now > free:  # the queue ran dry: the device idled until this launch
+                self.busy.append((start, free))
+                start = now
+            free = max(free, now) + kernel
+        self.busy.append((start, free))
+        time.sleep(max(0.0, free - time.perf_counter()))  # the batch's one synchronisation
 
     def __call__(self, sequences, words, sources) -> list:
         import torch
@@ -111,9 +136,7 @@ class StubStage:
         from flowray.stats import PredictionStats
 
         L, H = self.shape.n_layers, self.shape.n_heads
-        t0 = time.perf_counter()
-        time.sleep(self.device_us * 1e-6 * sum(len(ids) - self.lead for ids in sequences))
-        self.busy.append((t0, time.perf_counter()))
+        self._device(sum(len(ids) - self.lead for ids in sequences))
         out = []
         for ids, w in zip(sequences, words):
             key = tuple(ids)
@@ -271,6 +294,9 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--device", choices=("stub", "cpu", "cuda"), default="stub",
                     help="stub: the simulated device; cpu/cuda: the real model of the shape (random weights)")
     ap.add_argument("--device-us", default="0,55", help="simulated device microseconds per prediction (stub)")
+    ap.add_argument("--launches-per-layer", type=int, default=60,
+                    help="kernel launches per layer of a batch (stub; HF's Llama forward issues ~35 per layer)")
+    ap.add_argument("--launch-us", type=float, default=5.0, help="host microseconds per launch, GIL held (stub)")
     ap.add_argument("--texts", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=512)
     ap.add_argument("--texts-per-shard", type=int, default=16)
@@ -314,7 +340,9 @@ def main() -> int:
                        tau=TAUS, max_tokens=args.max_tokens, batch_size=args.batch_size,
                        gpus_per_actor=1 if args.device == "cuda" else 0, cpus_per_actor=max(args.cores, 1))
     if args.device == "stub":
-        stage = StubStage(tokenizer, args.shape, lead=1)
+        stage = StubStage(tokenizer, args.shape, lead=1,
+                          launches=args.launches_per_layer * SHAPES[args.shape]["num_hidden_layers"],
+                          launch_us=args.launch_us)
     else:
         stage = ModelStage(config, lm=real_model(args.shape, tokenizer, args.device))
 
