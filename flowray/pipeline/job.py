@@ -74,9 +74,9 @@ def _map_stage(config: JobConfig, storage: Storage, pending: list[str], index: d
     from flowray.pipeline.worker import ShardWorker
 
     if not os.environ.get("RAY_ADDRESS") and not config.gpus_per_actor:
-        from flowray import cpu_kernel
+        from flowray.kernels import cpu_loops
 
-        cpu_kernel.warm_up()  # replicas on this machine then load cached kernels instead of each compiling
+        cpu_loops.warm_up()  # replicas on this machine then load cached kernels instead of each compiling
 
     ds = ray.data.from_items([{"shard_id": s} for s in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(

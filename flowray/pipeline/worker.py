@@ -51,7 +51,7 @@ class FlowWorker:
         clock.lap("import_torch_s")
         import transformers  # noqa: F401 - timed on its own: most of a model load is importing its code
 
-        from flowray import cpu_kernel
+        from flowray.kernels import cpu_loops
         from flowray.models.loading import load_model
 
         clock.lap("import_transformers_s")
@@ -73,7 +73,7 @@ class FlowWorker:
         self.pos_tagging = self._tagger()
         clock.lap("load_tagger_s")
         if next(self.lm.model.parameters()).device.type == "cpu":
-            cpu_kernel.warm_up(torch.get_num_threads())  # compiled or cached kernels, before the first shard
+            cpu_loops.warm_up(torch.get_num_threads())  # compiled or cached kernels, before the first shard
         clock.lap("compile_kernels_s")
         self.startup = clock.laps  # seconds per start-up step, reported in every shard's marker
         self._decoded: dict[int, str] = {}  # token id -> its text, decoded once per actor
