@@ -269,13 +269,17 @@ def edge_importances_padded(
     results = [_Buffers(s.n_layers, s.n_heads, T, s.parallel, pinned, zero=not whole) for _, T in spans]
     sink = _HostSink(device)
     layers = adapter.layers()
+    span_tensors = None
+    if kernel.whole_batch:  # made once: a host-to-device copy per layer would wait for the device
+        both = torch.tensor([[start for start, _ in spans], [T for _, T in spans]], dtype=torch.int32)
+        span_tensors = tuple(both.to(device))
 
     def consume(rec: LayerActivations) -> None:
         w_o, _bias = adapter.output_projection(layers[rec.layer])  # the bias is in the node, in no edge
         w_o = w_o.detach()
         w_flat = flat_output_projection(w_o)
         for block in plan:
-            _layer_block(kernel, rec, block, spans, w_o, w_flat, s.parallel, results, sink, budget)
+            _layer_block(kernel, rec, block, spans, w_o, w_flat, s.parallel, results, sink, budget, span_tensors)
 
     # eval mode for the pass (dropout would change what is decomposed); the caller's mode is restored
     keep = budget if kernel.whole_batch else None
@@ -391,7 +395,7 @@ class _HostSink:
 
 
 def _layer_block(kernel, rec: LayerActivations, block, spans, w_o, w_flat, parallel: bool, results: list,
-                 sink: _HostSink, budget: int) -> None:
+                 sink: _HostSink, budget: int, span_tensors=None) -> None:
     """Importances of layer ``rec.layer`` for batch rows ``first .. stop - 1`` on a grid of ``T_grid``
     padded positions from ``off`` (one sequence's span, or the whole padded batch)."""
     l = rec.layer
@@ -418,7 +422,7 @@ def _layer_block(kernel, rec: LayerActivations, block, spans, w_o, w_flat, paral
         sub = results[first].attn[l][None] if direct_cpu else torch.empty(G, H, p1 - p0, p1, device=y.device)
         scale = None if rec.row_scale is None else rec.row_scale[bs, off + p0 : off + p1]
         blk = Block(y=y[:, p0:p1], parts=[z[:, p0:p1] for z in parts], probs=rec.block_rows(first, stop, off, p0, p1),
-                    row_scale=scale, heads=heads, p0=p0, starts=starts, lengths=lengths)
+                    row_scale=scale, heads=heads, p0=p0, starts=starts, lengths=lengths, span_tensors=span_tensors)
         kernel.block(blk, BlockOut(direct=direct[:, :, p0:p1], sub=sub))
         if direct_cpu:
             continue

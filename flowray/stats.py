@@ -141,6 +141,7 @@ def prediction_stats_batch(
     padding_side: str = "right",
     backend: str = "auto",
     element_budget: int | None = None,
+    kernel_config: KernelConfig | None = None,
 ) -> list[PredictionStats]:
     """``prediction_stats`` of several ``[1, T_i]`` sequences in one padded forward pass.
 
@@ -152,7 +153,7 @@ def prediction_stats_batch(
     input_ids, attention_mask = pad_sequences(model, sequences, padding_side)
     return prediction_stats_padded(model, input_ids, attention_mask, taus, words=words, sources=sources,
                                    active_above=active_above, predictions=predictions, backend=backend,
-                                   element_budget=element_budget)
+                                   element_budget=element_budget, kernel_config=kernel_config)
 
 
 @torch.no_grad()

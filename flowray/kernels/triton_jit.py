@@ -53,7 +53,7 @@ def _split_dot(a, b, EC: tl.constexpr):
     return tl.dot(hi, b) + tl.dot(mid, b) + tl.dot(lo, b)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def sign_gemm(y_ptr, w_ptr, out_ptr, M, N, K, s_ym, s_wk, s_wn, s_om,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EXACT: tl.constexpr):
     """``out[m, n] = sum_k sign(y[m, k]) w[k, n]``; y float32 ``[M, K]``, w ``[K, N]``, out float32."""
@@ -71,7 +71,7 @@ def sign_gemm(y_ptr, w_ptr, out_ptr, M, N, K, s_ym, s_wk, s_wn, s_om,
     tl.store(out_ptr + rm[:, None] * s_om + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t0", "TF", "T"])
 def head_outputs_t(v_ptr, w_ptr, ft_ptr, fmax_ptr, H, d, dh, group, t0, TF, T,
                    s_vg, s_vh, s_vt, s_ve, s_wk, s_wn,
                    BT: tl.constexpr, BK: tl.constexpr, DH: tl.constexpr, STORE: tl.constexpr, EXACT: tl.constexpr):
@@ -114,7 +114,8 @@ def _append(mask, count_ptr, list_ptr, cap, flat):
     return mask & (slot >= cap)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "J", "p0", "js", "je", "TF", "n_jbw", "cap_mid", "cap_big", "s_pg", "s_ph",
+                               "s_pr", "s_sg"])
 def prox_tiles(gs_ptr, v_ptr, probs_ptr, scale_ptr, fmax_ptr, ft_ptr, y_ptr, sy_ptr, sidx_ptr, sabs_ptr,
                start_ptr, len_ptr, prox_ptr, count_ptr, mid_ptr, big_ptr,
                H, C, J, d, dh, group, p0, js, je, TF, n_jbw, cap_mid, cap_big,
@@ -202,7 +203,7 @@ def prox_tiles(gs_ptr, v_ptr, probs_ptr, scale_ptr, fmax_ptr, ft_ptr, y_ptr, sy_
     tl.store(prox_ptr + flat, val, mask=(r < C)[:, None] & (j < je)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["cap", "C", "J", "js", "TF", "s_pg", "s_ph", "s_pr", "s_sg"])
 def prox_list(list_ptr, count_ptr, cap, prox_ptr, probs_ptr, scale_ptr, fmax_ptr, ft_ptr, sy_ptr, sidx_ptr,
               sabs_ptr, H, C, J, d, js, TF, n_prog,
               s_pg, s_ph, s_pr, s_pj, s_sg, s_sr,
@@ -263,7 +264,7 @@ def _direct_prox(y_ptr, y_row, z_ptr, z_off, s_zd, ok, d, BR: tl.constexpr, BD: 
     return tl.maximum(acc, 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def direct_rows(y_ptr, z_ptr, out_ptr, N, d, s_zn, s_zd, s_ok, s_on,
                 BR: tl.constexpr, BD: tl.constexpr):
     """Nodes ``y`` ``[N, d]`` (float32, contiguous) made of two parts, ``z`` and ``y - z`` (``z`` ``[N, d]``
@@ -280,7 +281,8 @@ def direct_rows(y_ptr, z_ptr, out_ptr, N, d, s_zn, s_zd, s_ok, s_on,
     tl.store(out_ptr + s_ok + n * s_on, second * scale, mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "J", "p0", "tau", "M", "s_z0g", "s_z1g", "s_wg", "s_dk", "s_dg", "s_og", "s_oh",
+                               "s_sg", "s_hg", "s_hr", "s_ng", "s_nr"])
 def finish_rows(prox_ptr, y_ptr, z0_ptr, z1_ptr, start_ptr, len_ptr, wi_ptr, src_ptr, query_ptr,
                 direct_ptr, hs_ptr, prev_ptr, same_ptr, srco_ptr, hit_h_ptr, hit_j_ptr, hit_v_ptr, hit_n_ptr,
                 H, C, J, d, p0, tau, M,
