@@ -150,6 +150,8 @@ def main() -> int:
         table += rows
         for r in rows:
             print(f"# {shape} {r['what']}: {r['seconds']:.4f} s, {r['ratio']:.3f}x forward", flush=True)
+        if args.json:  # as it goes: a run stopped at its time limit keeps what it measured
+            _save(args.json, device, table, longs)
         if i == 0 and args.long:
             longs = long_texts(model, args, device, args.long_limit)
         del model
@@ -166,9 +168,13 @@ def main() -> int:
         print(f"# one {shapes[0]} text of {r['tokens']} tokens: {fmt(r['seconds'], '.1f')} s, peak "
               f"{fmt(r['peak'], '.1f')} GB {r.get('note', '')}")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(dict(device=device_name(device), torch=torch.__version__, table=table, long=longs), fh, indent=1)
+        _save(args.json, device, table, longs)
     return 0
+
+
+def _save(path: str, device: str, table: list, longs: list) -> None:
+    with open(path, "w") as fh:
+        json.dump(dict(device=device_name(device), torch=torch.__version__, table=table, long=longs), fh, indent=1)
 
 
 if __name__ == "__main__":
