@@ -88,8 +88,11 @@ def bench_shape(shape: str, args, device: str, dtype) -> list[dict]:
         t_last = timed(last, device, args.repeats)
         results.append(dict(shape=shape, what=f"job {args.backends[0]}, last", seconds=t_last, ratio=t_fwd / t_last,
                             peak=None))
+    for r in results:  # as they come: a run stopped at its time limit still shows what it measured
+        print(f"# {shape} {r['what']}: {r['seconds']:.4f} s, {r['ratio']:.3f}x forward, kernels {r.get('kernels')}, "
+              f"syncs {r.get('syncs')}, peak {r['peak']}", flush=True)
     if args.eap:
-        eap = _eap(model, batch.to(device))
+        eap = _eap(model, batch)  # eap_sweep moves the ids to the model's device itself
         t_eap = timed(eap, device, args.repeats)
         results.append(dict(shape=shape, what="EAP", seconds=t_eap, ratio=t_fwd / t_eap, peak=peak_gb(eap, device)))
     for r in results:
