@@ -107,3 +107,24 @@ def device_name(device: str) -> str:
 
 def row(cells, widths) -> str:
     return " ".join(f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, w) in enumerate(zip(cells, widths)))
+
+
+def top_kernels(fn, device: str, n: int = 14) -> list[tuple[str, float, int]]:
+    """The ``n`` device kernels with the most time in one call of ``fn``: (name, ms, calls)."""
+    if not str(device).startswith("cuda"):
+        return []
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(device)
+    totals: dict = {}
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            ms, calls = totals.get(evt.name, (0.0, 0))
+            totals[evt.name] = (ms + evt.device_time_total / 1e3 if hasattr(evt, "device_time_total")
+                                else ms + evt.cuda_time_total / 1e3, calls + 1)
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:n]
+    return [(name[:70], ms, calls) for name, (ms, calls) in ranked]

@@ -160,3 +160,93 @@ def check_source(source, T: int) -> tuple[int, list[int]]:
         raise InputError(f"a source needs a query position in [0, {T}) and one or more source positions in "
                          f"[0, query]; got query {query}, positions {positions}")
     return query, positions
+
+
+# Every position's routes for the whole batch at once while the [L, B, T, T] edge matrices stay this small
+BATCHED_ROUTES_UP_TO = 1 << 28  # elements (512 MiB in half precision)
+
+
+def batched_routes_fit(state: BatchState) -> bool:
+    return state.L * state.B * state.T * state.T <= BATCHED_ROUTES_UP_TO
+
+
+def routes_all(state: BatchState, tau: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Every position's route at ``tau`` for every sequence of the batch in one pass, read from the slots.
+
+    The same rules as ``sparse_routes.routes_of`` (appendix B.2), with the sequences side by side on the
+    padded grid: reached sets ``[B, T, P]`` move down one block per layer through ``[B, T, T]`` edge
+    matrices (a batched matrix product; 0/1 entries, exact in half precision with float32 accumulation).
+    Returns flat (keys ``p * L*H + flat head``, ``p * L + layer``) per sequence, positions relative.
+    """
+    L, B, T, M = state.hit_head.shape
+    H, dev = state.H, state.hit_head.device
+    dt = torch.float16 if dev.type == "cuda" else torch.float32
+    valid = torch.arange(M, device=dev) < state.hit_count.clamp_max(M)[..., None]  # [L, B, T, M]
+    keep = valid & (state.hit_value > tau)
+    l_idx = torch.arange(L, device=dev)[:, None, None, None].expand(L, B, T, M)
+    b_idx = torch.arange(B, device=dev)[None, :, None, None].expand(L, B, T, M)
+    pos = torch.arange(T, device=dev)[None, None, :, None].expand(L, B, T, M)
+    offs = torch.tensor(state.offsets, device=dev)[None, :, None, None]
+    src = (state.hit_source.long() + offs).clamp(0, T - 1)  # grid -> padded positions
+    w = keep.to(dt)
+    E = torch.zeros(L, B, T, T, dtype=dt, device=dev)  # E[l, b, j, pos] = 1: pos keeps a part from j
+    E.index_put_((l_idx, b_idx, src, pos), w, accumulate=True)
+    at_node = torch.zeros(L, B, H, T, dtype=dt, device=dev)  # a head with a kept sub-edge at pos
+    at_node.index_put_((l_idx, b_idx, state.hit_head.long(), pos), w, accumulate=True)
+    res, ffn = state.direct[:, 0], state.ffn  # [L, B, T]
+    self_keep = (res > tau) | (ffn > tau) if state.parallel else res > tau
+    E.diagonal(dim1=2, dim2=3).add_(self_keep.to(dt))
+    E = (E > 0).to(dt)
+    at_node = (at_node > 0).to(dt)
+    ffn_keep = (ffn > tau).to(dt)  # [L, B, T]
+    through = None if state.parallel else ((ffn > tau) | (state.ffn_residual > tau)).to(dt)
+    real = torch.zeros(B, T, dtype=torch.bool, device=dev)
+    for b, (start, n) in enumerate(state.spans):
+        real[b, start : start + n] = True
+    reached = torch.diag_embed(real.to(dt))  # [B, T, P]: prediction P reaches position T atop the last block
+    heads_on = torch.empty(L, B, H, T, dtype=torch.bool, device=dev)
+    ffn_on = torch.empty(L, B, T, dtype=torch.bool, device=dev)
+    for l in range(L - 1, -1, -1):
+        ffn_on[l] = torch.bmm(ffn_keep[l][:, None, :], reached)[:, 0] > 0  # [B, P]
+        M_ = reached if through is None else reached * through[l][:, :, None]  # attention nodes reached
+        heads_on[l] = torch.bmm(at_node[l], M_) > 0  # [B, H, P]
+        reached = (torch.bmm(E[l], M_) > 0).to(dt)  # [B, T, P]
+    return _split(heads_on.permute(1, 3, 0, 2), state.spans, L * H), _split(ffn_on.permute(1, 2, 0), state.spans, L)
+
+
+def _split(on: torch.Tensor, spans: list, width: int) -> list[list[np.ndarray]]:
+    """``[B, P, ...]`` booleans -> per sequence, per real position ``p``, the ascending flat indices set."""
+    B, P = on.shape[:2]
+    flat = on.reshape(B, P, width)
+    idx = torch.nonzero(flat)  # [N, 3] (b, p, value), sorted
+    counts = torch.bincount(idx[:, 0] * P + idx[:, 1], minlength=B * P).view(B, P).cpu().numpy()
+    values = idx[:, 2].cpu().numpy()
+    out, at = [], 0
+    for b, (start, n) in enumerate(spans):
+        c = counts[b]
+        before = int(c[:start].sum())
+        rows = np.split(values[at + before : at + before + int(c[start : start + n].sum())],
+                        np.cumsum(c[start : start + n])[:-1])
+        out.append([r.astype(np.int64) for r in rows])
+        at += int(c.sum())
+    return out
+
+
+def pruned_all(state: BatchState, tau: float, active_above: float) -> list[list[np.ndarray]]:
+    """Per sequence and position, the flat heads whose importance at the position's own attention node, after
+    every part <= tau is dropped and the kept parts are rescaled to sum to 1, exceeds ``active_above``."""
+    L, B, T, M = state.hit_head.shape
+    dev = state.hit_head.device
+    valid = torch.arange(M, device=dev) < state.hit_count.clamp_max(M)[..., None]
+    kept = torch.where(valid & (state.hit_value > tau), state.hit_value, 0.0)  # [L, B, T, M]
+    l_idx = torch.arange(L, device=dev)[:, None, None, None].expand(L, B, T, M)
+    b_idx = torch.arange(B, device=dev)[None, :, None, None].expand(L, B, T, M)
+    pos = torch.arange(T, device=dev)[None, None, :, None].expand(L, B, T, M)
+    kept_heads = torch.zeros(L, B, state.H, T, dtype=torch.float32, device=dev)
+    kept_heads.index_put_((l_idx, b_idx, state.hit_head.long(), pos), kept, accumulate=True)
+    res = state.direct[:, 0]
+    node = kept_heads.sum(2) + res * (res > tau)  # [L, B, T] the node's kept parts
+    if state.parallel:  # the FFN is a part of the same node
+        node = node + state.ffn * (state.ffn > tau)
+    pruned = kept_heads / torch.where(node > 0, node, 1.0)[:, :, None, :]
+    return _split((pruned > active_above).permute(1, 3, 0, 2), state.spans, L * state.H)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from flowray.api import _unpack, pad_sequences, padded_forward_inputs
-from flowray.batch_stats import BatchState, add_layer
+from flowray.batch_stats import BatchState, add_layer, batched_routes_fit, pruned_all, routes_all
 from flowray.capture import LayerActivations, capture_layers, predicted_ids
 from flowray.errors import InputError
 from flowray.kernels import KernelConfig, select_kernel
@@ -209,10 +209,24 @@ def prediction_stats_padded(
             break
         config = replace(config, hits_per_node=most)  # more parts above tau at a node than slots: redo
         kernel = select_kernel(backend, device, config)
-    graphs = state.graphs()  # the routes and the pruned heads read them
-    routes = [None] * len(spans) if predictions == "all" else _last_routes(graphs, taus)
+    batched = predictions == "all" and batched_routes_fit(state)
+    graphs = [None] * len(spans) if batched else state.graphs()  # sparse graphs for the other route passes
+    if predictions == "last":
+        routes = _last_routes(graphs, taus)
+    elif batched:  # every sequence's routes side by side on the padded grid
+        routes = [({}, {}) for _ in spans]
+        for tau in taus:
+            for b, (heads, ffn) in enumerate(zip(*routes_all(state, tau))):
+                routes[b][0][tau], routes[b][1][tau] = heads, ffn
+    else:
+        routes = [None] * len(spans)
+    pruned = [{} for _ in spans]
+    if active_above is not None:
+        for tau in taus:
+            for b, lists in enumerate(pruned_all(state, tau, active_above)):
+                pruned[b][tau] = lists
     return [_finish(state, b, taus, input_ids[b, start : start + T], predicted[b, start : start + T], name,
-                    graphs[b], active_above, routes[b]) for b, (start, T) in enumerate(spans)]
+                    graphs[b], pruned[b], routes[b]) for b, (start, T) in enumerate(spans)]
 
 
 def _stream(hf_model, adapter, kernel, state: BatchState, spans, forward_kwargs, shape, predictions: str):
@@ -261,25 +275,8 @@ def _last_routes(graphs: list[Graph], taus) -> list[tuple[dict, dict]]:
     return out
 
 
-def _pruned_heads(graph: Graph, tau: float, active_above: float, parallel: bool) -> list[np.ndarray]:
-    """Per position, the flat heads whose importance at its own attention node, after every part <= tau
-    is dropped and the kept parts are rescaled to sum to 1, exceeds ``active_above``."""
-    L, H, T = graph.L, graph.H, graph.T
-    kept_heads = torch.zeros(L, H, T, dtype=torch.float32, device=graph.ffn.device)
-    keep = graph.values > tau
-    kept = graph.hit[keep]
-    kept_heads.index_put_((kept[:, 0], kept[:, 1], kept[:, 2]), graph.values[keep], accumulate=True)
-    node = kept_heads.sum(1) + graph.attn_residual * (graph.attn_residual > tau)  # [L, T] kept parts
-    if parallel:  # the FFN is a part of the same node
-        node = node + graph.ffn * (graph.ffn > tau)
-    pruned = kept_heads / torch.where(node > 0, node, 1.0)[:, None, :]
-    lhp = torch.nonzero(pruned > active_above)  # [k, 3] (layer, head, pos)
-    keys = torch.sort(lhp[:, 2] * (L * H) + lhp[:, 0] * H + lhp[:, 1]).values
-    return split_keys(keys, L * H, T)
-
-
-def _finish(state: BatchState, b: int, taus, token_ids, predicted, name: str, graph: Graph,
-            active_above: float | None, routes: tuple[dict, dict] | None) -> PredictionStats:
+def _finish(state: BatchState, b: int, taus, token_ids, predicted, name: str, graph: Graph, pruned: dict,
+            routes: tuple[dict, dict] | None) -> PredictionStats:
     """Sequence ``b``'s statistics on the host; ``routes``: the (heads, FFNs) route lists per tau when the
     caller found them already (the last position's, ``_last_routes``), else every position's, found here."""
     L, H = state.L, state.H
@@ -314,8 +311,7 @@ def _finish(state: BatchState, b: int, taus, token_ids, predicted, name: str, gr
         token_ids=token_ids.cpu().numpy().astype(np.int64), predicted_ids=predicted.cpu().numpy().astype(np.int64),
         components=components.cpu().numpy(), route_heads=route_heads, route_ffn=route_ffn,
         prev_share=prev, same_word_share=same,
-        pruned_heads={} if active_above is None else {tau: _pruned_heads(graph, tau, active_above, state.parallel)
-                                                      for tau in taus},
+        pruned_heads=pruned,
         source_edges=source, meta={"model": name},
     )
 

@@ -56,7 +56,7 @@ def _variants():
                                   s_pr=i32, s_pj=i32, s_sg=i32, s_sr=i32),
                dict(W1=8, W2=64, BP=32, BJ=64 if not exact else 32, DH=128, EC=128 if not exact else 32, BK=4,
                     HAS_SCALE=False, SPLIT=not exact), 8 if not exact else 4, wt)
-        for width, pb in ((64, 16), (128, 4)):
+        for width, pb in ((32, 32), (128, 8)):
             yield ("prox_list", dict(list_ptr="*i64", count_ptr="*i32", cap=i32, prox_ptr="*fp32", probs_ptr=f"*{wt}",
                                      scale_ptr="*fp32", fmax_ptr="*fp32", ft_ptr="*fp32", sy_ptr="*fp32",
                                      sidx_ptr="*i64", sabs_ptr="*fp32", H=i32, C=i32, J=i32, d=i32, js=i32, TF=i32,

@@ -158,11 +158,11 @@ class TritonKernel(Kernel):
                 gs.stride(0), *values.stride(), *probs.stride(), *sc_strides,
                 W1=W1, W2=W2, BP=BP, BJ=BJ, DH=_pow2(dh), EC=_pow2(dh) if split else min(32, _pow2(dh)), BK=4,
                 HAS_SCALE=scale is not None, SPLIT=split, num_warps=8 if BJ >= 64 and not interpreted() else 4)
-            for k, (lst, cap, width) in enumerate(((mid, cap_mid, _pow2(W2)), (big, cap_big, 128))):
+            for k, (lst, cap, width) in enumerate(((mid, cap_mid, 32), (big, cap_big, 128))):
                 jit.prox_list[(self.n_prog,)](
                     lst, counts[k:], cap, prox, probs, sc, fmax, ft, sy, sidx, sabs, H, C, J, d, js,
                     TF, self.n_prog, *probs.stride(), *sc_strides,
-                    PB=16 if width <= 64 else 4, WQ=width, HAS_SCALE=scale is not None)
+                    PB=32 if width <= 32 else 8, WQ=width, HAS_SCALE=scale is not None)
         return prox
 
     def _finish(self, prox, blk: Block, out: BlockOut, *, scale_sub: bool) -> None:
@@ -175,10 +175,13 @@ class TritonKernel(Kernel):
         z0, z1 = blk.parts[0], blk.parts[-1]
         starts, lengths = _spans(blk, y.device)
         dev = y.device
-        spare = torch.empty(G, max(H, 1), C, dtype=torch.float32, device=dev)
-        hs = out.head_sum if out.head_sum is not None else spare
+        hs = out.head_sum if out.head_sum is not None else torch.empty(G, max(H, 1), C, dtype=torch.float32, device=dev)
+        # prev and same are written with head_sum's strides: stand-ins must have them too
+        spare = torch.empty_strided(hs.shape, hs.stride(), dtype=torch.float32, device=dev)
         prev = out.prev if out.prev is not None else spare
         same = out.same if out.same is not None else spare
+        if prev.stride() != hs.stride() or same.stride() != hs.stride():
+            raise ValueError("head_sum, prev and same must share their strides")
         words = out.words if out.same is not None else lengths.view(G, 1)
         source = out.source is not None
         srcm = out.source_mask if source else lengths.view(G, 1)
