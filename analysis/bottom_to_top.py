@@ -55,6 +55,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import polars as pl
 
+from flowray.tables import tau_columns
+
 run = common.open_run(RUN)
 L, H = run.n_layers, run.n_heads
 domain = DOMAIN or run.general
@@ -152,7 +154,7 @@ with pl.Config(tbl_rows=50, tbl_cols=-1, float_precision=3, tbl_width_chars=200)
 prev_frac = common.grid(roles, "previous_token_fraction", L, H).ravel()
 merge_frac = common.grid(roles, "subword_merging_fraction", L, H).ravel()
 silent_frac = common.grid(roles, "first_subword_silent_fraction", L, H).ravel()
-pruned_col = f"first_subword_silent_fraction_pruned@{tau:g}"
+pruned_col = tau_columns(tau).silent_fraction_pruned
 pruned_frac = (common.grid(roles, pruned_col, L, H).ravel() if pruned_col in roles.columns
                else np.full(L * H, np.nan))  # runs made before silence was also measured after pruning
 role_of = {h: r for r, hs in role_heads.items() for h in hs}
