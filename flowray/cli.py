@@ -214,6 +214,25 @@ def register_compare(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+# --- flowray report -------------------------------------------------------------------------------
+def cmd_report(args) -> int:
+    from flowray.pipeline.storage import Storage
+    from flowray.run_report import write_report
+
+    storage = Storage(args.run_dir)
+    written = write_report(storage)
+    print(f"report of {storage.uri} rendered from its tables: {', '.join(written)}")
+    return 0
+
+
+def register_report(subparsers) -> None:
+    p = subparsers.add_parser(
+        "report", help="render a finished job run's summary.md, figures and report.html again from its tables "
+                       "(nothing is recomputed)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (<output>/<run_name>), a path or a bucket URI")
+    p.set_defaults(handler=cmd_report)
+
+
 # --- parser ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -241,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_importances)
 
     register_job(sub)
+    register_report(sub)
     register_compare(sub)
     register_explore(sub)
     return parser

@@ -1,4 +1,4 @@
-"""The corpus job: prepare shards -> Ray actor pool of model replicas -> reduce tables -> manifest.
+"""The corpus job: prepare shards -> Ray actor pool of model replicas -> reduce tables -> manifest -> report.
 
 The same code runs on a laptop (``ray.init()`` starts an embedded local Ray) and under ``ray job submit``
 (``RAY_ADDRESS`` is set, so ``ray.init()`` joins the cluster; each actor asks for ``gpus_per_actor``).
@@ -18,6 +18,7 @@ from flowray.pipeline.prepare import check_run_directory, prepare
 from flowray.pipeline.reduce import invalidate_manifest, reduce_run
 from flowray.pipeline.resources import check_cluster_resources
 from flowray.pipeline.storage import Storage
+from flowray.run_report import write_report
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ def run_job(config: JobConfig, *, crash_once: dict | None = None, ray_init: dict
         _map_stage(config, storage, pending, index, crash_once=crash_once, ray_init=ray_init or {})
     timings["map_s"] = round(time.time() - t_map, 2)  # actor start-up (model loads) included
     manifest = reduce_run(config, storage, index, started=started, resumed_shards=done, timings=timings)
+    write_report(storage)  # summary.md, figures, report.html: from the files just written, as `flowray report` does
     return RunResult(run_uri=storage.uri, manifest=manifest)
 
 
