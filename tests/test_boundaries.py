@@ -186,3 +186,16 @@ def test_the_reduce_imports_no_plotting_module():
     assert "flowray.tables" in reached and not reached & plotting, sorted(reached & plotting)
     drawers = sorted(m for m in reached if graph[m] & {"matplotlib", "PIL"})
     assert drawers == [], f"the reduce reaches modules that draw: {drawers}"
+
+
+def test_no_module_takes_another_modules_private_names():
+    """A piece two modules share is public in one of them; ``_names`` stay inside their module."""
+    known = {("flowray.stats", "flowray.api", "_unpack")}  # flowray.models.loading.model_parts is its public twin
+    found = set()
+    for path in ROOT.rglob("*.py"):
+        name = _module_name(path, ROOT)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("flowray"):
+                found |= {(name, node.module, a.name) for a in node.names
+                          if a.name.startswith("_") and node.module != name}
+    assert found - known == set()

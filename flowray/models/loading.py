@@ -52,6 +52,13 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
 
+def model_parts(model) -> tuple[torch.nn.Module, Adapter, object | None, str]:
+    """``(HF model, adapter, tokenizer or None, name)`` of a ``LoadedModel`` or of a plain HF causal LM."""
+    if isinstance(model, LoadedModel):
+        return model.model, model.adapter, model.tokenizer, model.name
+    return model, adapter_for(model), None, getattr(model.config, "name_or_path", "") or ""
+
+
 def cache_dir() -> Path:
     """Where converted models are kept: ``$FLOWRAY_CACHE`` or ``~/.cache/flowray``."""
     return Path(os.environ.get("FLOWRAY_CACHE", Path.home() / ".cache" / "flowray"))
