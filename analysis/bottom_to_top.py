@@ -55,6 +55,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import polars as pl
 
+from flowray.errors import InputError
 from flowray.tables import tau_columns
 
 run = common.open_run(RUN)
@@ -70,7 +71,7 @@ importance = run.table("component_importance").filter(pl.col("domain") == domain
 ffn_act = run.table("ffn_activation").filter((pl.col("domain") == domain) & (pl.col("tau") == tau)).collect()
 roles = run.table("head_roles").filter(pl.col("domain") == role_domain).collect()
 if activation.is_empty():
-    raise RuntimeError(f"no head_activation rows for domain {domain!r}; domains: {run.domains}")
+    raise InputError(f"DOMAIN: no head_activation rows for domain {domain!r}; expected one of {run.domains}")
 
 freq = common.grid(activation, "frequency", L, H)  # [L, H]
 head_imp = common.grid(importance.filter(pl.col("component") == "head"), "importance", L, H)  # [L, H]

@@ -199,3 +199,20 @@ def test_no_module_takes_another_modules_private_names():
                 found |= {(name, node.module, a.name) for a in node.names
                           if a.name.startswith("_") and node.module != name}
     assert found - known == set()
+
+
+def test_problems_are_raised_as_named_errors():
+    """Bad input, a missing library or an unusable model is a ``flowray.errors`` class (a FlowrayError the
+    CLI turns into one line), never a bare built-in exception."""
+    bare = {"ValueError", "ImportError", "RuntimeError", "KeyError", "TypeError", "ModuleNotFoundError"}
+    known = {("flowray.importance", "ValueError"), ("flowray.importance", "ImportError"),  # the kernels' checks
+             ("flowray.cpu_kernel", "ImportError"),
+             ("flowray.explorer.page", "RuntimeError")}  # the packaged page template lacks a marker: a broken install
+    found = set()
+    for path in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+                if isinstance(exc, ast.Name) and exc.id in bare:
+                    found.add((_module_name(path, ROOT), exc.id))
+    assert found - known == set()
