@@ -55,7 +55,15 @@ def _read_run(storage) -> _Run:
         raise InputError(f"{storage.uri!r} holds no {_MANIFEST}: it is not a finished flowray run (the job writes "
                          f"the manifest last); give the directory of a finished run, or finish this one with "
                          f"`flowray job run` and its config")
-    manifest = storage.read_json(_MANIFEST)
+    try:
+        manifest = storage.read_json(_MANIFEST)
+    except ValueError as exc:
+        raise InputError(f"{storage.uri!r}: {_MANIFEST} is not valid JSON ({exc}); re-run the job with its config "
+                         "to write it again") from None
+    missing = [key for key in ("config", "model", "tables") if key not in manifest]
+    if missing:
+        raise InputError(f"{storage.uri!r}: {_MANIFEST} has no {', '.join(missing)}; expected a flowray run's "
+                         "manifest; re-run the job with its config to write it again")
     tables = {}
     for name, rel in manifest["tables"].items():
         if not storage.exists(rel):

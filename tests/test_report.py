@@ -102,6 +102,9 @@ def test_flowray_report_of_an_unfinished_run_is_one_clear_line(tmp_path, capsys)
     (run / "tables" / "head_roles.parquet").unlink()
     assert main(["report", str(run)]) == 2
     assert "the table tables/head_roles.parquet that its manifest lists is missing" in capsys.readouterr().err
+    (run / "manifest.json").write_text('{"run_name": "r"')
+    assert main(["report", str(run)]) == 2
+    assert "manifest.json is not valid JSON" in capsys.readouterr().err
     storage.delete("manifest.json")
     assert main(["report", str(run)]) == 2
     err = capsys.readouterr().err.strip()
