@@ -146,7 +146,7 @@ def _rows(domain, n, *, prev, same, first, comps, heads, target=True, start=0, w
     return pa.table(data, schema=schema)
 
 
-def test_every_column_of_a_tau_is_named_by_one_helper_and_read_back():
+def test_every_column_of_a_tau_is_named_in_one_place_and_read_back():
     cols = tau_columns(0.03)
     assert (cols.route_heads, cols.route_ffn, cols.pruned_heads) == ("route_heads@0.03", "route_ffn@0.03",
                                                                      "pruned_heads@0.03")
