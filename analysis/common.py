@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
+from flowray.errors import InputError
+
 ANALYSIS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(ANALYSIS_DIR)
 
@@ -27,7 +29,7 @@ REPO_ROOT = os.path.dirname(ANALYSIS_DIR)
 ROLE_COLOURS = {"previous_token": "#f2c500", "subword_merging": "#d62728"}
 
 
-class RunNotReadyError(RuntimeError):
+class RunNotReadyError(InputError):
     """The run directory has no manifest.json: the job has not finished (the manifest is written last)."""
 
 
@@ -114,7 +116,7 @@ class Run:
         for c in self.config.get("corpora", []):
             if c["domain"] == domain:
                 return c
-        raise KeyError(f"domain {domain!r} is not in this run; domains: {self.domains}")
+        raise InputError(f"domain {domain!r} is not in this run; expected one of {self.domains}")
 
     def language(self, domain: str) -> str:
         return self.corpus(domain).get("language", "en")

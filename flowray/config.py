@@ -18,9 +18,9 @@ from typing import Any
 
 from flowray.checks import check_tau
 from flowray.errors import ConfigError
+from flowray.models.dtypes import DTYPES
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _type_name(t) -> str:

@@ -17,7 +17,8 @@ from flowray.errors import ConfigError
 from flowray.pipeline.commit import commit_shard, load_shard, pending_shards, verify_shard
 from flowray.pipeline.reduce import EmptyDomainError, IncompleteRunError, exactly_once, reduce_run
 from flowray.pipeline.storage import Storage
-from flowray.tables import ERRORS, predictions_schema
+from flowray.run_report import write_report
+from flowray.tables import ERRORS, predictions_schema, tau_columns
 
 TAU = (0.03,)
 DOMAINS = ("gen", "code")
@@ -29,7 +30,7 @@ def _config(**extra) -> JobConfig:
 
 
 def _predictions(domain: str, shard_id: str, docs: list[str], T: int = 3) -> pa.Table:
-    rows = []
+    rows, cols = [], tau_columns(TAU[0])
     for doc in docs:
         for p in range(T):
             rows.append({
@@ -38,7 +39,7 @@ def _predictions(domain: str, shard_id: str, docs: list[str], T: int = 3) -> pa.
                 "predicted_token": "x", "word_index": p, "first_subword": True, "pos": "NOUN", "next_pos": None,
                 "target": True, "component_importance": [0.2, 0.1 if domain == "gen" else 0.4, 0.5],
                 "prev_token_share": [0.9, 0.1], "same_word_share": [0.0, 0.0],
-                "route_heads@0.03": [0], "route_ffn@0.03": [0], "bos": False, "pruned_heads@0.03": [0, 1],
+                "bos": False, cols.route_heads: [0], cols.route_ffn: [0], cols.pruned_heads: [0, 1],
             })
     return pa.Table.from_pylist(rows, schema=predictions_schema(TAU))
 
@@ -203,6 +204,7 @@ def test_another_domain_whose_every_text_failed_is_stated(run, tmp_path):
         _commit(storage, shard, predicted=[], failed=shard["doc_ids"])
     manifest = _reduce(storage, index)
     assert manifest["domains_without_predictions"] == ["code"]
+    write_report(storage)
     summary = (tmp_path / "run" / "summary.md").read_text()
     assert "| code | 4 | 0 | 0 | 4 (every text failed" in summary
 

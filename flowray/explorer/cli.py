@@ -1,22 +1,23 @@
 """``flowray explore``: the subcommand's parser and handler (registered by ``flowray.cli``).
 
-It takes the route command's model and text options and validators from ``flowray.cli``, so bad input
-gets the same messages as ``flowray route``.
+Its model and text options and their checks are the route command's (``flowray.cli_common``), so bad
+input gets the same messages as ``flowray route``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from flowray.cli_common import (add_model_args, add_text_args, check_texts, load_model_from_args, progress,
+                                texts_from_args)
+from flowray.cli_types import positive_int, tau_arg
 from flowray.errors import InputError
 
 
 def register_cli(sub) -> None:
-    from flowray.cli import _add_model_args, _add_text_args, positive_int, tau_arg
-
     p = sub.add_parser("explore", help="write an interactive route explorer: one self-contained, offline HTML page")
-    _add_model_args(p)
-    _add_text_args(p)
+    add_model_args(p)
+    add_text_args(p)
     p.add_argument("--tau", type=tau_arg, default=0.04,
                    help="the threshold the page opens with, in (0, 1) (default 0.04; a slider changes it)")
     p.add_argument("--position", type=int, default=-1,
@@ -32,23 +33,22 @@ def register_cli(sub) -> None:
 
 
 def cmd_explore(args) -> int:
-    from flowray.cli import _check_texts, _load, _progress, read_texts
     from flowray.explorer.build import prompt_view
     from flowray.explorer.page import check_html_path, write_explorer
     from flowray.io_checks import check_output_file
 
-    texts = [args.text] if args.text is not None else read_texts(args.file)
+    texts = texts_from_args(args)
     if args.compare is not None:
         if args.file is not None:
             raise InputError("--compare pairs one --text with a second text; it cannot be used with --file")
         texts.append(args.compare)
-    _check_texts(texts)
+    check_texts(texts)
     check_output_file(args.out, "--out")  # the route command's checks first: the same errors for the same input
     check_html_path(args.out)
-    lm = _load(args)
+    lm = load_model_from_args(args)
     views = [prompt_view(lm, text, position=args.position, max_tokens=args.max_tokens, top_k=args.top_k,
                          backend=args.backend, chunk_size=args.chunk_size, prepend_bos=args.prepend_bos)
-             for text in _progress(texts, len(texts), "prompts")]
+             for text in progress(texts, len(texts), "prompts")]
     path = write_explorer(views, args.out, compare=args.compare is not None, tau=args.tau, title=args.title)
     v = views[0]
     top = v.vocab[int(v.top_ids[v.position, 0])]

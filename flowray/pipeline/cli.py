@@ -19,6 +19,7 @@ def _config(args):
 
 def cmd_run(args) -> int:
     from flowray.pipeline.job import run_job
+    from flowray.run_report import FIGURES, SUMMARY
 
     config = _config(args)
     result = run_job(config)
@@ -27,12 +28,12 @@ def cmd_run(args) -> int:
     print(f"\nrun {m['run_name']}: {c['texts_in']} texts, {c['predictions_written']} predictions, "
           f"{c['error_rows']} error rows ({m['elapsed_s']} s)")
     print(f"  tables : {result.run_uri}/tables/")
-    print(f"  figures: {', '.join(f'{result.run_uri}/{f}' for f in m['figures'])}")
-    print(f"  summary: {result.run_uri}/summary.md")
+    print(f"  figures: {', '.join(f'{result.run_uri}/{f}' for f in FIGURES)}")
+    print(f"  summary: {result.run_uri}/{SUMMARY}")
     if args.show_summary:
         from flowray.pipeline.storage import Storage
 
-        print("\n" + Storage(result.run_uri).read_bytes("summary.md").decode())
+        print("\n" + Storage(result.run_uri).read_bytes(SUMMARY).decode())
     return 0
 
 

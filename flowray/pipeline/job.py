@@ -1,4 +1,4 @@
-"""The corpus job: prepare shards -> Ray actor pool of model replicas -> reduce tables -> manifest.
+"""The corpus job: prepare shards -> Ray actor pool of model replicas -> reduce tables -> manifest -> report.
 
 The same code runs on a laptop (``ray.init()`` starts an embedded local Ray) and under ``ray job submit``
 (``RAY_ADDRESS`` is set, so ``ray.init()`` joins the cluster; each actor asks for ``gpus_per_actor``).
@@ -18,6 +18,7 @@ from flowray.pipeline.prepare import check_run_directory, prepare
 from flowray.pipeline.reduce import invalidate_manifest, reduce_run
 from flowray.pipeline.resources import check_cluster_resources
 from flowray.pipeline.storage import Storage
+from flowray.run_report import write_report
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ class RunResult:
     manifest: dict
 
 
-def run_job(config: JobConfig, *, crash_once: dict | None = None, ray_init: dict | None = None) -> RunResult:
+def run_job(config: JobConfig, *, ray_init: dict | None = None) -> RunResult:
     """Run (or resume) the job described by ``config``; returns where it wrote and its manifest."""
     from flowray.models.loading import load_tokenizer
 
@@ -47,13 +48,14 @@ def run_job(config: JobConfig, *, crash_once: dict | None = None, ray_init: dict
              len(index["shards"]), done, len(pending), len(redone))
     t_map = time.time()
     if pending:
-        _map_stage(config, storage, pending, index, crash_once=crash_once, ray_init=ray_init or {})
+        _map_stage(config, storage, pending, index, ray_init=ray_init or {})
     timings["map_s"] = round(time.time() - t_map, 2)  # actor start-up (model loads) included
     manifest = reduce_run(config, storage, index, started=started, resumed_shards=done, timings=timings)
+    write_report(storage)  # summary.md, figures, report.html: from the files just written, as `flowray report` does
     return RunResult(run_uri=storage.uri, manifest=manifest)
 
 
-def _map_stage(config: JobConfig, storage: Storage, pending: list[str], index: dict, *, crash_once, ray_init) -> None:
+def _map_stage(config: JobConfig, storage: Storage, pending: list[str], index: dict, *, ray_init) -> None:
     import ray
 
     if not ray.is_initialized():
@@ -81,7 +83,7 @@ def _map_stage(config: JobConfig, storage: Storage, pending: list[str], index: d
     ds = ray.data.from_items([{"shard_id": s} for s in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(
         ShardWorker,
-        fn_constructor_kwargs=dict(run_uri=storage_uri, config=config, crash_once=crash_once, submitted=time.time()),
+        fn_constructor_kwargs=dict(run_uri=storage_uri, config=config, submitted=time.time()),
         # a shard is a big unit of work: one in flight per actor, so no shard queues behind a busy replica
         compute=ray.data.ActorPoolStrategy(min_size=config.min_actors or config.actors, max_size=config.actors,
                                            max_tasks_in_flight_per_actor=1),

@@ -276,21 +276,15 @@ def _error_row(doc: dict, exc: Exception) -> dict:
 
 
 class ShardWorker:
-    """The actor class of the Ray pipeline: one shard id in, its outputs written, a summary row out.
+    """The actor class of the Ray pipeline: one shard id in, its outputs written, a summary row out."""
 
-    ``crash_once`` is fault injection for tests (``{"shard_id": ..., "marker": path}``): the worker dies
-    after that shard's first batch, before anything of it is written, once (the marker file says so).
-    """
-
-    def __init__(self, *, run_uri: str, config: JobConfig, crash_once: dict | None = None,
-                 submitted: float | None = None):
+    def __init__(self, *, run_uri: str, config: JobConfig, submitted: float | None = None):
         from flowray.pipeline.storage import Storage
 
         started = time.time()
         t0 = time.perf_counter()
         self.storage = Storage(run_uri)
         self.flow = FlowWorker(config)
-        self.crash_once = crash_once
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         # the map stage's start (driver clock) to this constructor: Ray starting the worker process
         ray_start = None if submitted is None else round(max(0.0, started - submitted), 3)
@@ -298,26 +292,13 @@ class ShardWorker:
                         "init_s": round(time.perf_counter() - t0, 3)}
         log.info("actor %s started in %.1f s: %s", self.name, self.startup["init_s"], self.startup)
 
-    def _fault(self, shard_id: str):
-        spec = self.crash_once
-        if not spec or spec.get("shard_id") != shard_id or os.path.exists(spec["marker"]):
-            return None
-
-        def crash() -> None:
-            with open(spec["marker"], "w") as fh:
-                fh.write(self.name)
-            log.error("fault injection: worker %s dies while processing %s", self.name, shard_id)
-            os._exit(17)  # a hard process death, as an OOM kill or a lost node would be
-
-        return crash
-
     def __call__(self, batch: dict) -> dict:
         out = {k: [] for k in ("shard_id", "texts", "predictions", "errors", "seconds", "worker")}
         for shard_id in batch["shard_id"]:
             shard_id = str(shard_id)
             t0 = time.perf_counter()
             docs = self.storage.read_table(f"shards/{shard_id}.parquet").to_pylist()
-            predictions, errors = self.flow.process(docs, on_batch=self._fault(shard_id))
+            predictions, errors = self.flow.process(docs)
             seconds = time.perf_counter() - t0
             summary = {"shard_id": shard_id, "texts": len(docs), "predictions": predictions.num_rows,
                        "errors": errors.num_rows, "seconds": seconds, "worker": self.name,
