@@ -18,6 +18,8 @@ import threading
 
 import numpy as np
 
+from flowray.errors import MissingDependencyError
+
 # numba is imported on the first kernel call, not here: its thread pool is sized when it is imported
 AVAILABLE = importlib.util.find_spec("numba") is not None
 numba = None  # the module, once imported (the compiled functions below refer to numba.prange)
@@ -178,7 +180,7 @@ def _kernels(threads: int) -> dict:
     with _lock:
         if not _compiled:
             if not AVAILABLE:  # pragma: no cover - guarded by the caller
-                raise ImportError("the CPU kernel needs numba: pip install numba")
+                raise MissingDependencyError("the CPU kernel needs numba: pip install numba")
             os.environ.setdefault("NUMBA_NUM_THREADS", str(max(1, threads)))
             import numba as _numba
 

@@ -22,6 +22,7 @@ import os
 import torch
 import triton
 
+from flowray.errors import InputError
 from flowray.kernels import triton_jit as jit
 from flowray.kernels.base import Block, BlockOut, HeadOutputs, Kernel, check_heads, flat_output_projection
 
@@ -171,7 +172,7 @@ class TritonKernel(Kernel):
         d = y.shape[1]
         K = len(blk.parts)
         if K not in (1, 2):
-            raise ValueError(f"the Triton kernel finishes nodes of 1 or 2 direct parts; got {K}")
+            raise InputError(f"the Triton kernel finishes nodes of 1 or 2 direct parts; got {K}")
         z0, z1 = blk.parts[0], blk.parts[-1]
         starts, lengths = _spans(blk, y.device)
         dev = y.device
@@ -181,7 +182,7 @@ class TritonKernel(Kernel):
         prev = out.prev if out.prev is not None else spare
         same = out.same if out.same is not None else spare
         if prev.stride() != hs.stride() or same.stride() != hs.stride():
-            raise ValueError("head_sum, prev and same must share their strides")
+            raise InputError("head_sum, prev and same must share their strides")
         words = out.words if out.same is not None else lengths.view(G, 1)
         source = out.source is not None
         srcm = out.source_mask if source else lengths.view(G, 1)
