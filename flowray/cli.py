@@ -15,7 +15,7 @@ from pathlib import Path
 from flowray.baselines.options import ABLATION_MODES, DEFAULT_KS
 from flowray.cli_types import backend_arg, positive_int, positive_ints, tau_arg
 from flowray.config import DTYPES
-from flowray.errors import FlowrayError, InputError
+from flowray.errors import FlowrayError, InputError, Terminated, raise_on_sigterm
 from flowray.explorer.cli import register_cli as register_explore
 from flowray.pipeline.cli import register_cli as register_job
 from flowray.tasks import IOI_TEMPLATE_SETS
@@ -330,11 +330,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("transformers", "urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    raise_on_sigterm()  # a SIGTERM (kill, a scheduler) ends like Ctrl-C: cleanup runs, one line, status 143
     try:
         return int(args.handler(args) or 0)
     except FlowrayError as exc:
         print(f"flowray: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("flowray: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("flowray: interrupted", file=sys.stderr)
         return 130

@@ -21,7 +21,7 @@ def cmd_run(args) -> int:
     from flowray.pipeline.job import run_job
 
     config = _config(args)
-    result = run_job(config)
+    result = run_job(config, restart=args.restart)
     m = result.manifest
     c = m["counts"]
     print(f"\nrun {m['run_name']}: {c['texts_in']} texts, {c['predictions_written']} predictions, "
@@ -55,4 +55,7 @@ def register_cli(subparsers) -> None:
                        help="override a top-level config key, e.g. --set texts_per_domain=8 (repeatable)")
         if name == "run":
             q.add_argument("--show-summary", action="store_true", help="print summary.md at the end")
+            q.add_argument("--restart", action="store_true",
+                           help="discard what the run directory holds (another config's run, a run whose corpus "
+                           "changed) and start it again, instead of resuming")
         q.set_defaults(handler=handler)
