@@ -15,9 +15,10 @@ from pathlib import Path
 from flowray.baselines.options import ABLATION_MODES, DEFAULT_KS
 from flowray.cli_types import backend_arg, positive_int, positive_ints, tau_arg
 from flowray.config import DTYPES
-from flowray.errors import FlowrayError, InputError, Terminated, raise_on_sigterm
+from flowray.errors import FlowrayError, InputError, Terminated
 from flowray.explorer.cli import register_cli as register_explore
 from flowray.pipeline.cli import register_cli as register_job
+from flowray.signals import raise_on_sigterm
 from flowray.tasks import IOI_TEMPLATE_SETS
 from flowray.threads import prefer_short_spin
 

@@ -47,15 +47,3 @@ class UnsupportedVersionError(FlowrayError, ImportError):
 class Terminated(KeyboardInterrupt):
     """The process was sent SIGTERM: it stops as an interrupt does (cleanup runs; the CLI exits with 143)."""
 
-
-def raise_on_sigterm() -> None:
-    """Turn SIGTERM into ``Terminated`` in this process (main thread only; call again after a library,
-    such as ``ray.init``, installs a handler of its own)."""
-    import signal
-    import threading
-
-    def handler(signum, frame):
-        raise Terminated()
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)

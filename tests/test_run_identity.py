@@ -156,3 +156,17 @@ def test_only_the_files_committed_markers_list_are_read(run, tmp_path):
     assert lazy.collect().height == manifest["counts"]["predictions_written"]
     assert remove_unplanned(storage, index["shards"]) == ["predictions/notes-00005.parquet"]
     assert sorted(storage.list("predictions")) == [f"notes-0000{i}.parquet" for i in range(3)]
+
+
+def test_restart_discards_the_run_but_not_its_lease(run, tmp_path):
+    from flowray.pipeline.job import discard_run
+    from flowray.pipeline.lock import LOCK, RunLock
+
+    config, storage, index = run
+    reduce_run(config, storage, index, started=0.0)
+    other = _config(tmp_path, max_tokens=16)
+    with RunLock(storage):
+        discard_run(storage)
+        assert storage.list("") == [LOCK] and not storage.list("done") and not storage.list("predictions")
+        check_same_experiment(other, storage)  # nothing of the old run is left to mix with
+        assert prepare(other, storage, tokenizer=None)["content_hash"] == other.content_hash()

@@ -13,13 +13,14 @@ import time
 from dataclasses import dataclass
 
 from flowray.config import JobConfig
-from flowray.errors import ConfigError, raise_on_sigterm
+from flowray.errors import ConfigError
 from flowray.pipeline.commit import pending_shards, remove_unplanned
 from flowray.pipeline.lock import RunLock
 from flowray.pipeline.prepare import check_same_experiment, check_writable, prepare
 from flowray.pipeline.reduce import reduce_run, withdraw_outputs
 from flowray.pipeline.resources import check_cluster_resources, check_ray_address
 from flowray.pipeline.storage import Storage, StorageError
+from flowray.signals import raise_on_sigterm
 
 log = logging.getLogger(__name__)
 # Everything a run writes besides its lease: what --restart discards.

@@ -177,8 +177,8 @@ class RunLock:
                     return
                 self.lease = Lease(**{**self.lease.__dict__, "heartbeat": time.time()})
                 self.storage.write_bytes(LOCK, _encode(self.lease))
-            except Exception:  # noqa: BLE001 - a missed beat is retried; only a stale lease is taken over
-                log.warning("could not renew the lease on %s", self.storage.uri, exc_info=True)
+            except Exception as exc:  # noqa: BLE001 - a missed beat is retried; only a stale lease is taken over
+                log.warning("could not renew the lease on %s: %s", self.storage.uri, exc)
 
     def check(self) -> None:
         if self.lost:
@@ -189,15 +189,15 @@ class RunLock:
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout=30)  # a beat stuck on a dead bucket must not hold the exit
         if self.lease is None or self.lost:
             return
         try:
             current = read_lease(self.storage)
             if current is not None and current.token == self.lease.token:
                 self.storage.delete(LOCK)
-        except Exception:  # noqa: BLE001 - a lease left behind is taken over later; the run's outcome stands
-            log.warning("could not release the lease on %s", self.storage.uri, exc_info=True)
+        except Exception as exc:  # noqa: BLE001 - a lease left behind is taken over later; the run's outcome stands
+            log.warning("could not release the lease on %s: %s", self.storage.uri, exc)
         self.lease = None
 
     def __enter__(self) -> RunLock:
