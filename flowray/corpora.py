@@ -455,32 +455,9 @@ def _task_text(task: str, p, contrastive: bool, variant: str) -> tuple[str, dict
 
 
 def source_files(source: dict) -> list[Path]:
-    """The local files a source reads, resolved as its reader resolves them (the corpus fingerprint).
-
-    Hub datasets read nothing local unless ``path`` or ``data_files`` name local files or folders;
-    stdlib_code, pydoc_topics and task sources read the interpreter's files or none.
-    """
+    """The files a jsonl / parquet / text source reads, resolved as its reader resolves them ([] for others)."""
     src = validate_source(source)
-    kind = src["kind"]
-    if kind in ("jsonl", "parquet", "text"):
-        return _resolve_paths(kind, src["paths"], src["base_dir"])
-    if kind != "hf":
-        return []
-    found: list[Path] = []
-    local = Path(src["path"]).expanduser()
-    if local.is_file():
-        found.append(local)
-    elif local.is_dir():
-        found += sorted(p for p in local.rglob("*") if p.is_file() and ".cache" not in p.relative_to(local).parts)
-    data_files = src["data_files"]
-    entries = data_files if isinstance(data_files, list) else [data_files] if isinstance(data_files, str) else \
-        [f for files in (data_files or {}).values() for f in files]
-    for entry in entries:
-        base = local if local.is_dir() else Path.cwd()
-        path = Path(entry).expanduser()
-        found += sorted(Path(m) for m in glob.glob(str(path if path.is_absolute() else base / path), recursive=True)
-                        if os.path.isfile(m))
-    return list(dict.fromkeys(found))
+    return _resolve_paths(src["kind"], src["paths"], src["base_dir"]) if "paths" in src else []
 
 
 _READERS: dict[str, Callable[..., Iterator[Document]]] = {

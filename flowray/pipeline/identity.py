@@ -9,6 +9,7 @@ only (path, config name, split): their content cannot be seen offline.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import platform
@@ -57,10 +58,27 @@ def _short(value) -> str:
 
 # --- corpus -------------------------------------------------------------------------------------------
 def _source_files(source: dict) -> list[Path]:
-    """The local files a source reads (hub datasets: none)."""
-    from flowray.corpora import source_files
+    """The local files a source reads: its paths, or a hub dataset's local folder / ``data_files``."""
+    from flowray.corpora import source_files, validate_source
 
-    return source_files(source)
+    src = validate_source(source)
+    if src["kind"] != "hf":
+        return source_files(src)
+    found: list[Path] = []
+    local = Path(src["path"]).expanduser()
+    if local.is_file():
+        found.append(local)
+    elif local.is_dir():
+        found += sorted(p for p in local.rglob("*") if p.is_file() and ".cache" not in p.relative_to(local).parts)
+    data_files = src["data_files"]
+    entries = [data_files] if isinstance(data_files, str) else data_files if isinstance(data_files, list) else \
+        [f for files in (data_files or {}).values() for f in files]
+    base = local if local.is_dir() else Path.cwd()
+    for entry in entries:
+        path = Path(entry).expanduser()
+        found += sorted(Path(m) for m in glob.glob(str(path if path.is_absolute() else base / path), recursive=True)
+                        if os.path.isfile(m))
+    return list(dict.fromkeys(found))
 
 
 def _file_record(path: Path) -> dict:

@@ -277,7 +277,8 @@ def _error_row(doc: dict, exc: Exception) -> dict:
 
 
 class ShardWorker:
-    """The actor class of the Ray pipeline: one shard id in, its outputs written, a summary row out.
+    """The actor class of the Ray pipeline: one shard id in, its outputs written, a summary row out (a
+    storage fault, such as a full disk, comes back in the row's ``fault`` for the driver to report).
 
     ``crash_once`` is fault injection for tests (``{"shard_id": ..., "marker": path}``): the worker dies
     after that shard's first batch, before anything of it is written, once (the marker file says so).
