@@ -105,10 +105,14 @@ def test_a_worker_that_dies_mid_shard_loses_nothing(tmp_path, tiny_model_dir, lo
     _check_exactly_once(tmp_path / "runs" / "crash", 14)
 
 
-def test_a_different_config_on_the_same_run_is_refused(tmp_path, tiny_model_dir, local_ray):
+def test_a_different_config_on_the_same_run_is_refused(tmp_path, tiny_model_dir, monkeypatch):
+    from flowray.pipeline import job
     from flowray.pipeline.job import run_job
+    from flowray.pipeline.reduce import IncompleteRunError
 
-    run_job(JobConfig.from_dict(_config(tmp_path, tiny_model_dir, run_name="same", texts_per_domain=2)))
+    monkeypatch.setattr(job, "_map_stage", lambda *a, **k: None)  # the prepared run is what is compared
+    with pytest.raises(IncompleteRunError):
+        run_job(JobConfig.from_dict(_config(tmp_path, tiny_model_dir, run_name="same", texts_per_domain=2)))
     with pytest.raises(ConfigError, match="different config"):
         run_job(JobConfig.from_dict(_config(tmp_path, tiny_model_dir, run_name="same", texts_per_domain=3)))
 

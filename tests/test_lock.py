@@ -24,7 +24,7 @@ while time.time() < start:  # the last few ms spun, so the processes leave toget
 try:
     with RunLock(Storage(uri), settle_s=float(sys.argv[3])):
         print("OWNER", flush=True)
-        time.sleep(1.5)
+        time.sleep(1.0)
 except RunLockedError as exc:
     print("REFUSED", exc)
 """
@@ -32,7 +32,7 @@ except RunLockedError as exc:
 
 def race(uri: str, n: int = 3, settle_s: float = 0.2, env=None) -> list[str]:
     """Start ``n`` processes that ask for the lease of ``uri`` at the same instant; their outputs."""
-    start = time.time() + 2.5  # every interpreter has started and imported flowray by then
+    start = time.time() + 1.5  # every interpreter has started and imported flowray by then
     procs = [subprocess.Popen([sys.executable, "-c", RACER, uri, str(start), str(settle_s)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env) for _ in range(n)]
     outs = [p.communicate(timeout=60) for p in procs]
