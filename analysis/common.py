@@ -131,9 +131,19 @@ class Run:
     def path(self, *parts: str) -> str:
         return join(self.uri, *parts)
 
+    def files(self, kind: str) -> list[str]:
+        """The run's ``kind`` files (``predictions`` or ``errors``): exactly those its verified commit markers
+        list in the manifest. Never a glob: a run directory may hold files of an older shard layout."""
+        listed = (self.manifest.get("outputs") or {}).get(kind)
+        if listed is None:
+            raise RunNotReadyError(
+                f"the manifest of {self.uri} does not list its {kind} files (written by an older flowray); "
+                "produce the run again with `flowray job run --restart` and its config")
+        return [self.path(rel) for rel in listed]
+
     def predictions(self) -> pl.LazyFrame:
         """One row per prediction (see ``flowray.tables.predictions_schema``)."""
-        return pl.scan_parquet(self.path("predictions", "*.parquet"))
+        return pl.scan_parquet(self.files("predictions"))
 
     def table(self, name: str) -> pl.LazyFrame:
         rel = self.manifest.get("tables", {}).get(name, f"tables/{name}.parquet")

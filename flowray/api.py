@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from flowray.capture import LayerActivations, capture_layers
+from flowray.checks import check_weights_loaded
 from flowray.errors import InputError
 from flowray.kernels import Block, BlockOut, KernelConfig, select_kernel
 from flowray.kernels.base import flat_output_projection
@@ -107,6 +108,7 @@ class EdgeImportances:
 
 
 def _unpack(model) -> tuple[torch.nn.Module, Adapter, object, str]:
+    check_weights_loaded(model.model if isinstance(model, LoadedModel) else model)  # meta device: InputError
     if isinstance(model, LoadedModel):
         return model.model, model.adapter, model.tokenizer, model.name
     return model, adapter_for(model), None, getattr(model.config, "name_or_path", "") or ""

@@ -16,9 +16,10 @@ from flowray.baselines.options import ABLATION_MODES, DEFAULT_KS
 from flowray.cli_common import (add_model_args, add_text_args, check_texts, load_model_from_args, progress,
                                 texts_from_args)
 from flowray.cli_types import positive_int, positive_ints, tau_arg
-from flowray.errors import FlowrayError, InputError
+from flowray.errors import FlowrayError, InputError, Terminated
 from flowray.explorer.cli import register_cli as register_explore
 from flowray.pipeline.cli import register_cli as register_job
+from flowray.signals import raise_on_sigterm
 from flowray.tasks import IOI_TEMPLATE_SETS
 from flowray.threads import prefer_short_spin
 
@@ -277,11 +278,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("transformers", "urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    raise_on_sigterm()  # a SIGTERM (kill, a scheduler) ends like Ctrl-C: cleanup runs, one line, status 143
     try:
         return int(args.handler(args) or 0)
     except FlowrayError as exc:
         print(f"flowray: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("flowray: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("flowray: interrupted", file=sys.stderr)
         return 130

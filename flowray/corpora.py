@@ -462,6 +462,12 @@ def _task_text(task: str, p, contrastive: bool, variant: str) -> tuple[str, dict
     return prompt, meta
 
 
+def source_files(source: dict) -> list[Path]:
+    """The files a jsonl / parquet / text source reads, resolved as its reader resolves them ([] for others)."""
+    src = validate_source(source)
+    return _resolve_paths(src["kind"], src["paths"], src["base_dir"]) if "paths" in src else []
+
+
 _READERS: dict[str, Callable[..., Iterator[Document]]] = {
     "hf": _read_hf,
     "jsonl": _read_jsonl,

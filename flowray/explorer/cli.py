@@ -12,9 +12,12 @@ from flowray.cli_common import (add_model_args, add_text_args, check_texts, load
                                 texts_from_args)
 from flowray.cli_types import positive_int, tau_arg
 from flowray.errors import InputError
+from flowray.explorer.size import MAX_PAGE_MB
 
 
 def register_cli(sub) -> None:
+    from flowray.cli_types import positive_float
+
     p = sub.add_parser("explore", help="write an interactive route explorer: one self-contained, offline HTML page")
     add_model_args(p)
     add_text_args(p)
@@ -28,12 +31,19 @@ def register_cli(sub) -> None:
     p.add_argument("--top-k", type=positive_int, default=5, help="tokens shown per logit lens and prediction")
     p.add_argument("--title", default="", help="page title (default: the model name)")
     p.add_argument("--out", type=Path, required=True,
-                   help="the .html page (with --file: one page with a text selector)")
+                   help="the .html page (with --file: one page with a text selector). It holds every importance, "
+                   "so it grows as tokens^2: about 2.7 bytes x layers x heads x tokens^2 (SmolLM2, 30 x 9 heads: "
+                   "~3.5 MB at 64 tokens, ~117 MB at 400)")
+    p.add_argument("--max-page-mb", type=positive_float, default=MAX_PAGE_MB,
+                   help=f"refuse, before the model runs, a page larger than this (default {MAX_PAGE_MB} MB: "
+                   "headless Chromium opened a 130 MB page in ~3 s and a 357 MB one in ~10 s; a page of ~540 MB or "
+                   "more cannot be parsed at all, its data being one string over V8's limit); the error gives the "
+                   "--max-tokens that fits")
     p.set_defaults(handler=cmd_explore)
 
 
 def cmd_explore(args) -> int:
-    from flowray.explorer.build import prompt_view
+    from flowray.explorer.build import check_page_fits, prompt_view
     from flowray.explorer.page import check_html_path, write_explorer
     from flowray.io_checks import check_output_file
 
@@ -46,6 +56,8 @@ def cmd_explore(args) -> int:
     check_output_file(args.out, "--out")  # the route command's checks first: the same errors for the same input
     check_html_path(args.out)
     lm = load_model_from_args(args)
+    check_page_fits(lm, texts, max_tokens=args.max_tokens, top_k=args.top_k, prepend_bos=args.prepend_bos,
+                    max_page_mb=args.max_page_mb)
     views = [prompt_view(lm, text, position=args.position, max_tokens=args.max_tokens, top_k=args.top_k,
                          backend=args.backend, chunk_size=args.chunk_size, prepend_bos=args.prepend_bos)
              for text in progress(texts, len(texts), "prompts")]

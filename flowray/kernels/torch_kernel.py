@@ -50,7 +50,7 @@ def sub_edge_rows(y, probs, heads: HeadOutputs, p0: int, element_budget, dense_r
     ``[H, C, J]``, for one sequence's head outputs (``F`` ``[H, T, d]``): a ragged gather corrects."""
     H, C, J = probs.shape
     d = y.shape[-1]
-    values, w_o, F, F_max = heads.values, heads.w_o, heads.F, heads.f_max
+    values, F, F_max = heads.values, heads.F, heads.f_max
     group = H // values.shape[0]
     s = torch.where(y >= 0, 1.0, -1.0).to(y.dtype)  # [C, d]
     G = (s @ heads.w_flat).view(C, H, -1).transpose(0, 1)  # [H, C, dh]  s_p W_O^h^T, so s_p . F_hj = G_hp . v_j

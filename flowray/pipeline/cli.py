@@ -22,7 +22,7 @@ def cmd_run(args) -> int:
     from flowray.run_report import FIGURES, SUMMARY
 
     config = _config(args)
-    result = run_job(config)
+    result = run_job(config, restart=args.restart)
     m = result.manifest
     c = m["counts"]
     print(f"\nrun {m['run_name']}: {c['texts_in']} texts, {c['predictions_written']} predictions, "
@@ -56,4 +56,7 @@ def register_cli(subparsers) -> None:
                        help="override a top-level config key, e.g. --set texts_per_domain=8 (repeatable)")
         if name == "run":
             q.add_argument("--show-summary", action="store_true", help="print summary.md at the end")
+            q.add_argument("--restart", action="store_true",
+                           help="discard what the run directory holds (another config's run, a run whose corpus "
+                           "changed) and start it again, instead of resuming")
         q.set_defaults(handler=handler)

@@ -49,6 +49,20 @@ def invalidate_manifest(storage: Storage) -> None:
     storage.delete(MANIFEST)
 
 
+DERIVED_FILES = ("summary.md", "report.html")  # with the folders below: everything a reduce writes
+DERIVED_DIRS = ("tables", "figures")
+
+
+def withdraw_outputs(storage: Storage) -> None:
+    """Remove the manifest, then every file a reduce derives: a reduce that fails leaves none of the old ones
+    beside new data."""
+    invalidate_manifest(storage)
+    for rel in DERIVED_FILES:
+        storage.delete(rel)
+    for rel in DERIVED_DIRS:
+        storage.delete_dir(rel)
+
+
 def exactly_once(index: dict, shards: list[tuple[str, pa.Table, pa.Table]]) -> dict:
     """Each planned text appears once, from the doc ids actually present in the tables (not the plan).
 
@@ -96,7 +110,7 @@ def _load_committed(storage: Storage, index: dict) -> list[tuple[dict, dict, pa.
     loaded, failed = [], []
     for shard in index["shards"]:
         try:
-            loaded.append((shard, *load_shard(storage, shard["shard_id"])))
+            loaded.append((shard, *load_shard(storage, shard["shard_id"], identity=shard.get("identity"))))
         except ShardCheckError as exc:
             failed.append(f"{shard['shard_id']}: {exc}")
     if failed:
@@ -107,10 +121,13 @@ def _load_committed(storage: Storage, index: dict) -> list[tuple[dict, dict, pa.
 
 
 def reduce_run(config: JobConfig, storage: Storage, index: dict, *, started: float, resumed_shards: int = 0,
-               timings: dict | None = None) -> dict:
-    """Aggregate every verified shard; check that each text appears exactly once; write the manifest last."""
+               timings: dict | None = None, guard=None) -> dict:
+    """Aggregate every verified shard; check that each text appears exactly once; write the manifest last.
+
+    ``guard()``, when given, runs just before the manifest is written (the run's lease check).
+    """
     t_reduce = time.time()
-    invalidate_manifest(storage)  # before anything can fail: a stale manifest must not outlive its files
+    withdraw_outputs(storage)  # before anything can fail: no stale manifest, table or summary outlives its files
     loaded = _load_committed(storage, index)
     markers = {shard["shard_id"]: marker for shard, marker, _, _ in loaded}
     check = exactly_once(index, [(shard["domain"], preds, errors) for shard, _, preds, errors in loaded])
@@ -151,6 +168,9 @@ def reduce_run(config: JobConfig, storage: Storage, index: dict, *, started: flo
             "shards_resumed": resumed_shards,
         },
         "domains": index["domains"],
+        "corpus": index.get("corpus"),  # the fingerprint of the sources the shards were prepared from
+        # the only files readers may take rows from: those the verified commit markers list (never a glob)
+        "outputs": {kind: [m["files"][kind]["path"] for m in markers.values()] for kind in ("predictions", "errors")},
         "every_text_exactly_once": exactly,  # from the doc ids in the tables (exactly_once), not the plan
         "exactly_once": {k: check[k] for k in ("texts_planned", "texts_found")},
         "shards_verified": len(loaded),  # each file's size and sha256 matched its commit marker
@@ -163,6 +183,8 @@ def reduce_run(config: JobConfig, storage: Storage, index: dict, *, started: flo
         "elapsed_s": round(time.time() - started, 1),
         "timings": {**(timings or {}), "reduce_s": round(time.time() - t_reduce, 2)},
     }
+    if guard is not None:
+        guard()
     storage.write_json(MANIFEST, manifest)  # last: readers know the run is complete
     log.info("reduce: %d predictions, %d error rows -> %s", n_predictions, errors.num_rows, storage.path("tables"))
     return manifest

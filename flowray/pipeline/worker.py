@@ -20,7 +20,8 @@ import pyarrow as pa
 
 from flowray.config import JobConfig
 from flowray.errors import FlowrayError, InputError, MissingDependencyError
-from flowray.pipeline.commit import commit_shard
+from flowray.pipeline.commit import commit_shard, read_shard_input
+from flowray.pipeline.storage import StorageError
 from flowray.tables import ERRORS, TextRows, predictions_schema
 
 log = logging.getLogger(__name__)
@@ -276,7 +277,8 @@ def _error_row(doc: dict, exc: Exception) -> dict:
 
 
 class ShardWorker:
-    """The actor class of the Ray pipeline: one shard id in, its outputs written, a summary row out."""
+    """The actor class of the Ray pipeline: one shard id in, its outputs written, a summary row out (a
+    storage fault, such as a full disk, comes back in the row's ``fault`` for the driver to report)."""
 
     def __init__(self, *, run_uri: str, config: JobConfig, submitted: float | None = None):
         from flowray.pipeline.storage import Storage
@@ -293,11 +295,12 @@ class ShardWorker:
         log.info("actor %s started in %.1f s: %s", self.name, self.startup["init_s"], self.startup)
 
     def __call__(self, batch: dict) -> dict:
-        out = {k: [] for k in ("shard_id", "texts", "predictions", "errors", "seconds", "worker")}
+        out = {k: [] for k in ("shard_id", "texts", "predictions", "errors", "seconds", "worker", "fault")}
         for shard_id in batch["shard_id"]:
             shard_id = str(shard_id)
             t0 = time.perf_counter()
-            docs = self.storage.read_table(f"shards/{shard_id}.parquet").to_pylist()
+            config = self.flow.config
+            docs, identity = read_shard_input(self.storage, shard_id, config.content_hash(), config.texts_per_shard)
             predictions, errors = self.flow.process(docs)
             seconds = time.perf_counter() - t0
             summary = {"shard_id": shard_id, "texts": len(docs), "predictions": predictions.num_rows,
@@ -305,7 +308,10 @@ class ShardWorker:
                        "n_layers": self.flow.shape.n_layers, "n_heads": self.flow.shape.n_heads,
                        "pos_tagging": self.flow.pos_tagging is not None, "startup": self.startup,
                        "bos": None if self.flow.bos is None else self.flow.bos.to_dict()}
-            commit_shard(self.storage, shard_id, predictions, errors, summary)  # tables, then the marker
+            try:
+                commit_shard(self.storage, shard_id, predictions, errors, summary, identity)  # tables, then the marker
+            except StorageError as exc:  # disk full, read-only: data for the driver to report, not a crash
+                summary["fault"] = str(exc)
             for k in out:
-                out[k].append(summary[k])
+                out[k].append(summary.get(k))
         return out
