@@ -260,11 +260,11 @@ def yaml_loader():
 
 def _check_distinct_taus(taus) -> None:
     """Each tau names its own output columns (``route_heads@{tau:g}``): two that print alike would share one."""
-    from flowray.tables import route_heads_column
+    from flowray.tables import tau_columns
 
     seen: dict[str, float] = {}
     for t in taus:
-        column = route_heads_column(t)
+        column = tau_columns(t).route_heads
         if column in seen:
             same = "are equal" if seen[column] == t else f"both name the column {column!r}"
             raise ConfigError(f"tau: thresholds must be distinct; {seen[column]!r} and {t!r} {same} (taus are "

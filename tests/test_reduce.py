@@ -239,6 +239,7 @@ def test_a_corpus_of_only_empty_texts_stops_at_prepare(tmp_path):
 def test_a_failed_reduce_withdraws_every_derived_file(run, tmp_path):
     storage, index = run
     _reduce(storage, index)
+    write_report(storage)  # what the job does after a reduce
     derived = ["manifest.json", "summary.md", "report.html", "tables/head_roles.parquet",
                "figures/activation_map.png"]
     assert all(storage.exists(rel) for rel in derived)
