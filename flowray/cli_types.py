@@ -35,6 +35,17 @@ def positive_int(value: str) -> int:
     return n
 
 
+def positive_float(value: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number; got {value!r}") from None
+    if not 0 < x < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number; got {value!r}")
+    return x
+
+
 def positive_ints(value: str) -> tuple[int, ...]:
     """argparse type: comma-separated positive integers like ``1,5,10``."""
     try:

@@ -139,6 +139,15 @@ class KeyRows(Sequence):
             self._copied.record(torch.cuda.current_stream(keys.device))
         self._values = self._offsets = None
 
+    @classmethod
+    def from_offsets(cls, values: np.ndarray, offsets: np.ndarray) -> KeyRows:
+        """Rows already split on the host: row p is ``values[offsets[p] : offsets[p + 1]]``."""
+        rows = cls.__new__(cls)
+        rows.width, rows.T = None, len(offsets) - 1
+        rows._keys = rows._copied = None
+        rows._values, rows._offsets = values, offsets
+        return rows
+
     def _split(self) -> None:
         if self._copied is not None:
             self._copied.synchronize()

@@ -11,7 +11,6 @@ section 4 vectors: ``L * H`` head importances ``sum_j e^h_{pos,j}`` (layer-major
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -31,20 +30,38 @@ SPECIALISED_RATIO = 2.0
 SPECIALISED_TOP_FRACTION = 0.05
 
 
-def route_heads_column(tau: float) -> str:
-    """Column with the flat head ids in each prediction's route at ``tau``, e.g. ``route_heads@0.01``."""
-    return f"route_heads@{tau:g}"
+@dataclass(frozen=True)
+class TauColumns:
+    """The names of the columns of one route threshold, ``<what>@<tau>`` with tau written ``f"{tau:g}"``:
+    ``tau_columns(tau)`` gives them, ``column_tau(name)`` reads the tau back."""
+
+    tau: float
+    route_heads: str  # predictions: flat head ids in each prediction's route
+    route_ffn: str  # predictions: layers whose FFN edge is in each prediction's route
+    pruned_heads: str  # predictions: flat head ids whose pruned importance at the prediction exceeds SILENT_INFLUENCE
+    silent_fraction_pruned: str  # head_roles: share of first subwords where the head is not in pruned_heads
+    subword_merging_pruned: str  # head_roles: subword-merging criterion (i) and that pruned silence
 
 
-def route_ffn_column(tau: float) -> str:
-    """Column with the layers whose FFN edge is in each prediction's route at ``tau``."""
-    return f"route_ffn@{tau:g}"
+_TAU_PREFIXES = {"route_heads": "route_heads", "route_ffn": "route_ffn", "pruned_heads": "pruned_heads",
+                 "silent_fraction_pruned": "first_subword_silent_fraction_pruned",
+                 "subword_merging_pruned": "subword_merging_pruned"}  # TauColumns field -> name before "@"
 
 
-def pruned_heads_column(tau: float) -> str:
-    """Column with the flat head ids not silent at the prediction's own attention node after tau-pruning:
-    their pruned, renormalised importance there exceeds ``SILENT_INFLUENCE`` (e.g. ``pruned_heads@0.01``)."""
-    return f"pruned_heads@{tau:g}"
+def tau_columns(tau: float) -> TauColumns:
+    """The columns of ``tau``: ``tau_columns(0.01).route_heads == "route_heads@0.01"``."""
+    return TauColumns(float(tau), **{field: f"{prefix}@{tau:g}" for field, prefix in _TAU_PREFIXES.items()})
+
+
+def column_tau(name: str) -> float | None:
+    """The tau of a ``TauColumns`` name (``"route_ffn@0.04"`` -> 0.04); None for any other column."""
+    prefix, at, tau = name.rpartition("@")
+    if not at or prefix not in _TAU_PREFIXES.values():
+        return None
+    try:
+        return float(tau)
+    except ValueError:
+        return None
 
 
 def predictions_schema(taus) -> pa.Schema:
@@ -75,37 +92,9 @@ def predictions_schema(taus) -> pa.Schema:
         pa.field("source_edge_importance", pa.list_(pa.float32())),
     ]
     for tau in taus:
-        fields.append(pa.field(route_heads_column(tau), pa.list_(pa.uint16())))
-        fields.append(pa.field(route_ffn_column(tau), pa.list_(pa.uint16())))
-        fields.append(pa.field(pruned_heads_column(tau), pa.list_(pa.uint16())))
+        cols = tau_columns(tau)
+        fields += [pa.field(name, pa.list_(pa.uint16())) for name in (cols.route_heads, cols.route_ffn, cols.pruned_heads)]
     return pa.schema(fields)
-
-
-def parquet_layout(schema: pa.Schema) -> dict:
-    """``pyarrow.parquet.write_table`` options for a table of this module, column by column.
-
-    Measured on the job's prediction rows (7B shape, synthetic values with SmolLM2's mix; and a real SmolLM2
-    run): float vectors (list<float32>: components, shares) as BYTE_STREAM_SPLIT + zstd level 1 (the
-    exponent bytes compress, the mantissas do not: zstd on plain floats costs as much and saves less);
-    route lists (sorted small ints) as DELTA_BINARY_PACKED + zstd; both without dictionary (floats never
-    repeat enough) or statistics (no reader filters on a list's element). Scalar columns keep dictionaries,
-    zstd and statistics (readers filter on domain, doc_id, position). Against zstd with dictionaries and
-    statistics everywhere: ~0.7x the encode + sha256 CPU and 0.86x the bytes at the 7B shape, 0.4x and 0.7x
-    on SmolLM2's rows. Readers see the same schema and values. A list's Parquet leaf is ``<name>.list.element``.
-    """
-    vectors, ids, scalars = [], [], []
-    for f in schema:
-        if pa.types.is_list(f.type):
-            leaf = f"{f.name}.list.element"
-            (vectors if pa.types.is_floating(f.type.value_type) else ids).append(leaf)
-        else:
-            scalars.append(f.name)
-    return {
-        "compression": "zstd",
-        "use_dictionary": scalars,
-        "write_statistics": scalars,
-        "column_encoding": {**dict.fromkeys(vectors, "BYTE_STREAM_SPLIT"), **dict.fromkeys(ids, "DELTA_BINARY_PACKED")},
-    }
 
 
 ERRORS = pa.schema([
@@ -235,11 +224,11 @@ class TextRows:
             "source_edge_importance": pa.array(source, pa.list_(pa.float32())),
         }
         for tau, rows in self.route_heads.items():
-            cols[route_heads_column(tau)] = _ragged_column(rows, pa.uint16())
+            cols[tau_columns(tau).route_heads] = _ragged_column(rows, pa.uint16())
         for tau, rows in self.route_ffn.items():
-            cols[route_ffn_column(tau)] = _ragged_column(rows, pa.uint16())
+            cols[tau_columns(tau).route_ffn] = _ragged_column(rows, pa.uint16())
         for tau, rows in self.pruned_heads.items():
-            cols[pruned_heads_column(tau)] = _ragged_column(rows, pa.uint16())
+            cols[tau_columns(tau).pruned_heads] = _ragged_column(rows, pa.uint16())
         table = pa.table([cols[f.name] for f in schema], schema=schema)
         return table.slice(1) if self.bos else table  # the BOS position is no prediction of the text
 
@@ -256,7 +245,7 @@ class _DomainStats:
     head_active: dict = field(default_factory=dict)  # tau -> [L*H] counts over target rows
     ffn_active: dict = field(default_factory=dict)  # tau -> [L]
     comp_sum: np.ndarray | None = None  # [L*H + L] over target rows
-    role_counts: dict = field(default_factory=dict)  # ROLE_COUNTS name -> [L*H] (cases: ints)
+    role_counts: dict = field(default_factory=dict)  # _role_count_names key -> [L*H] (cases: ints)
     pos_sum: dict = field(default_factory=dict)  # (kind, tag) -> [L*H + L] sum over target rows
     pos_n: dict = field(default_factory=dict)
     source_edges: dict = field(default_factory=dict)  # doc_id -> [L*H] (tasks: source_edge_importance)
@@ -275,9 +264,9 @@ class _DomainStats:
 _CASES = ("cases_previous", "cases_later_subword", "cases_first_subword")
 
 
-def _role_count_names(taus) -> list[str]:
+def _role_count_names(taus) -> list:
     return ["previous_major", "previous_zero_influence", "same_word_major", "later_subword_zero_influence",
-            "first_subword_silent", *(f"first_subword_silent_pruned@{tau:g}" for tau in taus)]
+            "first_subword_silent", *(("first_subword_silent_pruned", tau) for tau in taus)]
 
 
 def _matrix(column: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
@@ -322,10 +311,11 @@ class Accumulator:
             self._roles_update(st, part, position, bos, word, first, comps[:, :LH])
             self._sources_update(st, part)
             for tau in self.taus:
-                heads = part.column(route_heads_column(tau)).filter(pa.array(target))
+                cols = tau_columns(tau)
+                heads = part.column(cols.route_heads).filter(pa.array(target))
                 flat = heads.combine_chunks().flatten().to_numpy(zero_copy_only=False) if len(heads) else []
                 st.head_active[tau] += np.bincount(np.asarray(flat, dtype=np.int64), minlength=LH)[:LH]
-                ffn = part.column(route_ffn_column(tau)).filter(pa.array(target))
+                ffn = part.column(cols.route_ffn).filter(pa.array(target))
                 flat = ffn.combine_chunks().flatten().to_numpy(zero_copy_only=False) if len(ffn) else []
                 st.ffn_active[tau] += np.bincount(np.asarray(flat, dtype=np.int64), minlength=self.L)[: self.L]
             for kind in ("pos", "next_pos"):
@@ -366,9 +356,9 @@ class Accumulator:
         c["cases_first_subword"] += n_first
         c["first_subword_silent"] += (heads[first] <= SILENT_INFLUENCE).sum(0)
         for tau in self.taus:
-            active = part.column(pruned_heads_column(tau)).filter(pa.array(first))
+            active = part.column(tau_columns(tau).pruned_heads).filter(pa.array(first))
             flat = active.combine_chunks().flatten().to_numpy(zero_copy_only=False) if len(active) else []
-            c[f"first_subword_silent_pruned@{tau:g}"] += n_first - np.bincount(
+            c[("first_subword_silent_pruned", tau)] += n_first - np.bincount(
                 np.asarray(flat, dtype=np.int64), minlength=LH)[:LH]
 
     def _sources_update(self, st: _DomainStats, part: pa.Table) -> None:
@@ -389,7 +379,6 @@ class Accumulator:
 
     def tables(self) -> dict[str, pl.DataFrame]:
         import polars as pl
-
         layers, heads = self._layer_head()
         LH = self.L * self.H
         act, ffn_act, comp, roles, pos_rows, summary = [], [], [], [], [], []
@@ -436,7 +425,6 @@ class Accumulator:
         renormalised importances are either 0 or above tau, so the paper's 0.005% threshold only has a
         meaning for raw ones; the pruned fractions are reported beside it."""
         import polars as pl
-
         layers, heads = self._layer_head()
         prev_n, later_n, first_n = c["cases_previous"], c["cases_later_subword"], c["cases_first_subword"]
         prev_frac = c["previous_major"] / max(prev_n, 1)
@@ -448,9 +436,10 @@ class Accumulator:
         role = np.where(is_prev, "previous_token", np.where(is_merge, "subword_merging", None))
         pruned = {}
         for tau in self.taus:
-            silent = c[f"first_subword_silent_pruned@{tau:g}"] / max(first_n, 1)
-            pruned[f"first_subword_silent_fraction_pruned@{tau:g}"] = silent
-            pruned[f"subword_merging_pruned@{tau:g}"] = merging & (silent >= ROLE_FRACTION)  # (ii) after pruning
+            cols = tau_columns(tau)
+            silent = c[("first_subword_silent_pruned", tau)] / max(first_n, 1)
+            pruned[cols.silent_fraction_pruned] = silent
+            pruned[cols.subword_merging_pruned] = merging & (silent >= ROLE_FRACTION)  # (ii) after pruning
         return pl.DataFrame({
             "domain": domain, "layer": layers, "head": heads,
             "previous_token_fraction": prev_frac, "subword_merging_fraction": same_frac,
@@ -464,7 +453,6 @@ class Accumulator:
     def _contrastive_edges(self) -> pl.DataFrame:
         """Per head, the source sub-edge importance on each prompt minus on its twin: mean and standard error."""
         import polars as pl
-
         layers, heads = self._layer_head()
         frames = []
         for original, twin in self.contrasts:
@@ -491,7 +479,6 @@ class Accumulator:
 def specialisation(component: pl.DataFrame, general: str) -> pl.DataFrame:
     """Each domain's mean head importance next to the general domain's; flags specialised heads."""
     import polars as pl
-
     heads = component.filter(pl.col("component") == "head").select("domain", "layer", "head", "importance")
     gen = heads.filter(pl.col("domain") == general).select("layer", "head",
                                                             pl.col("importance").alias("general_importance"))

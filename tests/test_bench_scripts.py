@@ -72,7 +72,7 @@ def _actor_host(*args, block=()) -> list[str]:
     return proc.stdout.splitlines()
 
 
-def _rows(lines: list[str]) -> dict:
+def _rows(lines: list[str], busy_at_most: float = 100.0) -> dict:
     header = lines[1].split()
     assert header[:6] == ["mode", "dev_us", "pred/s", "busy", "idle_us", "B/pred"] and header[-1] == "host_us"
     rows = {}
@@ -83,7 +83,7 @@ def _rows(lines: list[str]) -> dict:
         steps = [float(cells[k]) for k in header[6:-1]]
         assert all(v >= 0 for v in steps) and float(cells["pred/s"]) > 0 and float(cells["B/pred"]) > 0
         assert float(cells["host_us"]) == pytest.approx(sum(steps), abs=0.05 * len(steps))  # the printed steps' sum
-        assert 0 <= float(cells["busy"].rstrip("%")) <= 100
+        assert 0 <= float(cells["busy"].rstrip("%")) <= busy_at_most
         rows[(cells["mode"], cells["dev_us"])] = cells
     return rows
 
@@ -99,4 +99,5 @@ def test_the_actor_host_benchmark_times_every_step_beside_a_stand_in_device():
 def test_the_actor_host_benchmark_runs_the_real_model_with_only_what_gpu_machines_have():
     lines = _actor_host("--tiny", "--device", "cpu", block=("polars", "ray", "datasets", "gguf", "matplotlib"))
     assert lines[0].startswith("# actor host: tiny shape (2 layers x 3 heads) on the CPU")
-    assert set(_rows(lines)) == {("overlap", "-"), ("serial", "-")}
+    # busy: the stage alone over the pipeline, two timings of a noisy machine (above 100% at times)
+    assert set(_rows(lines, busy_at_most=float("inf"))) == {("overlap", "-"), ("serial", "-")}

@@ -41,6 +41,9 @@ def test_shipped_configs_validate(path):
     ({"tau": [0.01, 1.5]}, "strictly between 0 and 1; got 1.5"),
     ({"tau": []}, "at least one threshold"),
     ({"tau": [0.01, 0.01]}, "distinct"),
+    ({"tau": [0.01, 0.0100000001]}, "0.01 and 0.0100000001 both name the column 'route_heads@0.01'"),
+    ({"output": ""}, "output: expected a local folder or a bucket URI (s3://..., gs://...); got ''"),
+    ({"output": "  "}, "output: expected a local folder"),
     ({"actors": 0}, "actors: expected a positive integer; got 0"),
     ({"actors": "two"}, "actors: expected an integer; got 'two'"),
     ({"batch_size": True}, "batch_size: expected an integer; got True"),
@@ -95,6 +98,14 @@ def test_yaml_overrides_and_missing_file(tmp_path):
         JobConfig.from_yaml(path)
     with pytest.raises(ConfigError, match="is a directory; expected a file"):
         JobConfig.from_yaml(tmp_path)
+
+
+def test_exponent_floats_are_numbers_in_files_and_overrides(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(BASE) + "tau: [1e-3, 2.5E-2]\n")
+    assert JobConfig.from_yaml(path).tau == (0.001, 0.025)
+    assert JobConfig.from_yaml(path, overrides=["tau=[1e-9]"]).tau == (1e-9,)
+    assert JobConfig.from_yaml(path, overrides=["run_name=1e3x"]).run_name == "1e3x"  # not a number: a string
 
 
 def test_a_cuda_device_with_gpus_validates():

@@ -19,20 +19,21 @@ def _config(args):
 
 def cmd_run(args) -> int:
     from flowray.pipeline.job import run_job
+    from flowray.run_report import FIGURES, SUMMARY
 
     config = _config(args)
-    result = run_job(config)
+    result = run_job(config, restart=args.restart)
     m = result.manifest
     c = m["counts"]
     print(f"\nrun {m['run_name']}: {c['texts_in']} texts, {c['predictions_written']} predictions, "
           f"{c['error_rows']} error rows ({m['elapsed_s']} s)")
     print(f"  tables : {result.run_uri}/tables/")
-    print(f"  figures: {', '.join(f'{result.run_uri}/{f}' for f in m['figures'])}")
-    print(f"  summary: {result.run_uri}/summary.md")
+    print(f"  figures: {', '.join(f'{result.run_uri}/{f}' for f in FIGURES)}")
+    print(f"  summary: {result.run_uri}/{SUMMARY}")
     if args.show_summary:
         from flowray.pipeline.storage import Storage
 
-        print("\n" + Storage(result.run_uri).read_bytes("summary.md").decode())
+        print("\n" + Storage(result.run_uri).read_bytes(SUMMARY).decode())
     return 0
 
 
@@ -55,4 +56,7 @@ def register_cli(subparsers) -> None:
                        help="override a top-level config key, e.g. --set texts_per_domain=8 (repeatable)")
         if name == "run":
             q.add_argument("--show-summary", action="store_true", help="print summary.md at the end")
+            q.add_argument("--restart", action="store_true",
+                           help="discard what the run directory holds (another config's run, a run whose corpus "
+                           "changed) and start it again, instead of resuming")
         q.set_defaults(handler=handler)

@@ -46,7 +46,7 @@ class ModelStage:
         clock.lap("import_torch_s")
         import transformers  # noqa: F401 - timed on its own: most of a model load is importing its code
 
-        from flowray import cpu_kernel
+        from flowray.kernels import cpu_loops
         from flowray.models.loading import load_model
 
         clock.lap("import_transformers_s")
@@ -59,7 +59,7 @@ class ModelStage:
         self.tokenizer = self.lm.tokenizer
         self.shape = self.lm.adapter.shape
         if next(self.lm.model.parameters()).device.type == "cpu":
-            cpu_kernel.warm_up(torch.get_num_threads())  # compiled or cached kernels, before the first shard
+            cpu_loops.warm_up(torch.get_num_threads())  # compiled or cached kernels, before the first shard
         clock.lap("compile_kernels_s")
         self.startup = clock.laps
 
