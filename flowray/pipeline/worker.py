@@ -213,7 +213,8 @@ class FlowWorker:
 
         return prediction_stats_batch(self.lm, [torch.tensor([p.ids]) for p in group], self.taus,
                                       words=[self._word_arrays(p) for p in group],
-                                      sources=[p.source for p in group], active_above=SILENT_INFLUENCE)
+                                      sources=[p.source for p in group], active_above=SILENT_INFLUENCE,
+                                      backend=self.config.backend)
 
     def process(self, docs: list[dict], on_batch=None) -> tuple[pa.Table, pa.Table]:
         """Every doc ends up exactly once: as prediction rows or as one error row.
