@@ -9,6 +9,8 @@ from __future__ import annotations
 from flowray.errors import FlowrayError, InputError
 
 TAU_RANGE = "strictly between 0 and 1"
+# the importance kernels (flowray.kernels): auto picks cpu (numba) on CPUs, triton on CUDA, else torch
+BACKENDS = ("auto", "cpu", "torch", "triton")
 
 
 def check_tau(tau, *, name: str = "tau", error: type[FlowrayError] = InputError) -> float:

@@ -38,10 +38,10 @@ def add_text_args(p: argparse.ArgumentParser) -> None:
                    help="keep only the first N tokens of each text (needed for texts longer than the context)")
     add_bos_argument(p)
     p.add_argument("--backend", type=backend_arg, default="auto",
-                   help="importance kernel: 'cpu' (compiled loop, CPU only), 'torch' (any device) or 'auto' "
-                   "(cpu on the CPU, torch elsewhere)")
+                   help="importance kernel: 'cpu' (compiled loops, CPU only), 'triton' (NVIDIA GPUs), 'torch' "
+                   "(any device) or 'auto' (cpu on the CPU, triton on a GPU when installed, else torch)")
     p.add_argument("--chunk-size", type=positive_int, default=None,
-                   help="torch backend: query positions per chunk; bounds its peak extra memory "
+                   help="torch and triton backends: query positions per block; bounds their peak extra memory "
                    "(~ heads x chunk x tokens floats)")
 
 
@@ -98,5 +98,12 @@ def load_model_from_args(args):
     """The model of ``add_model_args``."""
     from flowray.models.loading import load_model
 
+    if getattr(args, "backend", "auto") != "auto":  # a kernel the device cannot run fails before the model loads
+        import torch
+
+        from flowray.kernels import resolve_backend
+
+        device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+        resolve_backend(args.backend, device)
     log.info("loading model %s", args.model)
     return load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)

@@ -58,12 +58,8 @@ def positive_ints(value: str) -> tuple[int, ...]:
 
 
 def backend_arg(value: str) -> str:
-    """argparse type: an importance backend of ``flowray.importance.BACKENDS``.
-
-    A type rather than ``choices=`` so that the list is read (and torch imported) only when the option is
-    given, not for every ``flowray --help``.
-    """
-    from flowray.importance import BACKENDS
+    """argparse type: an importance backend of ``flowray.checks.BACKENDS`` (``flowray.kernels``)."""
+    from flowray.checks import BACKENDS
 
     if value not in BACKENDS:
         raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(map(repr, BACKENDS))})")

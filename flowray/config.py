@@ -98,6 +98,7 @@ class JobConfig:
     model: str = "smollm2"
     dtype: str = "float32"
     device: str = "auto"  # per actor: a GPU when the actor was given one
+    backend: str = "auto"  # the importance kernel: auto = cpu (numba) on CPUs, triton on GPUs (else torch)
     trust_remote_code: bool = False
     general_domain: str | None = None  # the domain others are compared with; None: the first corpus
     max_tokens: int = 128  # tokens kept per text
@@ -161,6 +162,7 @@ class JobConfig:
         for name in ("truncate", "trust_remote_code", "prepend_bos"):
             _check_type(name, getattr(self, name), bool)
         _check_device(self.device, self.gpus_per_actor)
+        _check_backend(self.backend, self.device, self.gpus_per_actor)
         _check_type("output", self.output, str)
         if not self.output.strip():
             raise ConfigError(f"output: expected a local folder or a bucket URI (s3://..., gs://...); got "
@@ -291,6 +293,22 @@ def apply_overrides(data: dict, overrides) -> dict:
 
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _check_backend(backend, device: str, gpus_per_actor: float) -> None:
+    """The importance kernel every actor will use, checked against the devices it will have."""
+    from flowray.checks import BACKENDS
+
+    _check_type("backend", backend, str)
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend: expected one of {', '.join(BACKENDS)}; got {backend!r}")
+    on_gpu = bool(gpus_per_actor) and not device.startswith(("cpu", "mps"))
+    if backend == "triton" and not on_gpu:
+        raise ConfigError("backend: 'triton' runs on NVIDIA GPUs, but no actor would have one (gpus_per_actor is "
+                          f"{gpus_per_actor!r}, device {device!r}); set gpus_per_actor (e.g. 1) or backend: auto")
+    if backend == "cpu" and on_gpu:
+        raise ConfigError("backend: 'cpu' needs the model on the CPU, but the actors get GPUs; use backend: auto "
+                          "(triton) or torch, or device: cpu")
 
 
 def _check_device(device, gpus_per_actor: float) -> None:

@@ -14,13 +14,13 @@ import os
 
 import torch
 
+from flowray.checks import BACKENDS
 from flowray.errors import InputError, MissingDependencyError
 from flowray.kernels.base import Block, BlockOut, HeadOutputs, HitSlots, Kernel, KernelConfig
 
 __all__ = ["BACKENDS", "Block", "BlockOut", "HeadOutputs", "HitSlots", "Kernel", "KernelConfig", "resolve_backend",
            "select_kernel"]
 
-BACKENDS = ("auto", "cpu", "torch", "triton")
 log = logging.getLogger(__name__)
 _warned: set = set()
 
@@ -63,7 +63,7 @@ def resolve_backend(backend: str, device) -> str:
         if not _triton_available():
             raise MissingDependencyError("backend 'triton' needs triton: pip install triton (or use backend='auto')")
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise InputError(f"backend 'triton' needs a CUDA device; got tensors on {device} (use 'auto'; "
+            raise InputError(f"backend 'triton' needs a CUDA device; got device {str(device)!r} (use 'auto'; "
                              "TRITON_INTERPRET=1 runs it on the CPU, slowly, for testing)")
     return backend
 

@@ -52,7 +52,7 @@ class ModelStage:
         clock.lap("import_transformers_s")
         if not config.gpus_per_actor:
             torch.set_num_threads(max(1, int(config.cpus_per_actor)))
-        self.taus = tuple(config.tau)
+        self.taus, self.backend = tuple(config.tau), config.backend
         self.lm = lm if lm is not None else load_model(config.model, dtype=config.dtype, device=config.device,
                                                        trust_remote_code=config.trust_remote_code)
         clock.lap("load_model_s")
@@ -72,7 +72,7 @@ class ModelStage:
         from flowray.tables import SILENT_INFLUENCE
 
         return prediction_stats_batch(self.lm, [torch.tensor([ids]) for ids in sequences], self.taus, words=words,
-                                      sources=sources, active_above=SILENT_INFLUENCE)
+                                      sources=sources, active_above=SILENT_INFLUENCE, backend=self.backend)
 
 
 class DeviceQueue:
