@@ -68,7 +68,8 @@ class TritonKernel(Kernel):
 
     def sub_edge_block(self, y, probs, heads: HeadOutputs, p0: int = 0, *, out=None) -> torch.Tensor:
         G, H, C, J = probs.shape
-        blk = Block(y=y, parts=[], probs=probs, row_scale=None, heads=heads, p0=p0, starts=[0] * G, lengths=[p0 + C] * G)
+        blk = Block(y=y, parts=[], probs=probs, row_scale=None, heads=heads, p0=p0, starts=[0] * G,
+                    lengths=[p0 + C] * G)
         return self._proximities(blk, out)
 
     def finish_block(self, sub, y, parts, p0: int = 0) -> torch.Tensor:
