@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from flowray.baselines.options import ABLATION_MODES, DEFAULT_KS
-from flowray.cli_types import backend_arg, positive_int, positive_ints, tau_arg
+from flowray.cli_types import ArgumentParser, backend_arg, positive_int, positive_ints, tau_arg
 from flowray.config import DTYPES
 from flowray.errors import FlowrayError, InputError
 from flowray.explorer.cli import register_cli as register_explore
@@ -289,7 +289,7 @@ def register_compare(subparsers) -> argparse.ArgumentParser:
 
 # --- parser ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="flowray", description="Information flow routes for HF causal LMs (Ferrando & Voita, 2024)."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
