@@ -35,11 +35,19 @@ def run_job(config: JobConfig, *, crash_once: dict | None = None, ray_init: dict
     started = time.time()
     storage = Storage(f"{config.output.rstrip('/')}/{config.run_name}")
     log.info("run directory: %s", storage.uri)
-    check_run_directory(config, storage)  # writable, same experiment; then the old manifest is withdrawn
-    invalidate_manifest(storage)
-    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-    index = prepare(config, storage, tokenizer)  # every config/corpus error surfaces here, before Ray
-    storage.write_json("config.json", config.to_dict())
+    new_run = storage.is_empty()
+    try:
+        check_run_directory(config, storage)  # writable, same experiment; then the old manifest is withdrawn
+        invalidate_manifest(storage)
+        if config.gpus_per_actor or os.environ.get("RAY_ADDRESS") or _ray_started():
+            _start_ray(config, ray_init or {})  # a request no node can meet fails now, not after prepare
+        tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+        index = prepare(config, storage, tokenizer)  # every config/corpus error surfaces here, before the actors
+        storage.write_json("config.json", config.to_dict())
+    except BaseException:
+        if new_run:  # a run that failed before its first shard leaves no folder a rerun would trip on
+            storage.delete_all()
+        raise
     timings = {"prepare_s": round(time.time() - started, 2)}
     pending, redone = pending_shards(storage, index["shards"])  # a marker counts only if it proves its files
     done = len(index["shards"]) - len(pending)
@@ -56,10 +64,7 @@ def run_job(config: JobConfig, *, crash_once: dict | None = None, ray_init: dict
 def _map_stage(config: JobConfig, storage: Storage, pending: list[str], index: dict, *, crash_once, ray_init) -> None:
     import ray
 
-    if not ray.is_initialized():
-        quiet_ray_notices()
-        ray.init(**ray_init_kwargs(config, ray_init))
-    check_cluster_resources(config.cpus_per_actor, config.gpus_per_actor)  # fail fast, never wait forever
+    _start_ray(config, ray_init)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
     if (config.min_actors or config.actors) < config.actors:
@@ -94,6 +99,24 @@ def _map_stage(config: JobConfig, storage: Storage, pending: list[str], index: d
     for row in ds.iter_rows():
         progress.update(row)
     progress.close()
+
+
+def _ray_started() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+def _start_ray(config: JobConfig, ray_init: dict) -> None:
+    """Start (or join) Ray, then fail fast, never wait forever, when no node can ever host one actor.
+
+    Before prepare when the answer may be no (a GPU request, a cluster, a Ray already running); the
+    embedded Ray gets enough logical CPUs for any CPU-only pool, so it starts at the map stage.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        quiet_ray_notices()
+        ray.init(**ray_init_kwargs(config, ray_init))
+    check_cluster_resources(config.cpus_per_actor, config.gpus_per_actor)
 
 
 def ray_init_kwargs(config: JobConfig, extra: dict) -> dict:
