@@ -49,4 +49,4 @@ analysis: setup
 	$(BIN)/python analysis/run_all.py --run runs/shared_data
 
 clean:
-	rm -rf $(VENV) out runs .pytest_cache
+	rm -rf $(VENV) out runs compare-out .pytest_cache

@@ -250,7 +250,8 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
                    help="at most this many prompts per batched statistics call (the headline routes timing), "
                         "and per interleaved measurement chunk (default 25)")
     p.add_argument("--ablation", choices=list(ABLATION_MODES), default="mean")
-    p.add_argument("--out", type=Path, default=Path("compare-out"), help="output directory (report.md, figures)")
+    p.add_argument("--out", type=Path, default=Path("compare-out"),
+                   help="output directory: report.md, summary.json, figures (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
