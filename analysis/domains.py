@@ -41,7 +41,7 @@
 import os
 
 RUN = os.environ.get("FLOWRAY_RUN", "runs/shared_data")  # a run directory or a bucket URI
-FIGURES = os.environ.get("FLOWRAY_FIGURES", "analysis/figures")
+FIGURES = os.environ.get("FLOWRAY_FIGURES", "out/figures")
 # None: the general domain, every text domain, and the task domains that are not section 3's IOI /
 # greater-than (addition, subtraction); or an explicit list of domain names
 DOMAINS = None
