@@ -1,5 +1,5 @@
 # flowray: one command to set up and run the demo, one to set up and run the tests.
-#   make demo   -> virtualenv + install + the main corpus job on the embedded default (local Ray, SmolLM2)
+#   make demo   -> virtualenv + install + one route + the corpus job on the embedded default (local Ray, SmolLM2)
 #   make test   -> virtualenv + install + the test suite (what .ci/run calls)
 #   make lock   -> refresh constraints.txt (the pinned versions every install above uses)
 PYTHON ?= python3
@@ -28,12 +28,12 @@ setup: $(STAMP)
 lock:
 	bash scripts/refresh_constraints.sh
 
-# the main job on the embedded default (local Ray, packaged SmolLM2, corpora every Python install has),
-# then one route of the paper's IOI example; prints where the tables and figures are
+# one route of the paper's IOI example, then the main job on the embedded default (local Ray, packaged
+# SmolLM2, corpora every Python install has); its last lines say where everything is, report.html last
 demo: setup
-	$(BIN)/flowray job run --config default --show-summary
 	$(BIN)/flowray route --model smollm2 --text "When Mary and John went to the store, John gave a drink to" \
 		--tau 0.04 --out runs/default/route.json --plot runs/default/route.png
+	$(BIN)/flowray job run --config default --show-summary
 
 test: setup
 	$(BIN)/python -m pytest -q -rs

@@ -182,3 +182,21 @@ def test_argument_errors_are_one_line_without_the_usage_block(argv, message, cap
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
     assert "usage:" not in err and "--help" in err  # the way to the full usage, not the usage itself
+
+
+def test_the_demo_ends_by_naming_the_report_page():
+    """`make demo` runs the job last, and the job's closing lines name report.html, the page to open."""
+    import re
+    from pathlib import Path
+
+    from flowray.pipeline.cli import run_listing
+
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    recipe = re.search(r"^demo: setup\n((?:\t.*\n)+)", makefile, re.M).group(1)
+    commands = [c for c in recipe.replace("\\\n", " ").splitlines() if c.strip()]
+    assert "flowray job run" in commands[-1], commands
+    manifest = {"run_name": "default", "elapsed_s": 9.0, "figures": ["figures/activation_map.png"],
+                "counts": {"texts_in": 2, "predictions_written": 30, "error_rows": 0}}
+    lines = run_listing("runs/default", manifest).splitlines()
+    assert "runs/default/report.html" in lines[-1]
+    assert any(line.endswith("runs/default/summary.md") for line in lines)

@@ -22,18 +22,25 @@ def cmd_run(args) -> int:
 
     config = _config(args)
     result = run_job(config)
-    m = result.manifest
-    c = m["counts"]
-    print(f"\nrun {m['run_name']}: {c['texts_in']} texts, {c['predictions_written']} predictions, "
-          f"{c['error_rows']} error rows ({m['elapsed_s']} s)")
-    print(f"  tables : {result.run_uri}/tables/")
-    print(f"  figures: {', '.join(f'{result.run_uri}/{f}' for f in m['figures'])}")
-    print(f"  summary: {result.run_uri}/summary.md")
     if args.show_summary:
         from flowray.pipeline.storage import Storage
 
         print("\n" + Storage(result.run_uri).read_bytes("summary.md").decode())
+    print(run_listing(result.run_uri, result.manifest))
     return 0
+
+
+def run_listing(run_uri: str, manifest: dict) -> str:
+    """What a finished run wrote, the page to open last (the lines a terminal still shows at the end)."""
+    c = manifest["counts"]
+    return "\n".join([
+        f"\nrun {manifest['run_name']}: {c['texts_in']} texts, {c['predictions_written']} predictions, "
+        f"{c['error_rows']} error rows ({manifest['elapsed_s']} s)",
+        f"  tables : {run_uri}/tables/",
+        f"  figures: {', '.join(f'{run_uri}/{f}' for f in manifest['figures'])}",
+        f"  summary: {run_uri}/summary.md",
+        f"  report : {run_uri}/report.html  <- open this page in a browser",
+    ])
 
 
 def cmd_validate(args) -> int:
