@@ -95,3 +95,14 @@ def test_load_model_checks_before_anything_loads(monkeypatch):
     monkeypatch.setattr(versions, "installed_version", lambda package: None)
     with pytest.raises(FlowrayError, match="pip install 'transformers>=4.57,<6'"):
         load_model("smollm2")
+
+
+def test_the_licence_is_an_spdx_expression():
+    """setuptools warns on every install about the old ``license = {text = ...}`` table."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    from packaging.licenses import canonicalize_license_expression
+
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())
+    licence = meta["project"]["license"]
+    assert isinstance(licence, str) and canonicalize_license_expression(licence) == licence == "Apache-2.0"
+    assert "setuptools>=77" in meta["build-system"]["requires"]  # the first to read an SPDX string
