@@ -84,14 +84,7 @@ def test_worker_turns_texts_into_one_row_per_prediction(worker):
 
 @pytest.mark.slow
 def test_worker_tags_parts_of_speech(worker):
-    from flowray.errors import MissingDependencyError
-    from flowray.text import universal_tagger
-
-    try:
-        universal_tagger()
-    except MissingDependencyError as exc:
-        pytest.skip(f"NLTK tagger data not found, POS tagging is off: {exc}")
-    assert worker.pos_tagging is not None, "the tagger data is there but the worker turned POS off"
+    assert worker.pos_tagging is not None, "the tagger ships with the package, yet the worker turned POS off"
     preds, _ = worker.process([_doc("a", "The cat sat on the mat.")])
     a = pl.from_arrow(preds).sort("position")
     assert a["pos"].to_list()[:2] == ["DET", "NOUN"]

@@ -45,7 +45,9 @@ def test_installed_versions_match_the_constraints(name):
     try:
         installed = importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
-        pytest.skip(f"{name} is not installed here (constraints only pin what an install pulls in)")
+        # `make lock` writes the file from a fresh install, so every pin is something an install pulls in
+        pytest.fail(f"constraints.txt pins {name}, which `make setup` did not install: nothing here depends on "
+                    "it; refresh the file with `make lock` (or remove the line)")
     # a pin without a local label matches any local build of that release (PEP 440): 2.13.0 ~ 2.13.0+cpu
     assert installed.split("+", 1)[0] == PINS[name], (
         f"{name} {installed} is installed but constraints.txt pins {PINS[name]}; reinstall with "
