@@ -94,12 +94,15 @@ def execute(nb, *, timeout: int = 900) -> None:
     """
     import tempfile
 
-    from jupyter_client.manager import KernelManager
     from nbclient import NotebookClient
+    from traitlets.config import Config
 
     with tempfile.TemporaryDirectory(prefix="flowray-kernel-") as sockets:
-        km = KernelManager(kernel_name="python3", transport="ipc", ip=os.path.join(sockets, "kernel"))
-        NotebookClient(nb, km=km, timeout=timeout, kernel_name="python3",
+        config = Config()
+        config.KernelManager.transport = "ipc"
+        config.KernelManager.ip = os.path.join(sockets, "kernel")
+        # the client makes (and so shuts down) its own kernel manager, configured here
+        NotebookClient(nb, config=config, timeout=timeout, kernel_name="python3",
                        resources={"metadata": {"path": REPO_ROOT}}).execute()
 
 

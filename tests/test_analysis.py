@@ -183,3 +183,20 @@ def test_a_notebook_kernel_starts_without_the_unencrypted_tcp_warning(capfd):
     assert nb.cells[0].outputs[0]["text"] == "42\n"
     err = capfd.readouterr().err  # the kernel process writes its log to this process's stderr
     assert "without encryption" not in err and "WARNING" not in err, err
+    assert not _kernels_of(os.getpid()), "the kernel outlived its notebook"
+
+
+def _kernels_of(pid: int) -> list[str]:
+    """Command lines of the running ipykernel processes whose parent is ``pid`` (Linux /proc)."""
+    from pathlib import Path
+
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        if ppid == pid and "ipykernel" in cmd:
+            found.append(cmd)
+    return found
