@@ -43,7 +43,9 @@ bench: setup
 	$(BIN)/python bench/kernel_cases.py
 	$(BIN)/python bench/job_throughput.py
 
-# the paper's figures 6-11 on SmolLM2: the shared-data job (needs ../shared/data), then every notebook
+# the paper's figures 6-11 on SmolLM2: the shared-data job (its corpora come from a shared/data folder above
+# the checkout or $FLOWRAY_SHARED_DATA; without it the job stops and says what to run instead), then every
+# notebook, writing the figures to out/figures (--figures analysis/figures refreshes the committed ones)
 analysis: setup
 	$(BIN)/flowray job run --config shared_data
 	$(BIN)/python analysis/run_all.py --run runs/shared_data
