@@ -58,7 +58,8 @@ def test_several_texts_share_one_page_and_two_can_be_compared(tmp_path, capsys, 
 
 def _error_line(err: str) -> str:
     line = err.strip().splitlines()[-1]
-    return line.split("error: ", 1)[1]  # argparse names the subcommand ("flowray route: error: ...")
+    message = line.split("error: ", 1)[1]  # argparse names the subcommand ("flowray route: error: ...")
+    return re.sub(r"; see 'flowray \w+ --help'$", "", message)  # ... and points at its own --help
 
 
 # (with --file, route writes a directory of routes and explore one page: an existing file is an error only
