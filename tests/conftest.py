@@ -26,6 +26,11 @@ needs_shared = pytest.mark.skipif(
     reason=f"needs the project's shared data folder (C4, FLORES-200 and code samples), not found at {SHARED_DATA}; "
     "set FLOWRAY_SHARED_DATA=/path/to/shared/data")
 
+needs_shared_nltk = pytest.mark.skipif(
+    not (SHARED_DATA / "nltk_data").is_dir(),
+    reason=f"compares flowray's packaged tagger with NLTK's own data on C4 text, from the project's shared data "
+    f"folder, not found at {SHARED_DATA}; set FLOWRAY_SHARED_DATA=/path/to/shared/data")
+
 IOI_PROMPT = "When Mary and John went to the store, John gave a drink to"
 
 
