@@ -55,6 +55,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import polars as pl
 
+from flowray.errors import InputError
+from flowray.tables import tau_columns
+
 run = common.open_run(RUN)
 L, H = run.n_layers, run.n_heads
 domain = DOMAIN or run.general
@@ -68,7 +71,7 @@ importance = run.table("component_importance").filter(pl.col("domain") == domain
 ffn_act = run.table("ffn_activation").filter((pl.col("domain") == domain) & (pl.col("tau") == tau)).collect()
 roles = run.table("head_roles").filter(pl.col("domain") == role_domain).collect()
 if activation.is_empty():
-    raise RuntimeError(f"no head_activation rows for domain {domain!r}; domains: {run.domains}")
+    raise InputError(f"DOMAIN: no head_activation rows for domain {domain!r}; expected one of {run.domains}")
 
 freq = common.grid(activation, "frequency", L, H)  # [L, H]
 head_imp = common.grid(importance.filter(pl.col("component") == "head"), "importance", L, H)  # [L, H]
@@ -152,7 +155,7 @@ with pl.Config(tbl_rows=50, tbl_cols=-1, float_precision=3, tbl_width_chars=200)
 prev_frac = common.grid(roles, "previous_token_fraction", L, H).ravel()
 merge_frac = common.grid(roles, "subword_merging_fraction", L, H).ravel()
 silent_frac = common.grid(roles, "first_subword_silent_fraction", L, H).ravel()
-pruned_col = f"first_subword_silent_fraction_pruned@{tau:g}"
+pruned_col = tau_columns(tau).silent_fraction_pruned
 pruned_frac = (common.grid(roles, pruned_col, L, H).ravel() if pruned_col in roles.columns
                else np.full(L * H, np.nan))  # runs made before silence was also measured after pruning
 role_of = {h: r for r, hs in role_heads.items() for h in hs}

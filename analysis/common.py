@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
+from flowray.errors import InputError
+
 ANALYSIS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(ANALYSIS_DIR)
 
@@ -27,7 +29,7 @@ REPO_ROOT = os.path.dirname(ANALYSIS_DIR)
 ROLE_COLOURS = {"previous_token": "#f2c500", "subword_merging": "#d62728"}
 
 
-class RunNotReadyError(RuntimeError):
+class RunNotReadyError(InputError):
     """The run directory has no manifest.json: the job has not finished (the manifest is written last)."""
 
 
@@ -114,7 +116,7 @@ class Run:
         for c in self.config.get("corpora", []):
             if c["domain"] == domain:
                 return c
-        raise KeyError(f"domain {domain!r} is not in this run; domains: {self.domains}")
+        raise InputError(f"domain {domain!r} is not in this run; expected one of {self.domains}")
 
     def language(self, domain: str) -> str:
         return self.corpus(domain).get("language", "en")
@@ -129,9 +131,19 @@ class Run:
     def path(self, *parts: str) -> str:
         return join(self.uri, *parts)
 
+    def files(self, kind: str) -> list[str]:
+        """The run's ``kind`` files (``predictions`` or ``errors``): exactly those its verified commit markers
+        list in the manifest. Never a glob: a run directory may hold files of an older shard layout."""
+        listed = (self.manifest.get("outputs") or {}).get(kind)
+        if listed is None:
+            raise RunNotReadyError(
+                f"the manifest of {self.uri} does not list its {kind} files (written by an older flowray); "
+                "produce the run again with `flowray job run --restart` and its config")
+        return [self.path(rel) for rel in listed]
+
     def predictions(self) -> pl.LazyFrame:
         """One row per prediction (see ``flowray.tables.predictions_schema``)."""
-        return pl.scan_parquet(self.path("predictions", "*.parquet"))
+        return pl.scan_parquet(self.files("predictions"))
 
     def table(self, name: str) -> pl.LazyFrame:
         rel = self.manifest.get("tables", {}).get(name, f"tables/{name}.parquet")

@@ -59,6 +59,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import polars as pl
 
+from flowray.errors import InputError
+
 run = common.open_run(RUN)
 L, H = run.n_layers, run.n_heads
 general = run.general
@@ -71,7 +73,7 @@ else:
     domains = [general] + [d for d in DOMAINS if d != general]
 missing = [d for d in domains if d not in run.manifest["domains"]]
 if missing:
-    raise KeyError(f"domains {missing} are not in this run; it has {sorted(run.manifest['domains'])}")
+    raise InputError(f"DOMAINS: {missing} are not in this run; it has {sorted(run.manifest['domains'])}")
 print(run.describe())
 
 importance = run.table("component_importance").filter(pl.col("domain").is_in(domains)).collect()

@@ -66,10 +66,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import polars as pl
 
+from flowray.tables import tau_columns
+
 run = common.open_run(RUN)
 L, H = run.n_layers, run.n_heads
 tau = run.closest_tau(TAU)
-route = f"route_heads@{tau:g}"  # flowray.tables.route_heads_column(tau)
+route = tau_columns(tau).route_heads  # the predictions' column of this tau's routes
 pairs = common.task_pairs(run)
 print(run.describe())
 print(f"tau = {tau:g} (asked for {TAU:g})")

@@ -60,6 +60,8 @@ from sklearn.manifold import TSNE
 from sklearn.model_selection import cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
 
+from flowray.errors import InputError
+
 run = common.open_run(RUN)
 L, H = run.n_layers, run.n_heads
 width = L * H + L
@@ -88,7 +90,8 @@ points = (eligible.select(*KEY, "token", "pos", "next_pos", "first_subword", "co
           .join(keys.lazy(), on=KEY, how="semi").collect(engine="streaming").sort(KEY))
 print(f"{available} tagged predictions, {points.height} sampled")
 if points.height < 10:
-    raise RuntimeError(f"too few tagged English predictions in {domains} for a t-SNE: {points.height}")
+    raise InputError(f"too few tagged English predictions in {domains} for a t-SNE: {points.height} (at least 10); "
+                     "run the job with more texts per domain, or with the NLTK tagger data for POS tags")
 X = points["component_importance"].list.to_array(width).to_numpy().astype(np.float64)  # [N, L*H + L]
 subword = np.where(points["first_subword"].to_numpy(), "first subword", "later subword")
 labels = {"input token POS": points["pos"].to_numpy(), "next token POS": points["next_pos"].to_numpy(),

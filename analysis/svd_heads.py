@@ -59,6 +59,7 @@ import polars as pl
 import torch
 
 import flowray
+from flowray.errors import InputError
 
 run = common.open_run(RUN)
 L, H = run.n_layers, run.n_heads
@@ -94,8 +95,8 @@ lm = flowray.load_model(MODEL or run.model_spec, dtype=run.config.get("dtype", "
 ad = lm.adapter
 shape = ad.shape
 if (shape.n_layers, shape.n_heads) != (L, H):
-    raise ValueError(f"the model has {shape.n_layers} layers x {shape.n_heads} heads but the run has {L} x {H}; "
-                     f"MODEL={MODEL!r} is not the run's model")
+    raise InputError(f"the model has {shape.n_layers} layers x {shape.n_heads} heads but the run has {L} x {H}; "
+                     f"MODEL={MODEL!r} is not the run's model; set MODEL = None to load the run's own model")
 blocks = ad.layers()
 
 

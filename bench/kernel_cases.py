@@ -1,6 +1,6 @@
 """Which exact case the CPU kernel takes for each attention sub-edge of SmolLM2, per length.
 
-``flowray.cpu_kernel`` sorts every sub-edge ``(h, pos, j)`` into one of four cases (see its docstring):
+``flowray.kernels.cpu_loops`` sorts every sub-edge ``(h, pos, j)`` into one of four cases (see its docstring):
 proximity 0 (``a s.F <= 0``); no coordinate can overshoot (``a max|F| <= min|y|``); only the FEW
 smallest coordinates of ``|y|`` can (``a max|F| <=`` the next smallest); or all of them. This prints the
 share of each, which is what the kernel's speed depends on.
@@ -26,11 +26,12 @@ def main() -> int:
     args = ap.parse_args()
     import flowray
     from flowray.capture import capture_layers
-    from flowray.cpu_kernel import FEW
+    from flowray.kernels import KernelConfig
     from flowray.importance import head_outputs
 
     lm = flowray.load_model("smollm2", device="cpu")
     layers = lm.adapter.layers()
+    FEW = KernelConfig().few
     print(f"# SmolLM2-135M, {_text_source()}, every layer; FEW = {FEW}")
     print(f"{'T':>5} {'sub-edges':>10} {'prox 0':>8} {'no overshoot':>13} {'few coords':>11} {'all coords':>11} "
           f"{'few / corrected':>16}")

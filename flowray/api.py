@@ -10,8 +10,10 @@ import numpy as np
 import torch
 
 from flowray.capture import LayerActivations, capture_layers
+from flowray.checks import check_weights_loaded
 from flowray.errors import InputError
-from flowray.importance import DEFAULT_ELEMENT_BUDGET, attention_node, direct_node
+from flowray.kernels import Block, BlockOut, KernelConfig, select_kernel
+from flowray.kernels.base import flat_output_projection
 from flowray.limits import check_dense_output
 from flowray.models.base import Adapter
 from flowray.models.families import adapter_for
@@ -106,6 +108,7 @@ class EdgeImportances:
 
 
 def _unpack(model) -> tuple[torch.nn.Module, Adapter, object, str]:
+    check_weights_loaded(model.model if isinstance(model, LoadedModel) else model)  # meta device: InputError
     if isinstance(model, LoadedModel):
         return model.model, model.adapter, model.tokenizer, model.name
     return model, adapter_for(model), None, getattr(model.config, "name_or_path", "") or ""
@@ -182,7 +185,7 @@ def edge_importances(
     *,
     tokenizer=None,
     chunk_size: int | None = None,
-    element_budget: int = DEFAULT_ELEMENT_BUDGET,
+    element_budget: int | None = None,
     backend: str = "auto",
 ) -> EdgeImportances:
     """Every edge importance of one sequence in one forward pass.
@@ -191,10 +194,10 @@ def edge_importances(
         model: a ``transformers`` causal LM of a supported family, or a ``flowray.LoadedModel``.
         input_ids: ``[1, T]`` token ids.
         tokenizer: optional, to fill ``tokens`` (a LoadedModel brings its own).
-        chunk_size, element_budget: query positions processed at once by the ``"torch"`` backend (its
-            peak extra memory is about ``H * chunk_size * T`` floats per work tensor).
-        backend: the kernel, see ``flowray.importance.sub_edge_proximity``: ``"auto"`` (the compiled CPU
-            loop on CPU, vectorised torch elsewhere), ``"cpu"`` or ``"torch"``.
+        chunk_size, element_budget: query positions processed at once by the ``"torch"`` and ``"triton"``
+            backends (peak extra memory about ``H * chunk_size * T`` floats per work tensor).
+        backend: the kernel (``flowray.kernels``): ``"auto"`` (compiled loops on the CPU, Triton on CUDA
+            when it is installed, else vectorised torch), ``"cpu"``, ``"torch"`` or ``"triton"``.
     """
     return edge_importances_batch(
         model, [input_ids], tokenizer=tokenizer, chunk_size=chunk_size, element_budget=element_budget,
@@ -210,7 +213,7 @@ def edge_importances_batch(
     tokenizer=None,
     padding_side: str = "right",
     chunk_size: int | None = None,
-    element_budget: int = DEFAULT_ELEMENT_BUDGET,
+    element_budget: int | None = None,
     backend: str = "auto",
 ) -> list[EdgeImportances]:
     """``edge_importances`` for several ``[1, T_i]`` sequences of any lengths in one padded forward pass.
@@ -236,7 +239,7 @@ def edge_importances_padded(
     *,
     tokenizer=None,
     chunk_size: int | None = None,
-    element_budget: int = DEFAULT_ELEMENT_BUDGET,
+    element_budget: int | None = None,
     backend: str = "auto",
 ) -> list[EdgeImportances]:
     """``edge_importances`` for a padded batch as a tokenizer returns it (``padding=True``).
@@ -250,26 +253,43 @@ def edge_importances_padded(
     """
     hf_model, adapter, own_tokenizer, name = _unpack(model)
     tokenizer = tokenizer if tokenizer is not None else own_tokenizer
-    if chunk_size is not None and chunk_size < 1:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise InputError(f"chunk_size must be a positive number of positions; got {chunk_size!r}")
     input_ids, spans, forward_kwargs = padded_forward_inputs(hf_model, adapter, input_ids, attention_mask)
     s = adapter.shape
     check_dense_output(s.n_layers, s.n_heads, [T for _, T in spans])  # before allocating [L, H, T, T]
-    results = [_Buffers(s.n_layers, s.n_heads, T, s.parallel) for _, T in spans]
+    device = next(hf_model.parameters()).device
+    kernel = select_kernel(backend, device, KernelConfig(element_budget=element_budget, chunk_size=chunk_size))
+    budget = kernel.config.budget(device)
+    # whole-batch kernels take the padded batch as one block; the others each sequence on its own span
+    plan = kernel.plan(spans, s.n_heads, budget) if kernel.whole_batch else [
+        (b, b + 1, start, T) for b, (start, T) in enumerate(spans)]
+    # a GPU copies each layer into pinned host memory asynchronously; when every block is one chunk of
+    # rows the copies cover every element, so the buffers need no zeroing (a second pass over ~GBs)
+    pinned = device.type == "cuda"
+    whole = pinned and all(kernel.rows_per_block(stop - first, s.n_heads, T, budget) >= T for first, stop, _, T in plan)
+    results = [_Buffers(s.n_layers, s.n_heads, T, s.parallel, pinned, zero=not whole) for _, T in spans]
+    sink = _HostSink(device)
     layers = adapter.layers()
-    kernel = dict(chunk_size=chunk_size, element_budget=element_budget, backend=backend)
+    span_tensors = None
+    if kernel.whole_batch:  # made once: a host-to-device copy per layer would wait for the device
+        both = torch.tensor([[start for start, _ in spans], [T for _, T in spans]], dtype=torch.int32)
+        span_tensors = tuple(both.to(device))
 
     def consume(rec: LayerActivations) -> None:
         w_o, _bias = adapter.output_projection(layers[rec.layer])  # the bias is in the node, in no edge
-        w_o = w_o.detach().float()  # [H, dh, d]
-        for b, span in enumerate(spans):
-            _layer_importances(rec, b, span, w_o, s.parallel, results[b], kernel)
+        w_o = w_o.detach()
+        w_flat = flat_output_projection(w_o)
+        for block in plan:
+            _layer_block(kernel, rec, block, spans, w_o, w_flat, s.parallel, results, sink, budget, span_tensors)
 
     # eval mode for the pass (dropout would change what is decomposed); the caller's mode is restored
-    with eval_mode(hf_model), capture_layers(hf_model, adapter, consume, reuse_probs=True):
+    keep = budget if kernel.whole_batch else None
+    with eval_mode(hf_model), capture_layers(hf_model, adapter, consume, reuse_probs=True, keep_up_to=keep):
         logits = hf_model(**forward_kwargs).logits  # [B, T, V]
     predicted = logits.argmax(-1).cpu().numpy()  # [B, T]
     del logits
+    sink.wait()
     out = []
     for b, ((start, T), buf) in enumerate(zip(spans, results)):
         id_list = input_ids[b, start : start + T].tolist()
@@ -344,40 +364,86 @@ def _real_spans(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[t
 
 
 class _Buffers:
-    """Output arrays of one sequence, filled layer by layer."""
+    """Output arrays of one sequence, filled layer by layer (pinned host memory when a GPU copies into them)."""
 
-    def __init__(self, L: int, H: int, T: int, parallel: bool):
-        self.attn = torch.zeros(L, H, T, T)
-        self.attn_residual = torch.zeros(L, T)
-        self.ffn = torch.zeros(L, T)
-        self.ffn_residual = None if parallel else torch.zeros(L, T)
+    def __init__(self, L: int, H: int, T: int, parallel: bool, pinned: bool = False, zero: bool = True):
+        self.attn = (torch.zeros if zero else torch.empty)(L, H, T, T, pin_memory=pinned)
+        self.attn_residual = torch.zeros(L, T, pin_memory=pinned)
+        self.ffn = torch.zeros(L, T, pin_memory=pinned)
+        self.ffn_residual = None if parallel else torch.zeros(L, T, pin_memory=pinned)
 
 
-def _layer_importances(
-    rec: LayerActivations, b: int, span: tuple[int, int], w_o, parallel: bool, buf: _Buffers, kernel
-) -> None:
-    """Importances of layer ``rec.layer`` for batch row ``b``, whose real tokens are ``span``."""
+class _HostSink:
+    """Copies device results into host buffers on a side stream, so that a layer's copy overlaps the next
+    layer's computation; on the CPU a plain copy. ``wait`` before reading the host buffers."""
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def put(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        if self.stream is None:
+            dst.copy_(src)
+            return
+        done = torch.cuda.Event()
+        done.record()  # after the computation that wrote src, on the current stream
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(done)
+            dst.copy_(src, non_blocking=True)
+        src.record_stream(self.stream)  # its memory is not reused before the copy ends
+
+    def wait(self) -> None:
+        if self.stream is not None:
+            self.stream.synchronize()
+
+
+def _layer_block(kernel, rec: LayerActivations, block, spans, w_o, w_flat, parallel: bool, results: list,
+                 sink: _HostSink, budget: int, span_tensors=None) -> None:
+    """Importances of layer ``rec.layer`` for batch rows ``first .. stop - 1`` on a grid of ``T_grid``
+    padded positions from ``off`` (one sequence's span, or the whole padded batch)."""
     l = rec.layer
-    start, T = span
-    rows = slice(start, start + T)
-    x = rec.inputs[b, rows].float()  # [T, d]
-    attn_out = rec.attn_out[b, rows].float()  # [T, d]
-    out = rec.outputs[b, rows].float()  # [T, d]
-    values = rec.values[b, :, rows].float()  # [H_kv, T, dh]
-    probs = rec.probs[b, :, rows, rows].float()  # [H, T, T]  (padding columns hold 0 probability)
-    if rec.row_scale is not None:  # post-attention norm: sub-edges are gamma * alpha f(x_j) / r_pos
-        probs = probs * rec.row_scale[b, rows].float()[None, :, None]
-    # on the CPU the kernel writes straight into the result; elsewhere it fills a device tensor we copy back
-    dest = buf.attn[l] if x.device.type == "cpu" else None
+    first, stop, off, T_grid = block
+    G = stop - first
+    bs, rows = slice(first, stop), slice(off, off + T_grid)
+    x, attn_out, out = rec.inputs[bs, rows], rec.attn_out[bs, rows], rec.outputs[bs, rows]
+    heads = kernel.head_outputs(rec.values[bs, :, rows], w_o, w_flat)
     if parallel:
-        ffn_vec = out - x - attn_out  # [T, d]
-        node = attention_node(out, torch.stack([x, ffn_vec]), probs, values, w_o, out=dest, **kernel)
-        buf.attn_residual[l], buf.ffn[l] = node.direct.cpu()
+        y = out.float()
+        parts = [x, y - x.float() - attn_out.float()]
     else:
-        mid = x + attn_out  # [T, d]  x^{lA}
-        node = attention_node(mid, x[None], probs, values, w_o, out=dest, **kernel)
-        buf.attn_residual[l] = node.direct[0].cpu()
-        block = direct_node(out, torch.stack([mid, out - mid]), backend=kernel["backend"])
-        buf.ffn_residual[l], buf.ffn[l] = block.direct.cpu()
-    if dest is None:
-        buf.attn[l] = node.attn.cpu()
+        y = x.float() + attn_out.float()  # x^{lA}
+        parts = [x]
+    starts = [spans[b][0] - off for b in range(first, stop)]
+    lengths = [spans[b][1] for b in range(first, stop)]
+    H = w_o.shape[0]
+    # the CPU kernel takes a sequence in one block and writes straight into the result
+    C = T_grid if kernel.name == "cpu" else kernel.rows_per_block(G, H, T_grid, budget)
+    direct = torch.empty(len(parts), G, T_grid, dtype=torch.float32, device=y.device)
+    for p0 in range(0, T_grid, C):
+        p1 = min(T_grid, p0 + C)
+        direct_cpu = G == 1 and p0 == 0 and p1 == T_grid and y.device.type == "cpu"
+        sub = results[first].attn[l][None] if direct_cpu else torch.empty(G, H, p1 - p0, p1, device=y.device)
+        scale = None if rec.row_scale is None else rec.row_scale[bs, off + p0 : off + p1]
+        blk = Block(y=y[:, p0:p1], parts=[z[:, p0:p1] for z in parts], probs=rec.block_rows(first, stop, off, p0, p1),
+                    row_scale=scale, heads=heads, p0=p0, starts=starts, lengths=lengths, span_tensors=span_tensors)
+        kernel.block(blk, BlockOut(direct=direct[:, :, p0:p1], sub=sub))
+        if direct_cpu:
+            continue
+        for g, b in enumerate(range(first, stop)):
+            start, T = starts[g], lengths[g]
+            lo, hi = max(p0, start), min(p1, start + T)  # this sequence's real rows in the block
+            if lo < hi:
+                sink.put(results[b].attn[l, :, lo - start : hi - start, : hi - start],
+                         sub[g, :, lo - p0 : hi - p0, start:hi])
+    if not parallel:
+        d = y.shape[-1]
+        block_node = kernel.block_node(out.reshape(G * T_grid, d), y.reshape(G * T_grid, d)).view(2, G, T_grid)
+    for g, b in enumerate(range(first, stop)):
+        start, T = starts[g], lengths[g]
+        own = slice(start, start + T)
+        buf = results[b]
+        sink.put(buf.attn_residual[l], direct[0, g, own])
+        if parallel:
+            sink.put(buf.ffn[l], direct[1, g, own])
+        else:
+            sink.put(buf.ffn_residual[l], block_node[0, g, own])
+            sink.put(buf.ffn[l], block_node[1, g, own])

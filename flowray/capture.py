@@ -38,9 +38,14 @@ class LayerActivations:
     def prob_rows(self, b: int, start: int, p0: int, p1: int) -> torch.Tensor:
         """``[H, C, p1]`` weights of row ``b``'s real positions ``p0 .. p1 - 1`` over its sources ``< p1``,
         for a row whose real tokens start at ``start`` (left padding); positions count from ``start``."""
+        return self.block_rows(b, b + 1, start, p0, p1)[0]
+
+    def block_rows(self, first: int, stop: int, offset: int, p0: int, p1: int) -> torch.Tensor:
+        """``[G, H, C, p1]`` weights of batch rows ``first .. stop - 1`` at grid positions ``p0 .. p1 - 1``
+        over sources ``< p1``, on a grid that starts at padded position ``offset``."""
         if isinstance(self.probs, AttentionRows):
-            return self.probs.rows(b, start, p0, p1)
-        return self.probs[b, :, start + p0 : start + p1, start : start + p1]
+            return self.probs.block(first, stop, offset, p0, p1)
+        return self.probs[first:stop, :, offset + p0 : offset + p1, offset : offset + p1]
 
 
 def _first(output):
@@ -98,11 +103,16 @@ class AttentionRows:
         self.softcap = softcap
 
     def rows(self, b: int, start: int, p0: int, p1: int) -> torch.Tensor:
-        q = self.q[b : b + 1, :, :, start:]  # [1, H_kv, g, T_b, dh]
-        key = self.key[b : b + 1, :, start:]
-        mask = None if self.mask is None else self.mask[b : b + 1, :, start:, start:]
+        return self.block(b, b + 1, start, p0, p1)[0]  # [H, C, p1]
+
+    def block(self, first: int, stop: int, offset: int, p0: int, p1: int) -> torch.Tensor:
+        """``[G, H, C, p1]`` for batch rows ``first .. stop - 1``, rows ``p0 .. p1 - 1`` of a grid starting at
+        padded position ``offset`` (see ``LayerActivations.block_rows``)."""
+        q = self.q[first:stop, :, :, offset:]  # [G, H_kv, g, T_grid, dh]
+        key = self.key[first:stop, :, offset:]
+        mask = None if self.mask is None else self.mask[first:stop, :, offset:, offset:]
         low = torch.finfo(torch.float32).min
-        return _chunk_weights(q, key, mask, p0, p1, low, self.softcap).to(self.dtype)[0]  # [H, C, p1]
+        return _chunk_weights(q, key, mask, p0, p1, low, self.softcap).to(self.dtype)
 
 
 def _capture_attention(
@@ -137,7 +147,9 @@ def _capture_attention(
     low = torch.finfo(torch.float32).min  # what eager masks add: exp() of it is exactly 0, never NaN
     # rows mode keeps queries and keys (O(T)) instead of the weights, except where all of a layer's weights
     # are small: then holding them is cheaper than recomputing every row (short texts, the common case)
-    rows_mode = getattr(_scratch, "rows", False) and B * H * T * T > KEEP_WEIGHTS_UP_TO
+    keep_up_to = getattr(_scratch, "keep_up_to", None)
+    keep_up_to = KEEP_WEIGHTS_UP_TO if keep_up_to is None else keep_up_to
+    rows_mode = getattr(_scratch, "rows", False) and B * H * T * T > keep_up_to
     probs = None
     if not rows_mode:
         probs = getattr(_scratch, "probs", None)
@@ -181,6 +193,7 @@ def capture_layers(
     *,
     reuse_probs: bool = False,
     rows: bool = False,
+    keep_up_to: int | None = None,
 ) -> Iterator[None]:
     """Within the block, every forward pass of ``model`` calls ``consumer`` once per decoder layer.
 
@@ -189,8 +202,8 @@ def capture_layers(
     consumers that are done with a record when they return (saves the page faults of a fresh ``[B, H, T, T]``
     tensor per layer); keep it False to hold records beyond the call. With ``rows`` a record's ``probs`` is
     an ``AttentionRows`` (queries and keys, ``O(T)``) that recomputes chunks of weights on demand, when the
-    model runs flowray's capture attention and a layer's weights would exceed ``KEEP_WEIGHTS_UP_TO``
-    elements (transformers' eager fallback always gives full weights).
+    model runs flowray's capture attention and a layer's weights would exceed ``keep_up_to`` elements
+    (default ``KEEP_WEIGHTS_UP_TO``; transformers' eager fallback always gives full weights).
     """
     handles = []
     state: dict = {}
@@ -246,6 +259,7 @@ def capture_layers(
             handles.append(layer.register_forward_hook(post_layer))
         _scratch.reuse = reuse_probs
         _scratch.rows = rows
+        _scratch.keep_up_to = keep_up_to
         with eager_attention(model):
             yield
     finally:
@@ -254,6 +268,7 @@ def capture_layers(
         state.clear()
         _scratch.reuse = False
         _scratch.rows = False
+        _scratch.keep_up_to = None
         _scratch.probs = None
 
 

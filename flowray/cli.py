@@ -13,79 +13,20 @@ import sys
 from pathlib import Path
 
 from flowray.baselines.options import ABLATION_MODES, DEFAULT_KS
-from flowray.cli_types import ArgumentParser, backend_arg, positive_int, positive_ints, tau_arg
-from flowray.config import DTYPES
-from flowray.errors import FlowrayError, InputError
+from flowray.cli_common import (add_model_args, add_text_args, check_texts, load_model_from_args, progress,
+                                texts_from_args)
+from flowray.cli_types import ArgumentParser, positive_int, positive_ints, tau_arg
+from flowray.errors import FlowrayError, InputError, Terminated
 from flowray.explorer.cli import register_cli as register_explore
 from flowray.pipeline.cli import register_cli as register_job
+from flowray.signals import raise_on_sigterm
 from flowray.tasks import IOI_TEMPLATE_SETS
 from flowray.threads import prefer_short_spin
 
 log = logging.getLogger("flowray")
 
 
-# --- shared options -------------------------------------------------------------------------------
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2",
-                   help="alias 'smollm2' (packaged SmolLM2-135M), a HF model directory, a .gguf file or a hub id")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
-
-
-def _add_text_args(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--text", help="one text")
-    src.add_argument("--file", type=Path,
-                     help="several texts: a .txt file (one text per non-blank line) or .jsonl with a 'text' field")
-    p.add_argument("--max-tokens", type=positive_int, default=None,
-                   help="keep only the first N tokens of each text (needed for texts longer than the context)")
-    add_bos_argument(p)
-    p.add_argument("--backend", type=backend_arg, default="auto",
-                   help="importance kernel: 'cpu' (compiled loop, CPU only), 'torch' (any device) or 'auto' "
-                   "(cpu on the CPU, torch elsewhere)")
-    p.add_argument("--chunk-size", type=positive_int, default=None,
-                   help="torch backend: query positions per chunk; bounds its peak extra memory "
-                   "(~ heads x chunk x tokens floats)")
-
-
-def add_bos_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-bos", dest="prepend_bos", action="store_false",
-                   help="do not put a BOS at position 0 (default: the tokenizer's BOS, else the model's document "
-                   "separator such as <|endoftext|>, as the corpus job does)")
-
-
-def read_texts(path: Path) -> list[str]:
-    """Texts from a .txt (one per non-blank line) or .jsonl ('text' field) file."""
-    from flowray.io_checks import read_text_file
-
-    lines = read_text_file(path, "text file").splitlines()  # missing, a directory, binary: InputError
-    if path.suffix == ".jsonl":
-        texts = []
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{n}: not valid JSON ({exc.msg}); expected one JSON object per line") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise InputError(f"{path}:{n}: expected an object with a string 'text' field; got {line[:60]!r}")
-            texts.append(record["text"])
-    else:
-        texts = [line for line in lines if line.strip()]
-    if not texts:
-        raise InputError(f"text file {str(path)!r} holds no texts; expected one text per non-blank line")
-    return texts
-
-
-def _check_texts(texts: list[str], many: bool = False) -> None:
-    """Reject an empty --text before the (slow) model load (with --file, an empty text is one failure)."""
-    for i, text in enumerate(texts):
-        if not text.strip() and not many:
-            raise InputError(f"text is empty or only whitespace; got {text!r}; give at least one word")
-
-
+# --- shared by route and importances ---------------------------------------------------------------
 def _check_outputs(args, many: bool, *, out_suffixes: tuple[str, ...], plot: bool) -> None:
     """--out (and --plot) can be written: checked before the model load, so no computation is lost."""
     from flowray.io_checks import check_output_dir, check_output_file
@@ -130,19 +71,6 @@ class _Failures:
         return 1
 
 
-def _progress(items, total: int, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(items, total=total, desc=desc, unit="text", disable=total < 2, file=sys.stderr)
-
-
-def _load(args):
-    from flowray.models.loading import load_model
-
-    log.info("loading model %s", args.model)
-    return load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
-
-
 def _importances_for(lm, text: str, args):
     from flowray.api import edge_importances, encode_text
 
@@ -156,14 +84,14 @@ def cmd_route(args) -> int:
     from flowray.plots import plot_route, save_figure
     from flowray.routes import check_position, extract_route
 
-    texts = [args.text] if args.text is not None else read_texts(args.file)
+    texts = texts_from_args(args)
     many = args.file is not None
-    _check_texts(texts, many)
+    check_texts(texts, many)
     _check_outputs(args, many, out_suffixes=(), plot=True)  # before the model load and the computation
-    lm = _load(args)
+    lm = load_model_from_args(args)
     out_dir = args.out if many else None
     failures = _Failures(out_dir)
-    for i, text in enumerate(_progress(texts, len(texts), "routes")):
+    for i, text in enumerate(progress(texts, len(texts), "routes")):
         if not failures.usable(i, text):
             continue
         try:
@@ -206,13 +134,13 @@ def _with_prediction(route, token_id: int, token: str):
 
 # --- flowray importances --------------------------------------------------------------------------
 def cmd_importances(args) -> int:
-    texts = [args.text] if args.text is not None else read_texts(args.file)
+    texts = texts_from_args(args)
     many = args.file is not None
-    _check_texts(texts, many)
+    check_texts(texts, many)
     _check_outputs(args, many, out_suffixes=(".npz",), plot=False)  # before the model load
-    lm = _load(args)
+    lm = load_model_from_args(args)
     failures = _Failures(args.out if many else None)
-    for i, text in enumerate(_progress(texts, len(texts), "importances")):
+    for i, text in enumerate(progress(texts, len(texts), "importances")):
         if not failures.usable(i, text):
             continue
         try:
@@ -288,6 +216,25 @@ def register_compare(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+# --- flowray report -------------------------------------------------------------------------------
+def cmd_report(args) -> int:
+    from flowray.pipeline.storage import Storage
+    from flowray.run_report import write_report
+
+    storage = Storage(args.run_dir)
+    written = write_report(storage)
+    print(f"report of {storage.uri} rendered from its tables: {', '.join(written)}")
+    return 0
+
+
+def register_report(subparsers) -> None:
+    p = subparsers.add_parser(
+        "report", help="render a finished job run's summary.md, figures and report.html again from its tables "
+                       "(nothing is recomputed)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (<output>/<run_name>), a path or a bucket URI")
+    p.set_defaults(handler=cmd_report)
+
+
 # --- parser ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
@@ -297,8 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("route", help="extract the information flow route of one prediction (JSON + figure)")
-    _add_model_args(p)
-    _add_text_args(p)
+    add_model_args(p)
+    add_text_args(p)
     p.add_argument("--tau", type=tau_arg, default=0.04, help="edge importance threshold in (0, 1) (default 0.04)")
     p.add_argument("--position", type=int, default=-1, help="prediction position (default -1: the last token)")
     p.add_argument("--out", type=Path, required=True,
@@ -309,12 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_route)
 
     p = sub.add_parser("importances", help="write every edge importance of a text (.npz arrays)")
-    _add_model_args(p)
-    _add_text_args(p)
+    add_model_args(p)
+    add_text_args(p)
     p.add_argument("--out", type=Path, required=True, help=".npz file (with --file: a directory of NNNNN.npz)")
     p.set_defaults(handler=cmd_importances)
 
     register_job(sub)
+    register_report(sub)
     register_compare(sub)
     register_explore(sub)
     return parser
@@ -331,11 +279,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("transformers", "urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    raise_on_sigterm()  # a SIGTERM (kill, a scheduler) ends like Ctrl-C: cleanup runs, one line, status 143
     try:
         return int(args.handler(args) or 0)
     except FlowrayError as exc:
         print(f"flowray: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("flowray: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("flowray: interrupted", file=sys.stderr)
         return 130

@@ -48,6 +48,17 @@ def positive_int(value: str) -> int:
     return n
 
 
+def positive_float(value: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number; got {value!r}") from None
+    if not 0 < x < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number; got {value!r}")
+    return x
+
+
 def positive_ints(value: str) -> tuple[int, ...]:
     """argparse type: comma-separated positive integers like ``1,5,10``."""
     try:
@@ -60,12 +71,8 @@ def positive_ints(value: str) -> tuple[int, ...]:
 
 
 def backend_arg(value: str) -> str:
-    """argparse type: an importance backend of ``flowray.importance.BACKENDS``.
-
-    A type rather than ``choices=`` so that the list is read (and torch imported) only when the option is
-    given, not for every ``flowray --help``.
-    """
-    from flowray.importance import BACKENDS
+    """argparse type: an importance backend of ``flowray.checks.BACKENDS`` (``flowray.kernels``)."""
+    from flowray.checks import BACKENDS
 
     if value not in BACKENDS:
         raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(map(repr, BACKENDS))})")

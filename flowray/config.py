@@ -7,6 +7,7 @@ driver before any Ray actor starts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -18,9 +19,11 @@ from typing import Any
 
 from flowray.checks import check_tau
 from flowray.errors import ConfigError
+from flowray.models.dtypes import DTYPES
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-DTYPES = ("float32", "float16", "bfloat16")
+CONTENT_KEYS = ("corpora", "model", "dtype", "max_tokens", "truncate", "texts_per_domain", "texts_per_shard", "tau",
+                "seed", "general_domain", "trust_remote_code", "prepend_bos")
 
 
 def _type_name(t) -> str:
@@ -95,6 +98,7 @@ class JobConfig:
     model: str = "smollm2"
     dtype: str = "float32"
     device: str = "auto"  # per actor: a GPU when the actor was given one
+    backend: str = "auto"  # the importance kernel: auto = cpu (numba) on CPUs, triton on GPUs (else torch)
     trust_remote_code: bool = False
     general_domain: str | None = None  # the domain others are compared with; None: the first corpus
     max_tokens: int = 128  # tokens kept per text
@@ -112,6 +116,7 @@ class JobConfig:
     seed: int = 0
     data_dir: str | None = None  # base of relative corpus paths; "auto": find shared/data; None: config's dir
     progress_interval_s: float = 10.0  # driver log line period when stdout is not a terminal
+    ray_connect_timeout_s: float = 30.0  # how long to wait for the cluster at RAY_ADDRESS before giving up
 
     def __post_init__(self):
         if not self.corpora:
@@ -141,7 +146,7 @@ class JobConfig:
             _check_type("min_actors", self.min_actors, int)
             if not 1 <= self.min_actors <= self.actors:
                 raise ConfigError(f"min_actors: expected 1..actors ({self.actors}); got {self.min_actors!r}")
-        for name in ("cpus_per_actor", "gpus_per_actor", "progress_interval_s"):
+        for name in ("cpus_per_actor", "gpus_per_actor", "progress_interval_s", "ray_connect_timeout_s"):
             value = getattr(self, name)
             _check_type(name, value, int, float)
             if not math.isfinite(value):
@@ -153,12 +158,15 @@ class JobConfig:
         for t in self.tau:
             _check_type("tau", t, int, float)
             check_tau(t, name="tau: every threshold", error=ConfigError)
-        if len(set(self.tau)) != len(self.tau):
-            raise ConfigError(f"tau: thresholds must be distinct; got {list(self.tau)!r}")
+        _check_distinct_taus(self.tau)
         for name in ("truncate", "trust_remote_code", "prepend_bos"):
             _check_type(name, getattr(self, name), bool)
         _check_device(self.device, self.gpus_per_actor)
+        _check_backend(self.backend, self.device, self.gpus_per_actor)
         _check_type("output", self.output, str)
+        if not self.output.strip():
+            raise ConfigError(f"output: expected a local folder or a bucket URI (s3://..., gs://...); got "
+                              f"{self.output!r}; leave the key out for the default ('runs') or name a folder")
         _check_type("seed", self.seed, int)
 
     # --- derived ---------------------------------------------------------------------------------
@@ -185,11 +193,12 @@ class JobConfig:
     def texts_for(self, corpus: CorpusConfig) -> int:
         return corpus.texts or self.texts_per_domain
 
-    def content_hash(self) -> str:
+    def content(self) -> dict:
         """What determines the shards and every output value (not the resources used to compute them)."""
-        keys = ("corpora", "model", "dtype", "max_tokens", "truncate", "texts_per_domain", "texts_per_shard",
-                "tau", "seed", "general_domain", "trust_remote_code", "prepend_bos")
-        blob = json.dumps({k: _jsonable(getattr(self, k)) for k in keys}, sort_keys=True)
+        return {k: _jsonable(getattr(self, k)) for k in CONTENT_KEYS}
+
+    def content_hash(self) -> str:
+        blob = json.dumps(self.content(), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
@@ -215,7 +224,7 @@ class JobConfig:
             data["tau"] = tuple(tau) if isinstance(tau, list) else (tau,)
         if data_dir is not None:
             data["data_dir"] = str(data_dir)
-        for key in ("cpus_per_actor", "gpus_per_actor", "progress_interval_s"):
+        for key in ("cpus_per_actor", "gpus_per_actor", "progress_interval_s", "ray_connect_timeout_s"):
             if isinstance(data.get(key), int) and not isinstance(data.get(key), bool):
                 data[key] = float(data[key])
         return cls(corpora=tuple(parsed), **data)
@@ -229,12 +238,40 @@ class JobConfig:
         path = Path(path)
         text = read_text_file(path, "config file", error=ConfigError, hint="see jobs/configs/")
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=yaml_loader())
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level; got {type(data).__name__}")
         return cls.from_dict(apply_overrides(data, overrides), base_dir=path.parent)
+
+
+@functools.lru_cache(maxsize=1)
+def yaml_loader():
+    """PyYAML's safe loader, reading ``1e-9`` and ``2E+3`` as numbers (YAML 1.1, which PyYAML follows, wants
+    a dot in a float: ``1e-9`` would be the string "1e-9", and a tau written so would be refused)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    number = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", number, list("-+0123456789"))
+    return Loader
+
+
+def _check_distinct_taus(taus) -> None:
+    """Each tau names its own output columns (``route_heads@{tau:g}``): two that print alike would share one."""
+    from flowray.tables import tau_columns
+
+    seen: dict[str, float] = {}
+    for t in taus:
+        column = tau_columns(t).route_heads
+        if column in seen:
+            same = "are equal" if seen[column] == t else f"both name the column {column!r}"
+            raise ConfigError(f"tau: thresholds must be distinct; {seen[column]!r} and {t!r} {same} (taus are "
+                              f"told apart by 6 significant digits); got {list(taus)!r}")
+        seen[column] = t
 
 
 def apply_overrides(data: dict, overrides) -> dict:
@@ -247,7 +284,7 @@ def apply_overrides(data: dict, overrides) -> dict:
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r}: expected key=value, e.g. texts_per_domain=8")
         try:
-            data[key.strip()] = yaml.safe_load(raw)
+            data[key.strip()] = yaml.load(raw, Loader=yaml_loader())
         except yaml.YAMLError as exc:
             problem = getattr(exc, "problem", None) or type(exc).__name__
             raise ConfigError(f"override {item!r}: the value {raw!r} is not valid YAML ({problem}); quote it "
@@ -256,6 +293,22 @@ def apply_overrides(data: dict, overrides) -> dict:
 
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _check_backend(backend, device: str, gpus_per_actor: float) -> None:
+    """The importance kernel every actor will use, checked against the devices it will have."""
+    from flowray.checks import BACKENDS
+
+    _check_type("backend", backend, str)
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend: expected one of {', '.join(BACKENDS)}; got {backend!r}")
+    on_gpu = bool(gpus_per_actor) and not device.startswith(("cpu", "mps"))
+    if backend == "triton" and not on_gpu:
+        raise ConfigError("backend: 'triton' runs on NVIDIA GPUs, but no actor would have one (gpus_per_actor is "
+                          f"{gpus_per_actor!r}, device {device!r}); set gpus_per_actor (e.g. 1) or backend: auto")
+    if backend == "cpu" and on_gpu:
+        raise ConfigError("backend: 'cpu' needs the model on the CPU, but the actors get GPUs; use backend: auto "
+                          "(triton) or torch, or device: cpu")
 
 
 def _check_device(device, gpus_per_actor: float) -> None:

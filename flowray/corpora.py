@@ -278,6 +278,19 @@ def _missing_field(kind: str, field: str, available: list[str], where: str) -> C
 # ---------------------------------------------------------------------------------------- readers
 
 
+def _json_object(raw: bytes) -> tuple[dict | None, str | None]:
+    """One JSONL line as ``(record, None)``, or ``(None, why it is not a JSON object)``."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None, "not UTF-8 text"
+    except ValueError as exc:  # bad JSON; also an integer too long to convert
+        return None, getattr(exc, "msg", str(exc))
+    if not isinstance(record, dict):
+        return None, f"expected a JSON object, got {type(record).__name__}"
+    return record, None
+
+
 def _read_jsonl(src: dict, **_) -> Iterator[Document]:
     files = _resolve_paths("jsonl", src["paths"], src["base_dir"])
     fields = [src["text_field"], *src["meta_fields"]]
@@ -289,20 +302,15 @@ def _read_jsonl(src: dict, **_) -> Iterator[Document]:
                     if not raw.strip():
                         continue  # a blank line holds no record
                     where = f"{path}:{row + 1}"
-                    try:
-                        record = json.loads(raw.decode("utf-8"))
-                        if not isinstance(record, dict):
-                            raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-                    except (UnicodeDecodeError, ValueError) as exc:
+                    record, reason = _json_object(raw)
+                    if reason is not None:
                         if src.get("skip_bad_lines"):
-                            _log.warning("%s: skipped, not a UTF-8 JSON object (%s)", where, exc)
+                            _log.warning("%s: skipped, not a UTF-8 JSON object (%s)", where, reason)
                             continue
-                        reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else \
-                            getattr(exc, "msg", str(exc))
                         raise InputError(
                             f"{where}: not a JSON object ({reason}); each line of a JSONL file must be one "
                             "(set skip_bad_lines: true in the source to skip such lines)"
-                        ) from None
+                        )
                     for field in fields:
                         if field not in record:
                             raise _missing_field("jsonl", field, list(record), f"record {where}")
@@ -452,6 +460,12 @@ def _task_text(task: str, p, contrastive: bool, variant: str) -> tuple[str, dict
     if span is not None:
         meta["source_chars"] = span
     return prompt, meta
+
+
+def source_files(source: dict) -> list[Path]:
+    """The files a jsonl / parquet / text source reads, resolved as its reader resolves them ([] for others)."""
+    src = validate_source(source)
+    return _resolve_paths(src["kind"], src["paths"], src["base_dir"]) if "paths" in src else []
 
 
 _READERS: dict[str, Callable[..., Iterator[Document]]] = {

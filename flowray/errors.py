@@ -42,3 +42,8 @@ def require(module: str, pip_name: str | None = None, feature: str = "this featu
 
 class UnsupportedVersionError(FlowrayError, ImportError):
     """An installed library outside the versions whose internals flowray knows; the message names the pip command."""
+
+
+class Terminated(KeyboardInterrupt):
+    """The process was sent SIGTERM: it stops as an interrupt does (cleanup runs; the CLI exits with 143)."""
+

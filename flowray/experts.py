@@ -46,9 +46,10 @@ def expert_importances(model, input_ids, *, backend: str = "auto") -> ExpertImpo
         input_ids: ``[1, T]`` token ids.
         backend: the normalisation kernel, as for ``edge_importances``.
     """
-    from flowray.api import _unpack, check_input_ids
+    from flowray.api import check_input_ids
+    from flowray.models.loading import model_parts
 
-    hf_model, adapter, _, _ = _unpack(model)
+    hf_model, adapter, _, _ = model_parts(model)
     if adapter.n_experts == 0:
         raise UnsupportedArchitectureError(
             f"{adapter.family} ({hf_model.config.model_type!r}) has no routed experts; expert_importances needs "

@@ -27,20 +27,38 @@ SPECIALISED_RATIO = 2.0
 SPECIALISED_TOP_FRACTION = 0.05
 
 
-def route_heads_column(tau: float) -> str:
-    """Column with the flat head ids in each prediction's route at ``tau``, e.g. ``route_heads@0.01``."""
-    return f"route_heads@{tau:g}"
+@dataclass(frozen=True)
+class TauColumns:
+    """The names of the columns of one route threshold, ``<what>@<tau>`` with tau written ``f"{tau:g}"``:
+    ``tau_columns(tau)`` gives them, ``column_tau(name)`` reads the tau back."""
+
+    tau: float
+    route_heads: str  # predictions: flat head ids in each prediction's route
+    route_ffn: str  # predictions: layers whose FFN edge is in each prediction's route
+    pruned_heads: str  # predictions: flat head ids whose pruned importance at the prediction exceeds SILENT_INFLUENCE
+    silent_fraction_pruned: str  # head_roles: share of first subwords where the head is not in pruned_heads
+    subword_merging_pruned: str  # head_roles: subword-merging criterion (i) and that pruned silence
 
 
-def route_ffn_column(tau: float) -> str:
-    """Column with the layers whose FFN edge is in each prediction's route at ``tau``."""
-    return f"route_ffn@{tau:g}"
+_TAU_PREFIXES = {"route_heads": "route_heads", "route_ffn": "route_ffn", "pruned_heads": "pruned_heads",
+                 "silent_fraction_pruned": "first_subword_silent_fraction_pruned",
+                 "subword_merging_pruned": "subword_merging_pruned"}  # TauColumns field -> name before "@"
 
 
-def pruned_heads_column(tau: float) -> str:
-    """Column with the flat head ids not silent at the prediction's own attention node after tau-pruning:
-    their pruned, renormalised importance there exceeds ``SILENT_INFLUENCE`` (e.g. ``pruned_heads@0.01``)."""
-    return f"pruned_heads@{tau:g}"
+def tau_columns(tau: float) -> TauColumns:
+    """The columns of ``tau``: ``tau_columns(0.01).route_heads == "route_heads@0.01"``."""
+    return TauColumns(float(tau), **{field: f"{prefix}@{tau:g}" for field, prefix in _TAU_PREFIXES.items()})
+
+
+def column_tau(name: str) -> float | None:
+    """The tau of a ``TauColumns`` name (``"route_ffn@0.04"`` -> 0.04); None for any other column."""
+    prefix, at, tau = name.rpartition("@")
+    if not at or prefix not in _TAU_PREFIXES.values():
+        return None
+    try:
+        return float(tau)
+    except ValueError:
+        return None
 
 
 def predictions_schema(taus) -> pa.Schema:
@@ -71,9 +89,8 @@ def predictions_schema(taus) -> pa.Schema:
         pa.field("source_edge_importance", pa.list_(pa.float32())),
     ]
     for tau in taus:
-        fields.append(pa.field(route_heads_column(tau), pa.list_(pa.uint16())))
-        fields.append(pa.field(route_ffn_column(tau), pa.list_(pa.uint16())))
-        fields.append(pa.field(pruned_heads_column(tau), pa.list_(pa.uint16())))
+        cols = tau_columns(tau)
+        fields += [pa.field(name, pa.list_(pa.uint16())) for name in (cols.route_heads, cols.route_ffn, cols.pruned_heads)]
     return pa.schema(fields)
 
 
@@ -199,11 +216,11 @@ class TextRows:
             "source_edge_importance": pa.array(source, pa.list_(pa.float32())),
         }
         for tau, rows in self.route_heads.items():
-            cols[route_heads_column(tau)] = _ragged_column(rows, pa.uint16())
+            cols[tau_columns(tau).route_heads] = _ragged_column(rows, pa.uint16())
         for tau, rows in self.route_ffn.items():
-            cols[route_ffn_column(tau)] = _ragged_column(rows, pa.uint16())
+            cols[tau_columns(tau).route_ffn] = _ragged_column(rows, pa.uint16())
         for tau, rows in self.pruned_heads.items():
-            cols[pruned_heads_column(tau)] = _ragged_column(rows, pa.uint16())
+            cols[tau_columns(tau).pruned_heads] = _ragged_column(rows, pa.uint16())
         table = pa.table([cols[f.name] for f in schema], schema=schema)
         return table.slice(1) if self.bos else table  # the BOS position is no prediction of the text
 
@@ -220,7 +237,7 @@ class _DomainStats:
     head_active: dict = field(default_factory=dict)  # tau -> [L*H] counts over target rows
     ffn_active: dict = field(default_factory=dict)  # tau -> [L]
     comp_sum: np.ndarray | None = None  # [L*H + L] over target rows
-    role_counts: dict = field(default_factory=dict)  # ROLE_COUNTS name -> [L*H] (cases: ints)
+    role_counts: dict = field(default_factory=dict)  # _role_count_names key -> [L*H] (cases: ints)
     pos_sum: dict = field(default_factory=dict)  # (kind, tag) -> [L*H + L] sum over target rows
     pos_n: dict = field(default_factory=dict)
     source_edges: dict = field(default_factory=dict)  # doc_id -> [L*H] (tasks: source_edge_importance)
@@ -239,9 +256,9 @@ class _DomainStats:
 _CASES = ("cases_previous", "cases_later_subword", "cases_first_subword")
 
 
-def _role_count_names(taus) -> list[str]:
+def _role_count_names(taus) -> list:
     return ["previous_major", "previous_zero_influence", "same_word_major", "later_subword_zero_influence",
-            "first_subword_silent", *(f"first_subword_silent_pruned@{tau:g}" for tau in taus)]
+            "first_subword_silent", *(("first_subword_silent_pruned", tau) for tau in taus)]
 
 
 def _matrix(column: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
@@ -286,10 +303,11 @@ class Accumulator:
             self._roles_update(st, part, position, bos, word, first, comps[:, :LH])
             self._sources_update(st, part)
             for tau in self.taus:
-                heads = part.column(route_heads_column(tau)).filter(pa.array(target))
+                cols = tau_columns(tau)
+                heads = part.column(cols.route_heads).filter(pa.array(target))
                 flat = heads.combine_chunks().flatten().to_numpy(zero_copy_only=False) if len(heads) else []
                 st.head_active[tau] += np.bincount(np.asarray(flat, dtype=np.int64), minlength=LH)[:LH]
-                ffn = part.column(route_ffn_column(tau)).filter(pa.array(target))
+                ffn = part.column(cols.route_ffn).filter(pa.array(target))
                 flat = ffn.combine_chunks().flatten().to_numpy(zero_copy_only=False) if len(ffn) else []
                 st.ffn_active[tau] += np.bincount(np.asarray(flat, dtype=np.int64), minlength=self.L)[: self.L]
             for kind in ("pos", "next_pos"):
@@ -330,9 +348,9 @@ class Accumulator:
         c["cases_first_subword"] += n_first
         c["first_subword_silent"] += (heads[first] <= SILENT_INFLUENCE).sum(0)
         for tau in self.taus:
-            active = part.column(pruned_heads_column(tau)).filter(pa.array(first))
+            active = part.column(tau_columns(tau).pruned_heads).filter(pa.array(first))
             flat = active.combine_chunks().flatten().to_numpy(zero_copy_only=False) if len(active) else []
-            c[f"first_subword_silent_pruned@{tau:g}"] += n_first - np.bincount(
+            c[("first_subword_silent_pruned", tau)] += n_first - np.bincount(
                 np.asarray(flat, dtype=np.int64), minlength=LH)[:LH]
 
     def _sources_update(self, st: _DomainStats, part: pa.Table) -> None:
@@ -408,9 +426,10 @@ class Accumulator:
         role = np.where(is_prev, "previous_token", np.where(is_merge, "subword_merging", None))
         pruned = {}
         for tau in self.taus:
-            silent = c[f"first_subword_silent_pruned@{tau:g}"] / max(first_n, 1)
-            pruned[f"first_subword_silent_fraction_pruned@{tau:g}"] = silent
-            pruned[f"subword_merging_pruned@{tau:g}"] = merging & (silent >= ROLE_FRACTION)  # (ii) after pruning
+            cols = tau_columns(tau)
+            silent = c[("first_subword_silent_pruned", tau)] / max(first_n, 1)
+            pruned[cols.silent_fraction_pruned] = silent
+            pruned[cols.subword_merging_pruned] = merging & (silent >= ROLE_FRACTION)  # (ii) after pruning
         return pl.DataFrame({
             "domain": domain, "layer": layers, "head": heads,
             "previous_token_fraction": prev_frac, "subword_merging_fraction": same_frac,

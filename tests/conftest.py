@@ -10,6 +10,11 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
+# Without a GPU the Triton programs run under Triton's interpreter (numpy, one program at a time), so the
+# suite checks what they compute on every machine; set before anything imports them.
+if os.environ.get("FLOWRAY_TEST_GPU") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 def _shared_data() -> Path:
     """$FLOWRAY_SHARED_DATA, else a shared/data folder above the checkout (../shared/data here)."""

@@ -13,32 +13,40 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_gpu_benchmark_script_runs_its_code_path_on_a_tiny_model():
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_importance.py"), "--tiny", "--repeats", "1",
-                           "--tokens", "40", "--long", "96"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = proc.stdout.splitlines()
-    assert lines[0].startswith("# cpu (tiny Llama)")
-    assert lines[1].split()[:4] == ["T", "forward", "s", "flowray"]
-    row = lines[2].split()
-    assert row[0] == "40", "the --tokens asked for are the tokens timed"
-    forward_s, flowray_s, ratio = float(row[1]), float(row[2]), float(row[3])
-    assert forward_s > 0 and flowray_s > 0
-    # the ratio the README quotes is the two columns of the same run divided, not a hand-made figure
-    rounding = 5e-5 * (1 / forward_s + 1 / flowray_s) * ratio + 0.005  # the seconds are printed to 4 decimals
-    assert ratio == pytest.approx(flowray_s / forward_s, abs=rounding)
-    assert "# T=96: edge importances fit" in proc.stdout, "the --long context asked for is the one checked"
-
-
-def test_gpu_job_benchmark_runs_its_code_path_on_a_tiny_model():
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_job.py"), "--tiny", "--repeats", "1"],
+                           "--tokens", "40", "--long", "96", "--backends", "cpu,torch"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
-    assert lines[0].startswith("# cpu (tiny Llama)")
-    fwd, job = lines[2].split(), lines[3].split()
-    assert fwd[0] == "forward" and job[:2] == ["job", "path"]
-    assert float(fwd[2]) > 0 and float(job[3]) > 0  # tokens/s of both, measured
-    assert 0 < float(job[4].rstrip("x")) < 10  # the ratio, printed from the two measurements
-    assert "# T=128: runs" in proc.stdout and "# longest text that ran: 128 tokens" in proc.stdout
+    assert lines[0].startswith("# cpu; torch")
+    assert lines[1].split() == ["what", "seconds", "vs", "forward", "peak", "GB"]
+    rows = {" ".join(line.split()[:-3]): line.split()[-3:] for line in lines[2:6]}
+    assert set(rows) == {"forward", "flowray cpu", "flowray torch", "host copy"}
+    forward_s = float(rows["forward"][0])
+    for what in ("flowray cpu", "flowray torch"):
+        seconds, ratio = float(rows[what][0]), float(rows[what][1].rstrip("x"))
+        assert seconds > 0
+        # the ratio is the two columns of the same run divided, not a hand-made figure
+        rounding = 5e-5 * (1 / forward_s + 1 / seconds) * ratio + 0.005  # the seconds are printed to 4 decimals
+        assert ratio == pytest.approx(seconds / forward_s, abs=rounding)
+    assert "# T=96 (cpu): fits" in proc.stdout, "the --long context asked for is the one checked"
+
+
+def test_gpu_job_benchmark_runs_its_code_path_on_a_tiny_model(tmp_path):
+    out = tmp_path / "job.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_job.py"), "--tiny", "--repeats", "1",
+                           "--backends", "cpu,torch", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import json
+
+    result = json.loads(out.read_text())
+    whats = [r["what"] for r in result["table"]]
+    assert whats == ["forward", "job cpu", "job torch", "job cpu, last", "EAP"]
+    fwd = result["table"][0]["seconds"]
+    for r in result["table"]:
+        assert r["seconds"] > 0 and r["ratio"] == pytest.approx(fwd / r["seconds"])  # measured side by side
+    assert [r["tokens"] for r in result["long"]] == [96, 128] and all(r["seconds"] > 0 for r in result["long"])
+    table = proc.stdout[proc.stdout.index("shape "):]
+    assert "job cpu" in table and "EAP" in table
 
 
 def test_the_job_throughput_benchmark_runs_in_process_on_two_short_texts():

@@ -114,6 +114,15 @@ def test_bad_input_exits_2_with_a_clear_message(argv, message, capsys, input_fil
     assert "could not load model" not in err, "the output/input check must come before the model load"
 
 
+def test_a_kernel_the_device_cannot_run_fails_before_the_model_load(capsys, input_files, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert _exit_code(["route", "--model", "none/such", "--text", "hi", "--out", "r.json", "--device", "cpu",
+                       "--backend", "triton"]) == 2
+    err = capsys.readouterr().err
+    assert "backend 'triton' needs a CUDA device; got device 'cpu'" in err and "Traceback" not in err
+    assert "could not load model" not in err
+
+
 def test_outputs_in_missing_folders_are_created_before_the_model_load(capsys, input_files):
     assert _exit_code(["route", "--model", "none/such", "--text", "hi", "--out", "new/deeper/r.json",
                        "--plot", "figs/r.png"]) == 2  # the model fails, after the folders were checked

@@ -41,6 +41,9 @@ def test_shipped_configs_validate(path):
     ({"tau": [0.01, 1.5]}, "strictly between 0 and 1; got 1.5"),
     ({"tau": []}, "at least one threshold"),
     ({"tau": [0.01, 0.01]}, "distinct"),
+    ({"tau": [0.01, 0.0100000001]}, "0.01 and 0.0100000001 both name the column 'route_heads@0.01'"),
+    ({"output": ""}, "output: expected a local folder or a bucket URI (s3://..., gs://...); got ''"),
+    ({"output": "  "}, "output: expected a local folder"),
     ({"actors": 0}, "actors: expected a positive integer; got 0"),
     ({"actors": "two"}, "actors: expected an integer; got 'two'"),
     ({"batch_size": True}, "batch_size: expected an integer; got True"),
@@ -57,6 +60,9 @@ def test_shipped_configs_validate(path):
     ({"device": "bogus"}, "device: expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; got 'bogus'"),
     ({"device": "cuda:0"}, "needs GPUs, but gpus_per_actor is 0"),
     ({"device": 3}, "device: expected a string; got 3"),
+    ({"backend": "gpu"}, "backend: expected one of auto, cpu, torch, triton; got 'gpu'"),
+    ({"backend": "triton"}, "backend: 'triton' runs on NVIDIA GPUs, but no actor would have one"),
+    ({"backend": "cpu", "gpus_per_actor": 1}, "backend: 'cpu' needs the model on the CPU, but the actors get GPUs"),
     ({"run_name": 5}, "run_name: expected a string; got 5"),
     ({"model": ["a"]}, "model: expected a string; got ['a']"),
     ({"dtype": ["float32"]}, "dtype: expected one of"),
@@ -97,9 +103,19 @@ def test_yaml_overrides_and_missing_file(tmp_path):
         JobConfig.from_yaml(tmp_path)
 
 
+def test_exponent_floats_are_numbers_in_files_and_overrides(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(BASE) + "tau: [1e-3, 2.5E-2]\n")
+    assert JobConfig.from_yaml(path).tau == (0.001, 0.025)
+    assert JobConfig.from_yaml(path, overrides=["tau=[1e-9]"]).tau == (1e-9,)
+    assert JobConfig.from_yaml(path, overrides=["run_name=1e3x"]).run_name == "1e3x"  # not a number: a string
+
+
 def test_a_cuda_device_with_gpus_validates():
     cfg = _cfg(device="cuda", gpus_per_actor=1)
     assert cfg.device == "cuda"
+    assert _cfg().backend == "auto" and _cfg(backend="triton", gpus_per_actor=1).backend == "triton"
+    assert _cfg(backend="cpu", gpus_per_actor=1, device="cpu").backend == "cpu"
 
 
 def test_relative_corpus_paths_resolve_against_the_config(tmp_path):
@@ -115,6 +131,7 @@ def test_relative_corpus_paths_resolve_against_the_config(tmp_path):
 def test_content_hash_ignores_resources_but_not_science():
     a = _cfg()
     assert a.content_hash() == _cfg(actors=7, gpus_per_actor=1, batch_size=9, output="s3://b/x").content_hash()
+    assert a.content_hash() == _cfg(backend="torch").content_hash()  # every backend computes the same numbers
     assert a.content_hash() != _cfg(tau=[0.02]).content_hash()
     assert a.content_hash() != _cfg(max_tokens=17).content_hash()
     assert a.content_hash() != _cfg(prepend_bos=False).content_hash()

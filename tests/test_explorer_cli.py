@@ -117,3 +117,31 @@ def test_python_api(tmp_path):
         flowray.explore(lm.model, IOI, tmp_path / "x.html")
     with pytest.raises(InputError, match="tau must be"):
         flowray.explore(lm, IOI, tmp_path / "x.html", tau=1.5)
+
+
+def test_a_page_too_big_for_a_browser_is_refused_before_the_model_runs(tmp_path, capsys, tiny_dir, monkeypatch):
+    import flowray
+    import flowray.explorer.build as build
+    from flowray.explorer.size import MAX_PAGE_MB, page_bytes
+
+    assert f"default {MAX_PAGE_MB} MB" in _run(["explore", "--help"], capsys)[1]  # the limit, in --help
+    lm = tiny_loaded()
+    s = lm.adapter.shape
+    text = " ".join(["the cat sat on the mat"] * 10)  # 60 tokens + the BOS
+    limit_mb = page_bytes(s.n_layers, s.n_heads, s.parallel, [41], 5) / 1e6  # 40 text tokens fit, no more
+    real_view = build.prompt_view
+
+    def no_model(*_a, **_k):
+        raise AssertionError("the model ran for a page that is refused")
+
+    monkeypatch.setattr(build, "prompt_view", no_model)
+    with pytest.raises(flowray.errors.InputError, match=r"the explorer page would be about [\d.]+ MB \(\d+ layers x \d+ "
+                       r"heads, 61 tokens: it grows as tokens\^2\), more than the [\d.]+ MB limit a browser opens "
+                       r"reliably; pass --max-tokens 40 \(or less\)"):
+        flowray.explore(lm, text, tmp_path / "big.html", max_page_mb=limit_mb)
+    code, _, err = _run(["explore", "--model", str(tiny_dir), "--text", text, "--max-page-mb", "0.01",
+                         "--out", str(tmp_path / "big.html")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--max-tokens" in err
+    monkeypatch.setattr(build, "prompt_view", real_view)
+    page = flowray.explore(lm, text, tmp_path / "fits.html", max_tokens=40, max_page_mb=limit_mb)
+    assert 0.85 * limit_mb * 1e6 < page.stat().st_size <= limit_mb * 1e6, "the estimate is the page's real size"

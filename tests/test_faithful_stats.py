@@ -14,7 +14,7 @@ from conftest import save_tiny_llama
 from test_pipeline import _doc, _rows, _worker_config
 
 from flowray.errors import InputError
-from flowray.tables import Accumulator
+from flowray.tables import Accumulator, tau_columns
 from flowray.text import document_start
 
 
@@ -107,7 +107,7 @@ def test_the_two_silence_measures_by_hand():
                      heads=[0], pruned=[], start=7))
     roles = acc.tables()["head_roles"].filter(pl.col("domain") == "d").sort("head")
     np.testing.assert_allclose(roles["first_subword_silent_fraction"].to_list(), [0.0, 0.7])
-    np.testing.assert_allclose(roles["first_subword_silent_fraction_pruned@0.03"].to_list(), [0.4, 1.0])
+    np.testing.assert_allclose(roles[tau_columns(0.03).silent_fraction_pruned].to_list(), [0.4, 1.0])
     # the previous-token denominator skips the first text token when a BOS precedes it
     acc = Accumulator(1, 2, (0.03,), general_domain="d")
     acc.update(_rows("d", 2, prev=[0.9, 0.9], same=[np.nan] * 2, first=True, comps=[0.5, 0.5, 0.0], heads=[0],

@@ -82,8 +82,7 @@ def test_job_on_local_ray_with_two_actors(tmp_path, tiny_model_dir, local_ray):
     act = pl.read_parquet(run_dir / "tables" / "head_activation.parquet")
     assert set(act["domain"]) == {"notes", "ioi"} and set(act["tau"]) == {0.02, 0.05}
     assert act["frequency"].is_between(0, 1).all()
-    assert manifest["figures"] == ["figures/activation_map.png", "figures/domain_comparison.png"]
-    for fig in manifest["figures"]:
+    for fig in ("figures/activation_map.png", "figures/domain_comparison.png"):  # the report, after the reduce
         assert (run_dir / fig).read_bytes()[:4] == b"\x89PNG"
     assert manifest["shards_verified"] == 7 and manifest["exactly_once"] == {"texts_planned": 14, "texts_found": 14}
     assert "previous-token heads" in (run_dir / "summary.md").read_text()
@@ -95,20 +94,51 @@ def test_job_on_local_ray_with_two_actors(tmp_path, tiny_model_dir, local_ray):
     assert result.run_uri.endswith("runs/t")
 
 
-def test_a_worker_that_dies_mid_shard_loses_nothing(tmp_path, tiny_model_dir, local_ray):
+def _dies_once(shard_id: str, marker: str):
+    """A ShardWorker whose process dies hard (as an OOM kill or a lost node would) once: after computing
+    ``shard_id`` and before writing any of it; ``marker`` records that it happened. Defined here, so Ray
+    ships the class by value to its actors."""
+    from flowray.pipeline.worker import ShardWorker
+
+    class DiesOnce(ShardWorker):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            process = self.flow.process
+
+            def process_then_die(docs, *args, **kw):
+                out = process(docs, *args, **kw)
+                if any(d["shard_id"] == shard_id for d in docs) and not os.path.exists(marker):
+                    with open(marker, "w") as fh:
+                        fh.write(self.name)
+                    os._exit(17)
+                return out
+
+            self.flow.process = process_then_die
+
+    return DiesOnce
+
+
+def test_a_worker_that_dies_mid_shard_loses_nothing(tmp_path, tiny_model_dir, local_ray, monkeypatch):
+    from flowray.pipeline import worker
     from flowray.pipeline.job import run_job
 
     cfg = JobConfig.from_dict(_config(tmp_path, tiny_model_dir, run_name="crash"))
     marker = tmp_path / "crashed"
-    run_job(cfg, crash_once={"shard_id": "notes-00002", "marker": str(marker)})
+    # the map stage looks the actor class up when it starts
+    monkeypatch.setattr(worker, "ShardWorker", _dies_once("notes-00002", str(marker)))
+    run_job(cfg)
     assert marker.is_file(), "the fault was not injected"
     _check_exactly_once(tmp_path / "runs" / "crash", 14)
 
 
-def test_a_different_config_on_the_same_run_is_refused(tmp_path, tiny_model_dir, local_ray):
+def test_a_different_config_on_the_same_run_is_refused(tmp_path, tiny_model_dir, monkeypatch):
+    from flowray.pipeline import job
     from flowray.pipeline.job import run_job
+    from flowray.pipeline.reduce import IncompleteRunError
 
-    run_job(JobConfig.from_dict(_config(tmp_path, tiny_model_dir, run_name="same", texts_per_domain=2)))
+    monkeypatch.setattr(job, "_map_stage", lambda *a, **k: None)  # the prepared run is what is compared
+    with pytest.raises(IncompleteRunError):
+        run_job(JobConfig.from_dict(_config(tmp_path, tiny_model_dir, run_name="same", texts_per_domain=2)))
     with pytest.raises(ConfigError, match="different config"):
         run_job(JobConfig.from_dict(_config(tmp_path, tiny_model_dir, run_name="same", texts_per_domain=3)))
     assert (tmp_path / "runs" / "same" / "manifest.json").is_file()  # a refused run removes nothing of the first
@@ -229,3 +259,45 @@ def test_driver_stopped_mid_run_then_restarted(tmp_path, tiny_model_dir):
     subprocess.run(cmd, check=True, capture_output=True, timeout=600)
     manifest = _check_exactly_once(tmp_path / "runs" / "stop", 68)
     assert manifest["counts"]["shards_resumed"] == finished_before
+
+
+def test_a_shard_that_cannot_be_written_stops_the_job_with_one_clear_error(tmp_path, tiny_model_dir, local_ray):
+    """A write that fails in a worker (here: a directory where its predictions file goes, as a full or
+    read-only disk fails) reaches the driver as data and ends the run with the storage error, no Ray traceback."""
+    from flowray.pipeline.job import run_job
+    from flowray.pipeline.storage import StorageError
+
+    data = _config(tmp_path, tiny_model_dir, run_name="nowrite", texts_per_domain=2, actors=1)
+    cfg = JobConfig.from_dict({**data, "corpora": data["corpora"][:1]})
+    blocker = tmp_path / "runs" / "nowrite" / "predictions" / "notes-00000.parquet"
+    blocker.mkdir(parents=True)
+    with pytest.raises(StorageError, match=r"^shard notes-00000: could not write .*/predictions/notes-00000.parquet: "
+                       r".*the same command resumes once this is fixed"):
+        run_job(cfg)
+    run_dir = tmp_path / "runs" / "nowrite"
+    assert not [p for p in run_dir.rglob(".tmp-*")], "a temporary file was left behind"
+    assert not (run_dir / "done" / "notes-00000.json").exists() and not (run_dir / "manifest.json").exists()
+    assert not (run_dir / "lock.json").exists(), "the lease is released"
+
+
+def test_sigterm_stops_the_driver_like_an_interrupt(tmp_path, tiny_model_dir):
+    """``kill`` (or a scheduler) in the map stage: one line and status 143, as Ctrl-C gives 130."""
+    cfg = _config(tmp_path, tiny_model_dir, run_name="term", texts_per_domain=8, texts_per_shard=1, actors=1)
+    cfg_path = tmp_path / "job.yaml"
+    cfg_path.write_text(yaml.safe_dump({**cfg, "corpora": cfg["corpora"][:1]}))
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "flowray.cli", "job", "run", "--config", str(cfg_path)],
+                                stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.time() + 240
+        # Ray is up (its own SIGTERM handler installed) and the dataset runs: the moment the fault showed in
+        while time.time() < deadline and "Starting execution of Dataset" not in log.read_text():
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    text = log.read_text()
+    assert proc.returncode == 143, text[-3000:]
+    assert text.rstrip().splitlines()[-1] == "flowray: terminated (SIGTERM)"
+    assert "SIGTERM received" not in text and "Traceback" not in text
+    run_dir = tmp_path / "runs" / "term"
+    assert not list(run_dir.rglob(".tmp-*")) and not (run_dir / "lock.json").exists()

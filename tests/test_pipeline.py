@@ -13,9 +13,10 @@ from flowray.pipeline.storage import Storage
 from flowray.tables import (
     ERRORS,
     Accumulator,
+    column_tau,
     head_shares,
     predictions_schema,
-    route_heads_column,
+    tau_columns,
 )
 
 TAUS = (0.02, 0.05)
@@ -75,10 +76,10 @@ def test_worker_turns_texts_into_one_row_per_prediction(worker):
     comps = np.stack(a["component_importance"].to_list())
     assert comps.shape == (n_a, L * H + L) and np.all((comps >= 0) & (comps <= 1 + 1e-6))
     for tau in TAUS:
-        heads = a[route_heads_column(tau)].to_list()
+        heads = a[tau_columns(tau).route_heads].to_list()
         assert all(0 <= h < L * H for row in heads for h in row)
     # a larger tau keeps a subset of the heads, per prediction
-    small, large = a[route_heads_column(TAUS[0])].to_list(), a[route_heads_column(TAUS[1])].to_list()
+    small, large = a[tau_columns(TAUS[0]).route_heads].to_list(), a[tau_columns(TAUS[1]).route_heads].to_list()
     assert all(set(lg) <= set(sm) for sm, lg in zip(small, large))
 
 
@@ -118,10 +119,10 @@ def test_head_shares_hand_computed():
 
 
 def _rows(domain, n, *, prev, same, first, comps, heads, target=True, start=0, word=0, position=1, bos=False,
-          pruned=None, source=None):
+          pruned=None, source=None, taus=(0.03,)):
     """n identical prediction rows for a 1-layer, 2-head model (``pruned``: default, the heads whose raw
-    importance is above the silence threshold)."""
-    schema = predictions_schema((0.03,))
+    importance is above the silence threshold), the same route columns at every tau."""
+    schema = predictions_schema(taus)
     pruned = [h for h in range(2) if comps[h] > 5e-5] if pruned is None else pruned
     data = {
         "domain": [domain] * n, "shard_id": ["s"] * n, "doc_id": [f"{domain}{i}" for i in range(start, start + n)],
@@ -131,9 +132,30 @@ def _rows(domain, n, *, prev, same, first, comps, heads, target=True, start=0, w
         "first_subword": [first] * n, "pos": ["NOUN"] * n, "next_pos": [None] * n, "target": [target] * n,
         "component_importance": [comps] * n, "prev_token_share": [prev] * n, "same_word_share": [same] * n,
         "source_edge_importance": [source] * n,
-        "route_heads@0.03": [heads] * n, "route_ffn@0.03": [[0]] * n, "pruned_heads@0.03": [pruned] * n,
     }
+    for tau in taus:
+        cols = tau_columns(tau)
+        data |= {cols.route_heads: [heads] * n, cols.route_ffn: [[0]] * n, cols.pruned_heads: [pruned] * n}
     return pa.table(data, schema=schema)
+
+
+def test_every_column_of_a_tau_is_named_in_one_place_and_read_back():
+    cols = tau_columns(0.03)
+    assert (cols.route_heads, cols.route_ffn, cols.pruned_heads) == ("route_heads@0.03", "route_ffn@0.03",
+                                                                     "pruned_heads@0.03")
+    roles = Accumulator(1, 2, (0.01, 0.03), general_domain="gen")
+    roles.update(_rows("gen", 2, prev=[0.9, 0.1], same=[0.9, 0.9], first=True, comps=[0.2, 0.01, 0.5], heads=[0],
+                       taus=(0.01, 0.03)))
+    names = [*predictions_schema((0.01, 0.03)).names, *roles.tables()["head_roles"].columns]
+    by_tau = {}
+    for name in names:
+        by_tau.setdefault(column_tau(name), set()).add(name)
+    for tau in (0.01, 0.03):
+        fields = tau_columns(tau)
+        assert by_tau[tau] == {getattr(fields, f) for f in ("route_heads", "route_ffn", "pruned_heads",
+                                                             "silent_fraction_pruned", "subword_merging_pruned")}
+    assert set(by_tau) == {None, 0.01, 0.03}
+    assert column_tau("route_heads@x") is None and column_tau("other@0.03") is None
 
 
 def test_accumulator_roles_frequencies_and_specialisation():

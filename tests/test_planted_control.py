@@ -18,6 +18,8 @@ import torch
 
 import planted as P
 
+from flowray.tables import tau_columns
+
 TAUS = (0.01, 0.03)
 FLAT = {name: layer * P.N_HEADS + head for name, (layer, head) in
         {"prev": P.PREV_HEAD, "merge": P.MERGE_HEAD, "domain": P.DOMAIN_HEAD}.items()}
@@ -161,9 +163,10 @@ def test_job_reports_exactly_the_planted_roles(job_tables):
     assert prev["first_subword_silent_fraction"] < 1 - CLEAR, prev
     # silence after tau-pruning agrees: no sub-edge of the merging head survives on a first subword
     for tau in (0.01, 0.03):
-        assert merge[f"first_subword_silent_fraction_pruned@{tau:g}"] > CLEAR, merge
-        assert prev[f"first_subword_silent_fraction_pruned@{tau:g}"] < 1 - CLEAR, prev
-        flagged = [flat for flat, row in by_flat.items() if row[f"subword_merging_pruned@{tau:g}"]]
+        cols = tau_columns(tau)
+        assert merge[cols.silent_fraction_pruned] > CLEAR, merge
+        assert prev[cols.silent_fraction_pruned] < 1 - CLEAR, prev
+        flagged = [flat for flat, row in by_flat.items() if row[cols.subword_merging_pruned]]
         assert flagged == [FLAT["merge"]], (tau, flagged)
     for flat, row in by_flat.items():
         if flat in (FLAT["prev"], FLAT["merge"]):

@@ -16,8 +16,9 @@ from flowray.config import CorpusConfig, JobConfig
 from flowray.errors import ConfigError
 from flowray.pipeline.commit import commit_shard, load_shard, pending_shards, verify_shard
 from flowray.pipeline.reduce import EmptyDomainError, IncompleteRunError, exactly_once, reduce_run
-from flowray.pipeline.storage import Storage
-from flowray.tables import ERRORS, predictions_schema
+from flowray.pipeline.storage import Storage, StorageError
+from flowray.run_report import write_report
+from flowray.tables import ERRORS, predictions_schema, tau_columns
 
 TAU = (0.03,)
 DOMAINS = ("gen", "code")
@@ -29,7 +30,7 @@ def _config(**extra) -> JobConfig:
 
 
 def _predictions(domain: str, shard_id: str, docs: list[str], T: int = 3) -> pa.Table:
-    rows = []
+    rows, cols = [], tau_columns(TAU[0])
     for doc in docs:
         for p in range(T):
             rows.append({
@@ -38,7 +39,7 @@ def _predictions(domain: str, shard_id: str, docs: list[str], T: int = 3) -> pa.
                 "predicted_token": "x", "word_index": p, "first_subword": True, "pos": "NOUN", "next_pos": None,
                 "target": True, "component_importance": [0.2, 0.1 if domain == "gen" else 0.4, 0.5],
                 "prev_token_share": [0.9, 0.1], "same_word_share": [0.0, 0.0],
-                "route_heads@0.03": [0], "route_ffn@0.03": [0], "bos": False, "pruned_heads@0.03": [0, 1],
+                "bos": False, cols.route_heads: [0], cols.route_ffn: [0], cols.pruned_heads: [0, 1],
             })
     return pa.Table.from_pylist(rows, schema=predictions_schema(TAU))
 
@@ -203,6 +204,7 @@ def test_another_domain_whose_every_text_failed_is_stated(run, tmp_path):
         _commit(storage, shard, predicted=[], failed=shard["doc_ids"])
     manifest = _reduce(storage, index)
     assert manifest["domains_without_predictions"] == ["code"]
+    write_report(storage)
     summary = (tmp_path / "run" / "summary.md").read_text()
     assert "| code | 4 | 0 | 0 | 4 (every text failed" in summary
 
@@ -232,3 +234,56 @@ def test_a_corpus_of_only_empty_texts_stops_at_prepare(tmp_path):
                                               "skip_bad_lines": False})
     with pytest.raises(ConfigError, match="corpus 'e': all 4 texts are empty"):
         prepare(JobConfig(corpora=(corpus,)), Storage(str(tmp_path / "run")), tokenizer=None)
+
+
+def test_a_failed_reduce_withdraws_every_derived_file(run, tmp_path):
+    storage, index = run
+    _reduce(storage, index)
+    write_report(storage)  # what the job does after a reduce
+    derived = ["manifest.json", "summary.md", "report.html", "tables/head_roles.parquet",
+               "figures/activation_map.png"]
+    assert all(storage.exists(rel) for rel in derived)
+    _truncate(tmp_path / "run" / "predictions" / "code-00001.parquet")
+    with pytest.raises(IncompleteRunError):
+        _reduce(storage, index)
+    assert [rel for rel in derived if storage.exists(rel)] == [], "old tables and figures beside new data"
+
+
+class _FullDisk:
+    """A local file system whose writes under ``tables/`` fail as a full disk does, after some bytes."""
+
+    def __init__(self, fs):
+        self.fs = fs
+
+    def __getattr__(self, name):
+        return getattr(self.fs, name)
+
+    def open_output_stream(self, path, *args, **kwargs):
+        stream = self.fs.open_output_stream(path, *args, **kwargs)
+        if "/tables/" not in path:
+            return stream
+
+        class Full:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                stream.close()
+
+            def write(self, data):
+                stream.write(data[:10])
+                raise OSError(28, "No space left on device")
+
+        return Full()
+
+
+def test_a_full_disk_mid_reduce_is_one_clear_error_and_leaves_no_temporary_file(run, tmp_path, monkeypatch):
+    storage, index = run
+    real = Storage._fs
+    monkeypatch.setattr(Storage, "_fs", lambda self: (_FullDisk(real(self)[0]), real(self)[1]))
+    with pytest.raises(StorageError, match=r"could not write .*/tables/\w+\.parquet: no space left on the device "
+                       r"\(disk full\)"):
+        _reduce(storage, index)
+    monkeypatch.undo()
+    assert not storage.exists("manifest.json")
+    assert not [p for p in (tmp_path / "run").rglob(".tmp-*")], "a temporary file was left behind"

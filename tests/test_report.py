@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 
 import polars as pl
 
@@ -67,3 +68,55 @@ def test_nested_lists_become_nested_html_lists():
     assert "<ul><li>tau = 0.01: L3H2, L1H0</li><li>tau = 0.04: none</li></ul>" in out
     assert "<ul><li>a<ul><li>a.1<ul><li>a.1.i</li></ul></li><li>a.2</li></ul></li><li>b</li></ul>" in out
     assert "- " not in out  # no item left as literal text
+
+
+def _finished_run(tmp_path) -> Storage:
+    """A run as the job leaves it: shards committed, reduced (tables + manifest), then its report written."""
+    from test_reduce import _commit, _config, _plan
+
+    from flowray.pipeline.reduce import reduce_run
+    from flowray.run_report import write_report
+
+    storage, index = Storage(str(tmp_path / "run")), _plan()
+    for shard in index["shards"]:
+        _commit(storage, shard)
+    reduce_run(_config(), storage, index, started=0.0)
+    write_report(storage)  # what run_job does right after the reduce
+    return storage
+
+
+def test_flowray_report_renders_a_finished_run_again_identically(tmp_path, capsys):
+    from flowray.cli import main
+    from flowray.run_report import REPORT_FILES
+
+    run = tmp_path / "run"
+    _finished_run(tmp_path)
+    written = {rel: (run / rel).read_bytes() for rel in REPORT_FILES}
+    for rel in REPORT_FILES:
+        (run / rel).unlink()
+    for computed in ("predictions", "errors", "done"):  # nothing is recomputed: only the tables are read
+        shutil.rmtree(run / computed)
+    kept = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert main(["report", str(run)]) == 0
+    assert "report.html" in capsys.readouterr().out
+    for rel in REPORT_FILES:
+        assert (run / rel).read_bytes() == written[rel], f"{rel} differs from the job's"
+    assert {p for p in run.rglob("*") if p.is_file()} - set(kept) == {run / rel for rel in REPORT_FILES}
+    assert all(p.read_bytes() == data for p, data in kept.items()), "the tables and the manifest stay as they were"
+
+
+def test_flowray_report_of_an_unfinished_run_is_one_clear_line(tmp_path, capsys):
+    from flowray.cli import main
+
+    storage = _finished_run(tmp_path)
+    run = tmp_path / "run"
+    (run / "tables" / "head_roles.parquet").unlink()
+    assert main(["report", str(run)]) == 2
+    assert "the table tables/head_roles.parquet that its manifest lists is missing" in capsys.readouterr().err
+    (run / "manifest.json").write_text('{"run_name": "r"')
+    assert main(["report", str(run)]) == 2
+    assert "manifest.json is not valid JSON" in capsys.readouterr().err
+    storage.delete("manifest.json")
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "holds no manifest.json: it is not a finished flowray run" in err

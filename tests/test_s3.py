@@ -135,3 +135,25 @@ def test_an_unreachable_bucket_fails_with_the_settings_to_check(s3_env, tmp_path
     with pytest.raises(FlowrayError, match="AWS_ENDPOINT_URL") as info:
         Storage("s3://no-such-bucket-here/runs/x").write_json("probe.json", {"a": 1})
     assert "no-such-bucket-here" in str(info.value)
+
+
+def test_one_writer_per_run_directory_in_a_bucket(s3_env):
+    """No exclusive create through pyarrow: the lease is written, left to settle and read back."""
+    import os
+
+    from test_lock import race
+
+    from flowray.pipeline.lock import RunLock, RunLockedError
+    from flowray.pipeline.storage import Storage
+
+    uri = f"s3://{BUCKET}/runs/leased"
+    outs = race(uri, settle_s=1.0, env={**os.environ, **s3_env})
+    assert sorted(o.split()[0] for o in outs) == ["OWNER", "REFUSED", "REFUSED"], outs
+    assert not _keys("runs/leased/lock.json"), "the owner releases the lease"
+    holder = RunLock(Storage(uri), settle_s=0.5)
+    holder.acquire()
+    try:
+        with pytest.raises(RunLockedError, match=f"{uri} is in use by another flowray run"):
+            RunLock(Storage(uri), settle_s=0.5).acquire()
+    finally:
+        holder.release()

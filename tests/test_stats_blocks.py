@@ -9,26 +9,27 @@ import torch
 from test_stats import TAUS, _assert_equal_to_dense, _words
 from tiny_models import CASES, NEW_CASES, VOCAB, tiny_model
 
-import flowray.stats as stats_module
 from flowray.api import edge_importances_batch
 from flowray.errors import InputError
 from flowray.importance import head_outputs, head_outputs_of
+from flowray.kernels.cpu import CpuKernel
+from flowray.kernels.torch_kernel import TorchKernel
 from flowray.routes import route_masks
-from flowray.stats import _blocks, prediction_stats, prediction_stats_batch
+from flowray.stats import prediction_stats, prediction_stats_batch
 
 LENGTHS = (13, 5, 22, 1, 9)
 
 
 def _spy_blocks(monkeypatch) -> list[int]:
-    """The number of sequences of every ``sub_edge_block`` call from here on."""
+    """The number of sequences of every block the CPU kernel computes from here on."""
     sizes: list[int] = []
-    real = stats_module.sub_edge_block
+    real = CpuKernel.block
 
-    def spy(y, probs, heads, p0=0, *, out=None):
-        sizes.append(int(probs.shape[0]))
-        return real(y, probs, heads, p0, out=out)
+    def spy(self, blk, out):
+        sizes.append(int(blk.probs.shape[0]))
+        return real(self, blk, out)
 
-    monkeypatch.setattr(stats_module, "sub_edge_block", spy)
+    monkeypatch.setattr(CpuKernel, "block", spy)
     return sizes
 
 
@@ -53,11 +54,11 @@ def test_a_budget_splits_the_batch_into_blocks_and_left_padding_keeps_one_per_se
     H = 3
     right = [(0, 5), (0, 13), (0, 4), (0, 22), (0, 2)]
     # a block's [G, H, T_max, T_max] must fit: 5 and 13 (2*3*13^2 = 1014), 4 alone would make 22 exceed
-    assert _blocks(right, H, 1100, "cpu") == [(0, 2), (2, 3), (3, 4), (4, 5)]
-    assert _blocks(right, H, 1 << 22, "cpu") == [(0, 5)]
-    assert _blocks(right, H, 1 << 22, "torch") == [(b, b + 1) for b in range(5)]
+    assert CpuKernel().plan(right, H, 1100) == [(0, 2, 0, 13), (2, 3, 0, 4), (3, 4, 0, 22), (4, 5, 0, 2)]
+    assert CpuKernel().plan(right, H, 1 << 22) == [(0, 5, 0, 22)]
+    assert TorchKernel().plan(right, H, 1 << 22) == [(b, b + 1, 0, T) for b, (_, T) in enumerate(right)]
     left = [(17, 5), (9, 13), (0, 22), (0, 22)]  # only rows that start at 0 share a grid
-    assert _blocks(left, H, 1 << 22, "cpu") == [(0, 1), (1, 2), (2, 4)]
+    assert CpuKernel().plan(left, H, 1 << 22) == [(0, 1, 17, 5), (1, 2, 9, 13), (2, 4, 0, 22)]
     model = tiny_model("llama-gqa", seed=2)
     gen = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, VOCAB, (1, T), generator=gen) for T in (5, 13, 4, 22, 2)]

@@ -20,7 +20,7 @@ import contextlib
 import torch
 
 from flowray.baselines.forward import check_twins, logit_diff, model_device
-from flowray.baselines.interventions import PatchingResult, _split_heads, head_outputs, w_o_inputs
+from flowray.baselines.interventions import PatchingResult, head_outputs, split_heads, w_o_inputs
 from flowray.errors import InputError
 from flowray.models.base import Adapter
 from flowray.models.modes import eval_mode
@@ -73,8 +73,8 @@ def eap_sweep(model, adapter: Adapter, clean_ids, corrupt_ids, answer_ids, wrong
     score = torch.empty(P, s.n_layers, s.n_heads, dtype=dtype)
     with torch.no_grad():
         for l, (a, g) in enumerate(zip(inputs, grads)):
-            delta = corrupt_acts[l].to(a.device, dtype) - _split_heads(a, adapter).to(dtype)  # [P, T, H, dh]
-            score[:, l] = (delta * _split_heads(g, adapter).to(dtype)).sum(dim=(1, 3)).cpu()  # [P, H]
+            delta = corrupt_acts[l].to(a.device, dtype) - split_heads(a, adapter).to(dtype)  # [P, T, H, dh]
+            score[:, l] = (delta * split_heads(g, adapter).to(dtype)).sum(dim=(1, 3)).cpu()  # [P, H]
     ld_clean = ld_clean.detach().cpu()
     return PatchingResult(
         ld_clean=ld_clean.numpy(),

@@ -32,7 +32,8 @@ from flowray.models.base import Adapter
 
 
 # --- head outputs: the input of W_O ------------------------------------------------------------------
-def _split_heads(x: torch.Tensor, adapter: Adapter) -> torch.Tensor:
+def split_heads(x: torch.Tensor, adapter: Adapter) -> torch.Tensor:
+    """W_O's input ``[B, T, H * dh]`` as one slice per head ``[B, T, H, dh]`` (patching, ablation and EAP)."""
     B, T, C = x.shape
     s = adapter.shape
     if C != s.n_heads * s.head_dim:
@@ -87,7 +88,7 @@ def replace_heads(
     def make_hook(l: int, r: torch.Tensor, h: torch.Tensor, sr: torch.Tensor | None):
         def pre(_module, args, kwargs):
             x = args[0] if args else kwargs["input"]
-            x4 = _split_heads(x, adapter).clone()  # [B, T, H, dh]; never edit the caller's tensor in place
+            x4 = split_heads(x, adapter).clone()  # [B, T, H, dh]; never edit the caller's tensor in place
             if int(r.max()) >= x4.shape[0]:
                 raise InputError(f"replacement row {int(r.max())} is outside the batch of {x4.shape[0]} rows")
             if sr is None:
@@ -145,7 +146,7 @@ def head_outputs(model, adapter: Adapter, input_ids) -> tuple[torch.Tensor, torc
     """
     input_ids = check_ids(input_ids)
     acts: dict[int, torch.Tensor] = {}
-    with w_o_inputs(adapter, lambda l, x: acts.__setitem__(l, _split_heads(x, adapter).detach().clone())):
+    with w_o_inputs(adapter, lambda l, x: acts.__setitem__(l, split_heads(x, adapter).detach().clone())):
         logits = last_logits(model, input_ids)
     return torch.stack([acts[l] for l in range(len(acts))]), logits
 

@@ -9,6 +9,7 @@ import numpy as np
 from flowray.errors import InputError
 from flowray.explorer.data import PromptView
 from flowray.explorer.page import check_html_path, write_explorer
+from flowray.explorer.size import MAX_PAGE_MB, check_page_size
 from flowray.routes import check_position, check_tau
 
 
@@ -29,6 +30,17 @@ def prompt_view(lm, text: str, *, position: int = -1, max_tokens: int | None = N
                       top_probs=top_probs, vocab=vocab, position=position, model=lm.name)
 
 
+def check_page_fits(lm, texts: list[str], *, max_tokens: int | None, top_k: int, prepend_bos: bool,
+                    max_page_mb: float) -> None:
+    """Refuse, before any forward pass, a page too big for a browser (``flowray.explorer.size``)."""
+    from flowray.api import encode_text
+
+    s = lm.adapter.shape
+    lengths = [int(encode_text(lm.tokenizer, t, max_tokens=max_tokens, context=s.max_positions,
+                               prepend_bos=prepend_bos).shape[1]) for t in texts]
+    check_page_size(s.n_layers, s.n_heads, s.parallel, lengths, top_k, max_page_mb, lead=int(prepend_bos))
+
+
 def _as_loaded(model, tokenizer, device: str):
     from flowray.models.loading import LoadedModel, load_model
 
@@ -47,14 +59,15 @@ def _as_loaded(model, tokenizer, device: str):
 def explore(model, text: str | list[str], out: str | Path = "route.html", *, compare: str | None = None,
             tau: float = 0.04, position: int = -1, max_tokens: int | None = None, top_k: int = 5,
             backend: str = "auto", chunk_size: int | None = None, tokenizer=None, device: str = "auto",
-            title: str = "", prepend_bos: bool = True) -> Path:
+            title: str = "", prepend_bos: bool = True, max_page_mb: float = MAX_PAGE_MB) -> Path:
     """Write an interactive route explorer for ``text`` (or several texts, with a selector) to ``out``.
 
     ``model``: a ``flowray.LoadedModel``, a model spec (``"smollm2"``, a directory, a .gguf file) or a HF
     causal LM with ``tokenizer``. ``compare``: a second text shown side by side with ``text`` (e.g. the
     ABC twin of an IOI prompt), head activation differences highlighted. ``tau`` and ``position`` are what
     the page shows first; both change in the browser. ``prepend_bos``: a BOS at position 0 (see
-    ``flowray.api.encode_text``). Returns the path written.
+    ``flowray.api.encode_text``). A page bigger than ``max_page_mb`` is refused before the model runs (it
+    grows as tokens^2; see ``flowray.explorer.size``). Returns the path written.
     """
     texts = [text] if isinstance(text, str) else list(text)
     if not texts:
@@ -72,6 +85,7 @@ def explore(model, text: str | list[str], out: str | Path = "route.html", *, com
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise InputError(f"top_k must be a positive integer; got {top_k!r}")
     lm = _as_loaded(model, tokenizer, device)
+    check_page_fits(lm, texts, max_tokens=max_tokens, top_k=top_k, prepend_bos=prepend_bos, max_page_mb=max_page_mb)
     views = [prompt_view(lm, t, position=position, max_tokens=max_tokens, top_k=top_k, backend=backend,
                          chunk_size=chunk_size, prepend_bos=prepend_bos) for t in texts]
     return write_explorer(views, out, compare=compare is not None, tau=tau, title=title)

@@ -1,7 +1,7 @@
 """A job run's ``report.html``: summary, activation map, head roles and domain comparison in one offline page.
 
-Static: the reduce's figures go in as base64 PNGs, the tables as HTML tables; no script and no request.
-Only polars and the standard library are needed (the reduce runs it; no torch, no browser).
+Static: the run's figures go in as base64 PNGs, the tables as HTML tables; no script and no request.
+Only polars and the standard library are needed (``flowray.run_report`` calls it; no torch, no browser).
 """
 
 from __future__ import annotations

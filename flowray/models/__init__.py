@@ -1,16 +1,32 @@
-"""Architecture adapters and model loading: the only package that knows HF module names."""
+"""Architecture adapters and model loading: the only package that knows HF module names.
 
-from flowray.models.base import Adapter, ModelShape
-from flowray.models.families import FAMILIES, adapter_for, supported_model_types
-from flowray.models.loading import ALIASES, LoadedModel, load_model
+Attributes load lazily, so ``flowray.models.dtypes`` (read by the job config and the CLI) comes without torch.
+"""
 
-__all__ = [
-    "ALIASES",
-    "Adapter",
-    "FAMILIES",
-    "LoadedModel",
-    "ModelShape",
-    "adapter_for",
-    "load_model",
-    "supported_model_types",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "Adapter": "flowray.models.base",
+    "ModelShape": "flowray.models.base",
+    "FAMILIES": "flowray.models.families",
+    "adapter_for": "flowray.models.families",
+    "supported_model_types": "flowray.models.families",
+    "ALIASES": "flowray.models.loading",
+    "LoadedModel": "flowray.models.loading",
+    "load_model": "flowray.models.loading",
+    "DTYPES": "flowray.models.dtypes",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'flowray.models' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -13,7 +13,7 @@ import contextlib
 import threading
 from collections.abc import Callable, Iterator
 
-from flowray.errors import UnsupportedArchitectureError
+from flowray.errors import InputError, UnsupportedArchitectureError
 
 MASKS = ("eager", "sdpa")  # transformers' mask builders an implementation can borrow
 _REGISTER_LOCK = threading.Lock()
@@ -28,7 +28,7 @@ def register_attention(name: str, attention: Callable, mask: str) -> None:
     transformers builds *no* mask for an unknown name, so no causality.
     """
     if mask not in MASKS:
-        raise ValueError(f"mask must be one of {MASKS}; got {mask!r}")
+        raise InputError(f"mask must be one of {MASKS}; got {mask!r}")
     with _REGISTER_LOCK:
         if name in _registered:
             return

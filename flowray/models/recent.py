@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from flowray.errors import UnsupportedArchitectureError
-from flowray.models.base import Adapter, ModelShape, linear_value_weight, refuse
-from flowray.models.families import LlamaAdapter, _SelfAttentionWithVProj
+from flowray.models.base import Adapter, ModelShape, SelfAttentionWithVProj, linear_value_weight, refuse
+from flowray.models.classic import LlamaAdapter
 
 
 class _PostAttentionNorm:
@@ -198,7 +198,7 @@ class GPTJAdapter(Adapter):
         return self.model.transformer.ln_f
 
 
-class PhiAdapter(_SelfAttentionWithVProj, Adapter):
+class PhiAdapter(SelfAttentionWithVProj, Adapter):
     """Phi-1 / Phi-1.5 / Phi-2: parallel attention + MLP on one LayerNorm, partial rotary, biases."""
 
     family = "phi"

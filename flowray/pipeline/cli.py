@@ -19,27 +19,30 @@ def _config(args):
 
 def cmd_run(args) -> int:
     from flowray.pipeline.job import run_job
+    from flowray.run_report import SUMMARY
 
     config = _config(args)
-    result = run_job(config)
+    result = run_job(config, restart=args.restart)
     if args.show_summary:
         from flowray.pipeline.storage import Storage
 
-        print("\n" + Storage(result.run_uri).read_bytes("summary.md").decode())
+        print("\n" + Storage(result.run_uri).read_bytes(SUMMARY).decode())
     print(run_listing(result.run_uri, result.manifest))
     return 0
 
 
 def run_listing(run_uri: str, manifest: dict) -> str:
     """What a finished run wrote, the page to open last (the lines a terminal still shows at the end)."""
+    from flowray.run_report import FIGURES, REPORT_HTML, SUMMARY
+
     c = manifest["counts"]
     return "\n".join([
         f"\nrun {manifest['run_name']}: {c['texts_in']} texts, {c['predictions_written']} predictions, "
         f"{c['error_rows']} error rows ({manifest['elapsed_s']} s)",
         f"  tables : {run_uri}/tables/",
-        f"  figures: {', '.join(f'{run_uri}/{f}' for f in manifest['figures'])}",
-        f"  summary: {run_uri}/summary.md",
-        f"  report : {run_uri}/report.html  <- open this page in a browser",
+        f"  figures: {', '.join(f'{run_uri}/{f}' for f in FIGURES)}",
+        f"  summary: {run_uri}/{SUMMARY}",
+        f"  report : {run_uri}/{REPORT_HTML}  <- open this page in a browser",
     ])
 
 
@@ -62,4 +65,7 @@ def register_cli(subparsers) -> None:
                        help="override a top-level config key, e.g. --set texts_per_domain=8 (repeatable)")
         if name == "run":
             q.add_argument("--show-summary", action="store_true", help="print summary.md at the end")
+            q.add_argument("--restart", action="store_true",
+                           help="discard what the run directory holds (another config's run, a run whose corpus "
+                           "changed) and start it again, instead of resuming")
         q.set_defaults(handler=handler)

@@ -1,8 +1,11 @@
 """A shard's commit: its two tables written first, then a ``done/<shard>.json`` marker that proves them.
 
-The marker holds, for each file, its size, its sha256 and its row count, and the doc ids each table holds.
-A marker is only trusted when the files still match it (``verify_shard``): a truncated, deleted or rewritten
-output makes its shard pending again, and the job redoes it instead of reducing over a broken file.
+The marker holds, for each file, its size, its sha256 and its row count, and the doc ids each table holds,
+and the identity of what made them (``flowray.pipeline.identity.shard_identity``: the config's content
+hash, the shard layout, the size and sha256 of the input shard the worker read). A marker is only trusted
+when the files still match it and its identity is the one the run's index plans for the shard
+(``verify_shard``): a truncated, deleted or rewritten output, or one made by another config or from
+another input, makes its shard pending again, and the job redoes it instead of reducing over it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from flowray.pipeline.identity import identity_mismatch, shard_identity
 from flowray.pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -41,8 +45,20 @@ def _doc_ids(table: pa.Table) -> list[str]:
     return list(dict.fromkeys(table.column("doc_id").to_pylist()))
 
 
-def commit_shard(storage: Storage, shard_id: str, predictions: pa.Table, errors: pa.Table, summary: dict) -> dict:
-    """Write ``predictions/`` and ``errors/`` of ``shard_id``, then its marker (the commit point); return it."""
+def read_shard_input(storage: Storage, shard_id: str, content_hash: str, texts_per_shard: int
+                     ) -> tuple[list[dict], dict]:
+    """The texts of a prepared shard and the identity its outputs will carry (from the bytes read)."""
+    data = storage.read_bytes(f"shards/{shard_id}.parquet")
+    docs = pq.read_table(io.BytesIO(data)).to_pylist()
+    return docs, shard_identity(content_hash, texts_per_shard, shard_id, data)
+
+
+def commit_shard(storage: Storage, shard_id: str, predictions: pa.Table, errors: pa.Table, summary: dict,
+                 identity: dict | None = None) -> dict:
+    """Write ``predictions/`` and ``errors/`` of ``shard_id``, then its marker (the commit point); return it.
+
+    ``identity``: from ``read_shard_input``; a marker without one is never accepted by a planned run.
+    """
     files = {}
     for kind, table in (("errors", errors), ("predictions", predictions)):
         data = _parquet_bytes(table)
@@ -50,7 +66,8 @@ def commit_shard(storage: Storage, shard_id: str, predictions: pa.Table, errors:
         storage.write_bytes(rel, data)  # whole or not at all (see Storage)
         files[kind] = {"path": rel, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
                        "rows": table.num_rows, "doc_ids": _doc_ids(table)}
-    marker = {**summary, "shard_id": shard_id, "marker_version": MARKER_VERSION, "files": files}
+    marker = {**summary, "shard_id": shard_id, "marker_version": MARKER_VERSION, "files": files,
+              "identity": identity}
     storage.write_json(marker_path(shard_id), marker)  # last: its presence means both files are there
     return marker
 
@@ -70,15 +87,20 @@ def read_marker(storage: Storage, shard_id: str) -> dict:
     return marker
 
 
-def load_shard(storage: Storage, shard_id: str, expected_doc_ids: list[str] | None = None
-               ) -> tuple[dict, pa.Table, pa.Table]:
+def load_shard(storage: Storage, shard_id: str, expected_doc_ids: list[str] | None = None,
+               identity: dict | None = None) -> tuple[dict, pa.Table, pa.Table]:
     """``(marker, predictions, errors)`` of a committed shard, each file checked against its marker.
 
     Raises ShardCheckError with the reason when a file is missing, has another size or checksum, does not
     parse, or holds other rows or doc ids than the marker says; with ``expected_doc_ids`` (the plan), also
-    when the two tables together do not hold each planned doc exactly once.
+    when the two tables together do not hold each planned doc exactly once; with ``identity`` (the plan's),
+    when the marker records another (another config, shard layout or input file).
     """
     marker = read_marker(storage, shard_id)
+    if identity is not None:
+        reason = identity_mismatch(marker.get("identity"), identity)
+        if reason:
+            raise ShardCheckError(f"{marker_path(shard_id)}: {reason}")
     tables = {}
     for kind in KINDS:
         spec = marker["files"][kind]
@@ -119,10 +141,11 @@ def _plan_mismatch(marker: dict, expected: list[str]) -> str | None:
     return None
 
 
-def verify_shard(storage: Storage, shard_id: str, expected_doc_ids: list[str] | None = None) -> str | None:
+def verify_shard(storage: Storage, shard_id: str, expected_doc_ids: list[str] | None = None,
+                 identity: dict | None = None) -> str | None:
     """None when the marker of ``shard_id`` proves its files (and the plan, if given); else the reason."""
     try:
-        load_shard(storage, shard_id, expected_doc_ids)
+        load_shard(storage, shard_id, expected_doc_ids, identity)
     except ShardCheckError as exc:
         return str(exc)
     return None
@@ -131,12 +154,13 @@ def verify_shard(storage: Storage, shard_id: str, expected_doc_ids: list[str] | 
 def pending_shards(storage: Storage, shards: list[dict]) -> tuple[list[str], list[str]]:
     """``(pending, redone)``: shard ids without a verified marker; ``redone`` had a marker that failed.
 
+    ``shards``: the index's plan; a shard entry's ``identity``, when it has one, must be its marker's.
     A failing marker is removed first, so an interrupted redo is never mistaken for a commit.
     """
     pending, redone = [], []
     for shard in shards:
         sid = shard["shard_id"]
-        reason = verify_shard(storage, sid, shard.get("doc_ids"))
+        reason = verify_shard(storage, sid, shard.get("doc_ids"), shard.get("identity"))
         if reason is None:
             continue
         pending.append(sid)
@@ -145,3 +169,20 @@ def pending_shards(storage: Storage, shards: list[dict]) -> tuple[list[str], lis
             storage.delete(marker_path(sid))
             redone.append(sid)
     return pending, redone
+
+
+def remove_unplanned(storage: Storage, shards: list[dict]) -> list[str]:
+    """Delete the markers, outputs and input shards of shard ids the plan does not have (an older layout
+    of this run); return what was removed. Readers only read what markers list, so this is housekeeping."""
+    planned = {s["shard_id"] for s in shards}
+    removed = []
+    for folder, suffix in (("done", ".json"), ("predictions", ".parquet"), ("errors", ".parquet"),
+                           ("shards", ".parquet")):
+        for name in storage.list(folder, suffix):
+            if name.removesuffix(suffix) not in planned:
+                storage.delete(f"{folder}/{name}")
+                removed.append(f"{folder}/{name}")
+    if removed:
+        log.warning("removed %d files of shards this run does not plan (an older shard layout): %s%s",
+                    len(removed), ", ".join(removed[:4]), ", ..." if len(removed) > 4 else "")
+    return removed

@@ -1,4 +1,4 @@
-"""The corpus job: prepare shards -> Ray actor pool of model replicas -> reduce tables -> manifest.
+"""The corpus job: prepare shards -> Ray actor pool of model replicas -> reduce tables -> manifest -> report.
 
 The same code runs on a laptop (``ray.init()`` starts an embedded local Ray) and under ``ray job submit``
 (``RAY_ADDRESS`` is set, so ``ray.init()`` joins the cluster; each actor asks for ``gpus_per_actor``).
@@ -13,13 +13,20 @@ import time
 from dataclasses import dataclass
 
 from flowray.config import JobConfig
-from flowray.pipeline.commit import pending_shards
-from flowray.pipeline.prepare import check_run_directory, prepare
-from flowray.pipeline.reduce import invalidate_manifest, reduce_run
-from flowray.pipeline.resources import check_cluster_resources
-from flowray.pipeline.storage import Storage
+from flowray.errors import ConfigError
+from flowray.pipeline.commit import pending_shards, remove_unplanned
+from flowray.pipeline.lock import RunLock
+from flowray.pipeline.prepare import check_same_experiment, check_writable, prepare
+from flowray.pipeline.reduce import reduce_run, withdraw_outputs
+from flowray.pipeline.resources import check_cluster_resources, check_ray_address
+from flowray.pipeline.storage import Storage, StorageError
+from flowray.signals import raise_on_sigterm
+from flowray.run_report import write_report
 
 log = logging.getLogger(__name__)
+# Everything a run writes besides its lease: what --restart discards.
+RUN_FILES = ("manifest.json", "config.json", "summary.md", "report.html")
+RUN_DIRS = ("shards", "done", "predictions", "errors", "tables", "figures")
 
 
 @dataclass(frozen=True)
@@ -28,40 +35,82 @@ class RunResult:
     manifest: dict
 
 
-def run_job(config: JobConfig, *, crash_once: dict | None = None, ray_init: dict | None = None) -> RunResult:
-    """Run (or resume) the job described by ``config``; returns where it wrote and its manifest."""
+def run_job(config: JobConfig, *, ray_init: dict | None = None, restart: bool = False) -> RunResult:
+    """Run (or resume) the job described by ``config``; returns where it wrote and its manifest.
+
+    The run directory is held by one run at a time (``flowray.pipeline.lock``); ``restart`` discards what
+    it holds first (another config's run, an edited corpus) instead of refusing to resume it.
+    """
     from flowray.models.loading import load_tokenizer
+    from flowray.models.weights import check_weights
 
     started = time.time()
     storage = Storage(f"{config.output.rstrip('/')}/{config.run_name}")
     log.info("run directory: %s", storage.uri)
     new_run = storage.is_empty()
+    mapping = False
     try:
-        check_run_directory(config, storage)  # writable, same experiment; then the old manifest is withdrawn
-        invalidate_manifest(storage)
-        if config.gpus_per_actor or os.environ.get("RAY_ADDRESS") or _ray_started():
-            _start_ray(config, ray_init or {})  # a request no node can meet fails now, not after prepare
-        tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-        index = prepare(config, storage, tokenizer)  # every config/corpus error surfaces here, before the actors
-        storage.write_json("config.json", config.to_dict())
+        check_writable(config, storage)
+        with RunLock(storage) as lock:
+            if restart:
+                discard_run(storage)
+            check_same_experiment(config, storage)  # under the lease: nothing else changes what is checked
+            withdraw_outputs(storage)  # the manifest first: none outlives the files it describes
+            if config.gpus_per_actor or os.environ.get("RAY_ADDRESS") or _ray_started():
+                _start_ray(config, ray_init or {})  # a request no node can meet fails now, not after prepare
+            tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+            check_weights(config.model)  # the actors load the weights: a broken folder fails here, once
+            index = prepare(config, storage, tokenizer)  # every config/corpus error surfaces here, before the actors
+            storage.write_json("config.json", config.to_dict())
+            remove_unplanned(storage, index["shards"])
+            timings = {"prepare_s": round(time.time() - started, 2)}
+            pending, redone = pending_shards(storage, index["shards"])  # a marker counts only if it proves its files
+            done = len(index["shards"]) - len(pending)
+            log.info("%d shards, %d already done, %d to process (%d redone: their files failed their marker)",
+                     len(index["shards"]), done, len(pending), len(redone))
+            t_map = time.time()
+            mapping = True
+            if pending:
+                _map_stage(config, storage, pending, index, ray_init=ray_init or {})
+            timings["map_s"] = round(time.time() - t_map, 2)  # actor start-up (model loads) included
+            lock.check()
+            manifest = reduce_run(config, storage, index, started=started, resumed_shards=done, timings=timings,
+                                  guard=lock.check)
+            write_report(storage)  # summary.md, figures, report.html: from the files just written, as `flowray report` does
     except BaseException:
-        if new_run:  # a run that failed before its first shard leaves no folder a rerun would trip on
+        if new_run and not mapping:  # failed before its first shard: no folder left for a rerun to trip on
             storage.delete_all()
         raise
-    timings = {"prepare_s": round(time.time() - started, 2)}
-    pending, redone = pending_shards(storage, index["shards"])  # a marker counts only if it proves its files
-    done = len(index["shards"]) - len(pending)
-    log.info("%d shards, %d already done, %d to process (%d redone: their files failed their marker)",
-             len(index["shards"]), done, len(pending), len(redone))
-    t_map = time.time()
-    if pending:
-        _map_stage(config, storage, pending, index, crash_once=crash_once, ray_init=ray_init or {})
-    timings["map_s"] = round(time.time() - t_map, 2)  # actor start-up (model loads) included
-    manifest = reduce_run(config, storage, index, started=started, resumed_shards=done, timings=timings)
     return RunResult(run_uri=storage.uri, manifest=manifest)
 
 
-def _map_stage(config: JobConfig, storage: Storage, pending: list[str], index: dict, *, crash_once, ray_init) -> None:
+def discard_run(storage: Storage) -> None:
+    """Remove everything a run wrote (``--restart``), the manifest first."""
+    log.warning("--restart: discarding the run in %s", storage.uri)
+    for rel in RUN_FILES:
+        storage.delete(rel)
+    for rel in RUN_DIRS:
+        storage.delete_dir(rel)
+
+
+def _connect(config: JobConfig, ray_init: dict) -> None:
+    """``ray.init``: an unreachable cluster is a one-line error after ``ray_connect_timeout_s``, not minutes
+    of Ray's retries; SIGTERM stays flowray's (``ray.init`` installs a handler that exits mid-stage)."""
+    import ray
+
+    address = ray_init.get("address") or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_ray_address(address, config.ray_connect_timeout_s)
+    quiet_ray_notices()
+    try:
+        ray.init(**ray_init_kwargs(config, ray_init))
+    except (ConnectionError, TimeoutError) as exc:
+        raise ConfigError(f"could not join the Ray cluster at {address or 'the local machine'}: {exc}; check "
+                          "RAY_ADDRESS, or unset it to run on an embedded local Ray") from None
+    raise_on_sigterm()
+
+
+def _map_stage(config: JobConfig, storage: Storage, pending: list[str], index: dict, *, ray_init) -> None:
     import ray
 
     _start_ray(config, ray_init)
@@ -79,14 +128,14 @@ def _map_stage(config: JobConfig, storage: Storage, pending: list[str], index: d
     from flowray.pipeline.worker import ShardWorker
 
     if not os.environ.get("RAY_ADDRESS") and not config.gpus_per_actor:
-        from flowray import cpu_kernel
+        from flowray.kernels import cpu_loops
 
-        cpu_kernel.warm_up()  # replicas on this machine then load cached kernels instead of each compiling
+        cpu_loops.warm_up()  # replicas on this machine then load cached kernels instead of each compiling
 
     ds = ray.data.from_items([{"shard_id": s} for s in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(
         ShardWorker,
-        fn_constructor_kwargs=dict(run_uri=storage_uri, config=config, crash_once=crash_once, submitted=time.time()),
+        fn_constructor_kwargs=dict(run_uri=storage_uri, config=config, submitted=time.time()),
         # a shard is a big unit of work: one in flight per actor, so no shard queues behind a busy replica
         compute=ray.data.ActorPoolStrategy(min_size=config.min_actors or config.actors, max_size=config.actors,
                                            max_tasks_in_flight_per_actor=1),
@@ -97,6 +146,8 @@ def _map_stage(config: JobConfig, storage: Storage, pending: list[str], index: d
     )
     progress = _Progress(len(pending), sum(texts[s] for s in pending), config.progress_interval_s)
     for row in ds.iter_rows():
+        if row.get("fault"):  # a worker could not write (disk full, read-only): one line, not a Ray traceback
+            raise StorageError(f"shard {row['shard_id']}: {row['fault']}")
         progress.update(row)
     progress.close()
 
@@ -114,8 +165,7 @@ def _start_ray(config: JobConfig, ray_init: dict) -> None:
     import ray
 
     if not ray.is_initialized():
-        quiet_ray_notices()
-        ray.init(**ray_init_kwargs(config, ray_init))
+        _connect(config, ray_init)
     check_cluster_resources(config.cpus_per_actor, config.gpus_per_actor)
 
 

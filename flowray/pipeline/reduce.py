@@ -1,4 +1,7 @@
-"""Reduce stage: per-shard prediction files -> tables, figures, a summary and the manifest (written last)."""
+"""Reduce stage: per-shard prediction files -> tables and the manifest (written last).
+
+The summary, figures and report.html are made from these files afterwards (``flowray.run_report``).
+"""
 
 from __future__ import annotations
 
@@ -44,6 +47,20 @@ class EmptyDomainError(FlowrayError):
 def invalidate_manifest(storage: Storage) -> None:
     """Remove ``manifest.json`` before a run or a reduce changes anything it describes."""
     storage.delete(MANIFEST)
+
+
+DERIVED_FILES = ("summary.md", "report.html")  # with the folders below: everything a reduce writes
+DERIVED_DIRS = ("tables", "figures")
+
+
+def withdraw_outputs(storage: Storage) -> None:
+    """Remove the manifest, then every file a reduce derives: a reduce that fails leaves none of the old ones
+    beside new data."""
+    invalidate_manifest(storage)
+    for rel in DERIVED_FILES:
+        storage.delete(rel)
+    for rel in DERIVED_DIRS:
+        storage.delete_dir(rel)
 
 
 def exactly_once(index: dict, shards: list[tuple[str, pa.Table, pa.Table]]) -> dict:
@@ -93,7 +110,7 @@ def _load_committed(storage: Storage, index: dict) -> list[tuple[dict, dict, pa.
     loaded, failed = [], []
     for shard in index["shards"]:
         try:
-            loaded.append((shard, *load_shard(storage, shard["shard_id"])))
+            loaded.append((shard, *load_shard(storage, shard["shard_id"], identity=shard.get("identity"))))
         except ShardCheckError as exc:
             failed.append(f"{shard['shard_id']}: {exc}")
     if failed:
@@ -104,10 +121,13 @@ def _load_committed(storage: Storage, index: dict) -> list[tuple[dict, dict, pa.
 
 
 def reduce_run(config: JobConfig, storage: Storage, index: dict, *, started: float, resumed_shards: int = 0,
-               timings: dict | None = None) -> dict:
-    """Aggregate every verified shard; check that each text appears exactly once; write the manifest last."""
+               timings: dict | None = None, guard=None) -> dict:
+    """Aggregate every verified shard; check that each text appears exactly once; write the manifest last.
+
+    ``guard()``, when given, runs just before the manifest is written (the run's lease check).
+    """
     t_reduce = time.time()
-    invalidate_manifest(storage)  # before anything can fail: a stale manifest must not outlive its files
+    withdraw_outputs(storage)  # before anything can fail: no stale manifest, table or summary outlives its files
     loaded = _load_committed(storage, index)
     markers = {shard["shard_id"]: marker for shard, marker, _, _ in loaded}
     check = exactly_once(index, [(shard["domain"], preds, errors) for shard, _, preds, errors in loaded])
@@ -130,18 +150,14 @@ def reduce_run(config: JobConfig, storage: Storage, index: dict, *, started: flo
         tables[name].write_parquet(buf)
         storage.write_bytes(f"tables/{name}.parquet", buf.getvalue())
     storage.write_table("tables/errors.parquet", errors)
-    figures = _figures(storage, tables, config, L, H)
     n_predictions = sum(preds.num_rows for _, _, preds, _ in loaded)
     pos_tagging = all(m.get("pos_tagging") for m in markers.values())
-    summary = _summary(tables, errors, config, pos_tagging, empty_domains, bos=first.get("bos"))
-    from flowray.explorer.report import write_report  # report.html (figures + tables), linked from summary.md
-    summary += write_report(storage, tables, summary, figures, title=f"flowray run {config.run_name}")
-    storage.write_text("summary.md", summary)
     manifest = {
         "run_name": config.run_name,
         "config": config.to_dict(),
         "content_hash": config.content_hash(),
         "model": {"spec": config.model, "n_layers": L, "n_heads": H, "dtype": config.dtype},
+        "general_domain": config.general,  # the config's, or its first corpus when it names none
         "versions": _versions(),
         "counts": {
             "texts_in": index["texts"],
@@ -152,6 +168,9 @@ def reduce_run(config: JobConfig, storage: Storage, index: dict, *, started: flo
             "shards_resumed": resumed_shards,
         },
         "domains": index["domains"],
+        "corpus": index.get("corpus"),  # the fingerprint of the sources the shards were prepared from
+        # the only files readers may take rows from: those the verified commit markers list (never a glob)
+        "outputs": {kind: [m["files"][kind]["path"] for m in markers.values()] for kind in ("predictions", "errors")},
         "every_text_exactly_once": exactly,  # from the doc ids in the tables (exactly_once), not the plan
         "exactly_once": {k: check[k] for k in ("texts_planned", "texts_found")},
         "shards_verified": len(loaded),  # each file's size and sha256 matched its commit marker
@@ -159,44 +178,16 @@ def reduce_run(config: JobConfig, storage: Storage, index: dict, *, started: flo
         "pos_tagging": pos_tagging,
         "bos": first.get("bos"),  # the token at position 0 of every text (null: prepend_bos false)
         "tables": {name: f"tables/{name}.parquet" for name in (*TABLES, "errors")},
-        "figures": figures,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "elapsed_s": round(time.time() - started, 1),
         "timings": {**(timings or {}), "reduce_s": round(time.time() - t_reduce, 2)},
     }
+    if guard is not None:
+        guard()
     storage.write_json(MANIFEST, manifest)  # last: readers know the run is complete
     log.info("reduce: %d predictions, %d error rows -> %s", n_predictions, errors.num_rows, storage.path("tables"))
     return manifest
-
-
-def _figures(storage: Storage, tables: dict, config: JobConfig, L: int, H: int) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from flowray.plots import activation_map, domain_comparison
-
-    written = []
-    tau = min(config.tau)
-    for name, fig in (
-        ("activation_map", activation_map(tables["head_activation"], tables["ffn_activation"],
-                                          tables["component_importance"], tables["head_roles"],
-                                          domain=config.general, tau=tau, n_layers=L, n_heads=H)),
-        ("domain_comparison", domain_comparison(tables["component_importance"], tables["domain_specialisation"],
-                                                general=config.general, n_layers=L, n_heads=H)),
-    ):
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=130, bbox_inches="tight")
-        plt.close(fig)
-        storage.write_bytes(f"figures/{name}.png", buf.getvalue())
-        written.append(f"figures/{name}.png")
-    return written
-
-
-def _fmt_heads(rows) -> str:
-    return ", ".join(f"L{r['layer']}H{r['head']}" for r in rows) or "none"
 
 
 def _check_general(config: JobConfig, empty_domains: list[str], errors: pa.Table) -> None:
@@ -208,56 +199,3 @@ def _check_general(config: JobConfig, empty_domains: list[str], errors: pa.Table
         f"general domain {config.general!r}: all {len(mine)} texts failed{example}; every other domain is "
         "compared with it, so there is nothing to compare against. Fix its corpus (see errors/) or set "
         "general_domain to another domain")
-
-
-def _summary(tables: dict, errors: pa.Table, config: JobConfig, pos_tagging: bool, empty_domains=(),
-             bos: dict | None = None) -> str:
-    import polars as pl
-
-    start = (f"Position 0 of every text is `{bos['token']}` ({bos['source']}); its own prediction is not a row."
-             if bos else "No BOS was prepended (prepend_bos: false): idle heads park on each text's first token.")
-    lines = [f"# flowray run `{config.run_name}`", "",
-             f"Model `{config.model}`, tau {', '.join(f'{t:g}' for t in config.tau)}, up to "
-             f"{config.max_tokens} tokens per text; general domain: `{config.general}`. {start}", "",
-             "| domain | texts | predictions | target predictions | error rows |", "|---|---:|---:|---:|---:|"]
-    err_counts = pl.from_arrow(errors).group_by("domain").len() if errors.num_rows else None
-    for row in tables["domain_summary"].iter_rows(named=True):
-        n_err = 0
-        if err_counts is not None:
-            match = err_counts.filter(pl.col("domain") == row["domain"])
-            n_err = match["len"][0] if match.height else 0
-        lines.append(f"| {row['domain']} | {row['texts']} | {row['predictions']} | {row['target_predictions']} | {n_err} |")
-    for domain in empty_domains:  # absent from the tables: say so rather than leave the domain out
-        n_err = int(err_counts.filter(pl.col("domain") == domain)["len"].sum()) if err_counts is not None else 0
-        lines.append(f"| {domain} | {n_err} | 0 | 0 | {n_err} (every text failed: see tables/errors.parquet) |")
-    roles = tables["head_roles"].filter(pl.col("domain") == config.general)
-    lines += ["", f"## Head roles in `{config.general}` (paper section 4.3)", "",
-              f"- previous-token heads: {_fmt_heads(roles.filter(pl.col('role') == 'previous_token').iter_rows(named=True))}",
-              f"- subword-merging heads: {_fmt_heads(roles.filter(pl.col('role') == 'subword_merging').iter_rows(named=True))}",
-              "", "Silence on first subwords is judged on raw importances (at most 0.005%): after pruning at tau a "
-              "head's renormalised importance is either 0 or above tau, so the paper's threshold only has a meaning "
-              "before pruning. With silence after pruning instead:"]
-    for tau in config.tau:
-        pruned = roles.filter(pl.col(f"subword_merging_pruned@{tau:g}"))
-        lines.append(f"  - tau = {tau:g}: {_fmt_heads(pruned.iter_rows(named=True))}")
-    tau = max(config.tau)  # the most selective threshold separates heads best
-    act = tables["head_activation"].filter(pl.col("tau") == tau).join(
-        tables["component_importance"].filter(pl.col("component") == "head").select("domain", "layer", "head", "importance"),
-        on=["domain", "layer", "head"], how="left")
-    lines += ["", f"## Most frequently activated heads (tau = {tau:g}; ties broken by mean importance)", ""]
-    for domain in tables["domain_summary"]["domain"]:
-        top = act.filter(pl.col("domain") == domain).sort(["frequency", "importance"], descending=True).head(5)
-        lines.append(f"- `{domain}`: " + ", ".join(f"L{r['layer']}H{r['head']} ({r['frequency']:.2f})"
-                                                  for r in top.iter_rows(named=True)))
-    spec = tables["domain_specialisation"].filter(pl.col("specialised"))
-    lines += ["", f"## Domain-specialised heads (vs `{config.general}`)", ""]
-    for domain in sorted(set(spec["domain"].to_list())):
-        rows = spec.filter(pl.col("domain") == domain).sort("ratio", descending=True).head(6)
-        lines.append(f"- `{domain}`: " + ", ".join(f"L{r['layer']}H{r['head']} (x{r['ratio']:.1f})"
-                                                  for r in rows.iter_rows(named=True)))
-    if not spec.height:
-        lines.append("- none passed the criterion")
-    if not pos_tagging:
-        lines += ["", "POS tags were not available (NLTK tagger data not found): `pos`/`next_pos` are null."]
-    lines += ["", "Tables: `tables/*.parquet`; figures: `figures/*.png`; per-prediction rows: `predictions/`."]
-    return "\n".join(lines) + "\n"

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
+from urllib.parse import urlsplit
 
 from flowray.errors import ConfigError
 
@@ -80,3 +82,41 @@ def check_cluster_resources(cpus_per_actor: float, gpus_per_actor: float) -> Non
     nodes = [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
     if not fits(request, nodes):  # only then ask about an autoscaler (which may take a few seconds)
         check_actor_fits(request, nodes, autoscaler=_autoscaler_running())
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a cluster address (``host:port`` or ``ray://host:port``); None for ``auto``/``local``."""
+    if address in ("auto", "local"):
+        return None
+    parts = urlsplit(address if "://" in address else f"gcs://{address}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if not parts.hostname or port is None:
+        raise ConfigError(f"RAY_ADDRESS={address!r} is not a cluster address; expected host:port (the head's GCS, "
+                          "e.g. 10.0.0.5:6379), ray://host:10001, or unset it to run on an embedded local Ray")
+    return parts.hostname, port
+
+
+def check_ray_address(address: str, timeout_s: float) -> None:
+    """Wait up to ``timeout_s`` for something to answer at ``address``; ConfigError if nothing does.
+
+    Ray itself retries an unreachable head for minutes, printing a line every few seconds.
+    """
+    target = _host_port(address)
+    if target is None:
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            socket.create_connection(target, timeout=max(0.1, min(5.0, left))).close()
+            return
+        except OSError as exc:
+            if left <= 0.5:
+                raise ConfigError(
+                    f"RAY_ADDRESS={address!r}: no Ray cluster answers there ({exc}; waited {timeout_s:g} s); start "
+                    "it (ray start --head), fix the address, or unset RAY_ADDRESS to run on an embedded local Ray "
+                    "(ray_connect_timeout_s sets the wait)") from None
+            time.sleep(min(0.5, max(0.0, left - 0.5)))

@@ -15,6 +15,7 @@ Every process that touches the run needs them: the driver, each Ray worker node 
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -32,6 +33,15 @@ from flowray.errors import FlowrayError
 class StorageError(FlowrayError):
     """A bucket (s3://, gs://) could not be reached, read or written."""
 
+
+# What an OSError of a local write means, and what to do about it.
+_LOCAL_FAULTS = {
+    errno.ENOSPC: "no space left on the device (disk full): free space or set output to another disk",
+    errno.EDQUOT: "the disk quota is exceeded: free space or set output to another disk",
+    errno.EROFS: "the file system is read-only: set output to a writable folder",
+    errno.EACCES: "permission denied: set output to a folder this user can write",
+    errno.EPERM: "operation not permitted: set output to a folder this user can write",
+}
 
 _SETTINGS = ("S3: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE / an IAM role), AWS_DEFAULT_REGION, "
              "AWS_ENDPOINT_URL for an S3-compatible store; GCS: GOOGLE_APPLICATION_CREDENTIALS")
@@ -75,18 +85,64 @@ class Storage:
 
     # --- writing ---------------------------------------------------------------------------------
     def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write ``rel`` whole; a failed write leaves no temporary file and raises StorageError saying why."""
         fs, root = self._fs()
         target = f"{root}/{rel}"
         parent = target.rsplit("/", 1)[0]
         if self.is_local:
-            fs.create_dir(parent, recursive=True)
             tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
-            with fs.open_output_stream(tmp) as fh:
-                fh.write(data)
-            fs.move(tmp, target)  # atomic rename
+            try:
+                fs.create_dir(parent, recursive=True)
+                with fs.open_output_stream(tmp) as fh:
+                    fh.write(data)
+                fs.move(tmp, target)  # atomic rename
+            except OSError as exc:
+                self._discard(fs, tmp)
+                raise self._local_fault("write", rel, exc) from exc
         else:
             with self._bucket("write", rel), fs.open_output_stream(target) as fh:  # one PUT: whole or absent
                 fh.write(data)
+
+    def create_new(self, rel: str, data: bytes) -> bool:
+        """Local disks: create ``rel`` whole, only if it does not exist (atomic); False if it did.
+
+        The data goes to a temporary file that is then hard-linked to ``rel`` (``link`` fails when the
+        name exists), so a reader never sees it half written. Buckets offer no such call through pyarrow:
+        NotImplementedError (``flowray.pipeline.lock`` writes, waits and reads back there).
+        """
+        if not self.is_local:
+            raise NotImplementedError("exclusive create is only available on local disks")
+        path = self.path(rel)
+        tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}")
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise self._local_fault("create", rel, exc) from exc
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return True
+
+    @staticmethod
+    def _discard(fs: pafs.FileSystem, path: str) -> None:
+        try:
+            if fs.get_file_info(path).type == pafs.FileType.File:
+                fs.delete_file(path)
+        except OSError:  # the device refuses even this: nothing more can be done here
+            pass
+
+    def _local_fault(self, action: str, rel: str, exc: OSError) -> StorageError:
+        code = getattr(exc, "errno", None)
+        hint = _LOCAL_FAULTS.get(code) or next((h for c, h in _LOCAL_FAULTS.items() if os.strerror(c) in str(exc)),
+                                               None)
+        detail = hint or f"{type(exc).__name__}: {exc}"
+        return StorageError(f"could not {action} {self.path(rel)}: {detail}; finished shards are kept, so the "
+                            "same command resumes once this is fixed")
 
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode("utf-8"))
@@ -102,8 +158,16 @@ class Storage:
     def delete(self, rel: str) -> None:
         """Remove one file if it is there (a stale commit marker, an outdated manifest)."""
         fs, root = self._fs()
-        if fs.get_file_info(f"{root}/{rel}").type == pafs.FileType.File:
-            fs.delete_file(f"{root}/{rel}")
+        with self._bucket("delete", rel):
+            if fs.get_file_info(f"{root}/{rel}").type == pafs.FileType.File:
+                fs.delete_file(f"{root}/{rel}")
+
+    def delete_dir(self, rel: str) -> None:
+        """Remove a folder of the run and everything in it, if it is there (derived tables, figures)."""
+        fs, root = self._fs()
+        with self._bucket("delete", rel):
+            if fs.get_file_info(f"{root}/{rel}").type == pafs.FileType.Directory:
+                fs.delete_dir(f"{root}/{rel}")
 
     def delete_all(self) -> None:
         """Remove the run directory and everything in it; best effort (it may never have been created)."""

@@ -20,7 +20,8 @@ import pyarrow as pa
 
 from flowray.config import JobConfig
 from flowray.errors import FlowrayError, InputError, MissingDependencyError
-from flowray.pipeline.commit import commit_shard
+from flowray.pipeline.commit import commit_shard, read_shard_input
+from flowray.pipeline.storage import StorageError
 from flowray.tables import ERRORS, TextRows, predictions_schema
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class FlowWorker:
         clock.lap("import_torch_s")
         import transformers  # noqa: F401 - timed on its own: most of a model load is importing its code
 
-        from flowray import cpu_kernel
+        from flowray.kernels import cpu_loops
         from flowray.models.loading import load_model
 
         clock.lap("import_transformers_s")
@@ -73,7 +74,7 @@ class FlowWorker:
         self.pos_tagging = self._tagger()
         clock.lap("load_tagger_s")
         if next(self.lm.model.parameters()).device.type == "cpu":
-            cpu_kernel.warm_up(torch.get_num_threads())  # compiled or cached kernels, before the first shard
+            cpu_loops.warm_up(torch.get_num_threads())  # compiled or cached kernels, before the first shard
         clock.lap("compile_kernels_s")
         self.startup = clock.laps  # seconds per start-up step, reported in every shard's marker
         self._decoded: dict[int, str] = {}  # token id -> its text, decoded once per actor
@@ -212,7 +213,8 @@ class FlowWorker:
 
         return prediction_stats_batch(self.lm, [torch.tensor([p.ids]) for p in group], self.taus,
                                       words=[self._word_arrays(p) for p in group],
-                                      sources=[p.source for p in group], active_above=SILENT_INFLUENCE)
+                                      sources=[p.source for p in group], active_above=SILENT_INFLUENCE,
+                                      backend=self.config.backend)
 
     def process(self, docs: list[dict], on_batch=None) -> tuple[pa.Table, pa.Table]:
         """Every doc ends up exactly once: as prediction rows or as one error row.
@@ -276,21 +278,16 @@ def _error_row(doc: dict, exc: Exception) -> dict:
 
 
 class ShardWorker:
-    """The actor class of the Ray pipeline: one shard id in, its outputs written, a summary row out.
+    """The actor class of the Ray pipeline: one shard id in, its outputs written, a summary row out (a
+    storage fault, such as a full disk, comes back in the row's ``fault`` for the driver to report)."""
 
-    ``crash_once`` is fault injection for tests (``{"shard_id": ..., "marker": path}``): the worker dies
-    after that shard's first batch, before anything of it is written, once (the marker file says so).
-    """
-
-    def __init__(self, *, run_uri: str, config: JobConfig, crash_once: dict | None = None,
-                 submitted: float | None = None):
+    def __init__(self, *, run_uri: str, config: JobConfig, submitted: float | None = None):
         from flowray.pipeline.storage import Storage
 
         started = time.time()
         t0 = time.perf_counter()
         self.storage = Storage(run_uri)
         self.flow = FlowWorker(config)
-        self.crash_once = crash_once
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         # the map stage's start (driver clock) to this constructor: Ray starting the worker process
         ray_start = None if submitted is None else round(max(0.0, started - submitted), 3)
@@ -298,33 +295,24 @@ class ShardWorker:
                         "init_s": round(time.perf_counter() - t0, 3)}
         log.info("actor %s started in %.1f s: %s", self.name, self.startup["init_s"], self.startup)
 
-    def _fault(self, shard_id: str):
-        spec = self.crash_once
-        if not spec or spec.get("shard_id") != shard_id or os.path.exists(spec["marker"]):
-            return None
-
-        def crash() -> None:
-            with open(spec["marker"], "w") as fh:
-                fh.write(self.name)
-            log.error("fault injection: worker %s dies while processing %s", self.name, shard_id)
-            os._exit(17)  # a hard process death, as an OOM kill or a lost node would be
-
-        return crash
-
     def __call__(self, batch: dict) -> dict:
-        out = {k: [] for k in ("shard_id", "texts", "predictions", "errors", "seconds", "worker")}
+        out = {k: [] for k in ("shard_id", "texts", "predictions", "errors", "seconds", "worker", "fault")}
         for shard_id in batch["shard_id"]:
             shard_id = str(shard_id)
             t0 = time.perf_counter()
-            docs = self.storage.read_table(f"shards/{shard_id}.parquet").to_pylist()
-            predictions, errors = self.flow.process(docs, on_batch=self._fault(shard_id))
+            config = self.flow.config
+            docs, identity = read_shard_input(self.storage, shard_id, config.content_hash(), config.texts_per_shard)
+            predictions, errors = self.flow.process(docs)
             seconds = time.perf_counter() - t0
             summary = {"shard_id": shard_id, "texts": len(docs), "predictions": predictions.num_rows,
                        "errors": errors.num_rows, "seconds": seconds, "worker": self.name,
                        "n_layers": self.flow.shape.n_layers, "n_heads": self.flow.shape.n_heads,
                        "pos_tagging": self.flow.pos_tagging is not None, "startup": self.startup,
                        "bos": None if self.flow.bos is None else self.flow.bos.to_dict()}
-            commit_shard(self.storage, shard_id, predictions, errors, summary)  # tables, then the marker
+            try:
+                commit_shard(self.storage, shard_id, predictions, errors, summary, identity)  # tables, then the marker
+            except StorageError as exc:  # disk full, read-only: data for the driver to report, not a crash
+                summary["fault"] = str(exc)
             for k in out:
-                out[k].append(summary[k])
+                out[k].append(summary.get(k))
         return out

@@ -1,4 +1,4 @@
-"""The CPU kernel of ``flowray.importance``: sub-edge proximities and node normalisation, compiled with numba.
+"""The compiled loops of the CPU backend (``flowray.kernels.cpu``): sub-edge proximities and node normalisation.
 
 ``flowray.importance`` explains the maths. What is left after its matrix products is irregular (each
 sub-edge needs no correction, a few coordinates, or all of them) and touches every sub-edge once: a loop
@@ -18,12 +18,11 @@ import threading
 
 import numpy as np
 
+from flowray.errors import MissingDependencyError
+
 # numba is imported on the first kernel call, not here: its thread pool is sized when it is imported
 AVAILABLE = importlib.util.find_spec("numba") is not None
 numba = None  # the module, once imported (the compiled functions below refer to numba.prange)
-# Smallest |y_p| coordinates kept per position (see _prox_rows): 16 covers 86% of the sub-edges that need
-# a correction at 256 tokens on SmolLM2 (bench/kernel_cases.py); 8 was no faster in the kernel there.
-FEW = 16
 
 
 def _f_max(F):  # pragma: no cover - compiled
@@ -181,7 +180,7 @@ def _kernels(threads: int) -> dict:
     with _lock:
         if not _compiled:
             if not AVAILABLE:  # pragma: no cover - guarded by the caller
-                raise ImportError("the CPU kernel needs numba: pip install numba")
+                raise MissingDependencyError("the CPU kernel needs numba: pip install numba")
             os.environ.setdefault("NUMBA_NUM_THREADS", str(max(1, threads)))
             import numba as _numba
 
@@ -223,9 +222,10 @@ def f_max(F: np.ndarray, threads: int) -> np.ndarray:
 
 
 def prox_rows(out: np.ndarray, probs: np.ndarray, F: np.ndarray, f_max: np.ndarray, y: np.ndarray, p0: int,
-              threads: int) -> None:
-    """Sub-edge proximities of chunks of query rows of ``G`` sequences, in place (``_prox_rows``: the arrays)."""
-    _kernels(threads)["prox"](out, probs, F, f_max, y, p0, FEW)
+              threads: int, few: int = 16) -> None:
+    """Sub-edge proximities of chunks of query rows of ``G`` sequences, in place (``_prox_rows``: the arrays;
+    ``few``: the smallest ``|y_p|`` coordinates kept per row, ``KernelConfig.few``)."""
+    _kernels(threads)["prox"](out, probs, F, f_max, y, p0, few)
 
 
 def normalise_rows(sub: np.ndarray, y: np.ndarray, parts: np.ndarray, p0: int, threads: int) -> np.ndarray:

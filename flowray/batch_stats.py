@@ -1,0 +1,252 @@
+"""The job path's running reductions for a padded batch, on the model's device, filled layer by layer.
+
+``BatchState`` holds, for every layer and padded position, what ``flowray.stats`` reports per prediction
+(each head's summed importance, its importance on the previous token and on earlier subwords of the same
+word, the direct parts' importances, the sub-edges above the smallest tau in per-node slots);
+``add_layer`` feeds it one layer's captured activations through a kernel's ``block``. Nothing here waits
+for the device: the host reads the results once, after the forward pass (``graphs`` and the finish).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from flowray.capture import LayerActivations
+from flowray.errors import InputError
+from flowray.kernels import Block, BlockOut, HitSlots, Kernel
+from flowray.sparse_routes import Graph
+
+
+class BatchState:
+    """Device-resident statistics of ``B`` sequences on a grid of ``T`` padded positions.
+
+    ``spans[b] = (start, length)``: sequence ``b``'s real positions. ``words[b]``: None or
+    ``(word_index, first_subword)`` (each ``[T_b]``); ``sources[b]``: None or ``(query, positions)``.
+    """
+
+    def __init__(self, L: int, H: int, spans: list, T: int, parallel: bool, tau_min: float, device,
+                 words: list | None, sources: list | None, slots: int | None):
+        B = len(spans)
+        self.L, self.H, self.B, self.T, self.spans, self.parallel, self.tau_min = L, H, B, T, spans, parallel, tau_min
+        f32 = dict(dtype=torch.float32, device=device)
+        self.head_sum = torch.zeros(L, B, H, T, **f32)  # sum_j e^h_{pos,j}
+        self.direct = torch.zeros(L, 2, B, T, **f32)  # the attention node's residual (parallel: and FFN)
+        self.ffn = torch.zeros(L, B, T, **f32)  # the FFN's importance (parallel: at the attention node)
+        self.ffn_residual = None if parallel else torch.zeros(L, B, T, **f32)
+        self.prev = torch.zeros(L, B, H, T, **f32) if words is not None else None  # e^h_{pos,pos-1}
+        self.same = torch.zeros(L, B, H, T, **f32) if words is not None else None
+        self.words = self.first = None
+        if words is not None:
+            wi = np.full((B, T), -1, dtype=np.int32)
+            first = np.zeros((B, T), dtype=bool)
+            for b, ((start, n), (word_index, first_subword)) in enumerate(zip(spans, words)):
+                w, f = np.asarray(word_index)[:n], np.asarray(first_subword, dtype=bool)[:n]
+                if w.shape != (n,) or f.shape != (n,):
+                    raise InputError(f"word_index and first_subword must have one entry per token ({n}); got "
+                                     f"{w.shape} and {f.shape}")
+                wi[b, start : start + n], first[b, start : start + n] = w, f
+            self.words = torch.from_numpy(wi).to(device)
+            self.first = torch.from_numpy(first).to(device)
+        self.source = self.source_mask = self.query = None
+        if sources is not None and any(src is not None for src in sources):
+            query = np.full(B, -1, dtype=np.int64)
+            mask = np.zeros((B, T), dtype=np.int32)
+            for b, ((start, n), src) in enumerate(zip(spans, sources)):
+                if src is not None:
+                    q, positions = check_source(src, n)
+                    query[b] = start + q
+                    mask[b, start + np.asarray(positions)] = 1
+            self.query = torch.from_numpy(query).to(device)
+            self.source_mask = torch.from_numpy(mask).to(device)
+            self.source = torch.zeros(L, B, H, **f32)
+        self.M = slots if slots is not None else math.floor(1 / tau_min) + 1
+        i32 = dict(dtype=torch.int32, device=device)
+        self.hit_head = torch.zeros(L, B, T, self.M, **i32)
+        self.hit_source = torch.zeros(L, B, T, self.M, **i32)
+        self.hit_value = torch.zeros(L, B, T, self.M, **f32)
+        self.hit_count = torch.zeros(L, B, T, **i32)
+        self.offsets = [0] * B  # grid offset of each sequence's block (set by add_layer's plan)
+
+    def targets(self, l: int, first: int, stop: int, off: int, T_grid: int, p0: int, p1: int, K: int) -> BlockOut:
+        """``BlockOut`` views for rows ``p0 .. p1 - 1`` of the grid at padded position ``off``."""
+        bs, rows, grid = slice(first, stop), slice(off + p0, off + p1), slice(off, off + T_grid)
+        query = None
+        if self.query is not None:
+            query = self.query[bs] - off if off else self.query[bs]
+        return BlockOut(
+            direct=self.direct[l, :K, bs, rows], head_sum=self.head_sum[l, bs, :, rows],
+            prev=None if self.prev is None else self.prev[l, bs, :, rows],
+            same=None if self.same is None else self.same[l, bs, :, rows],
+            words=None if self.words is None else self.words[bs, grid],
+            source=None if self.source is None else self.source[l, bs],
+            source_mask=None if self.source_mask is None else self.source_mask[bs, grid], query=query,
+            hits=HitSlots(self.hit_head[l, bs, grid], self.hit_source[l, bs, grid], self.hit_value[l, bs, grid],
+                          self.hit_count[l, bs, grid]),
+            tau=self.tau_min)
+
+    def overflow(self) -> int:
+        """The largest count of sub-edges above tau at one node, when it exceeds the slots (else 0)."""
+        most = int(self.hit_count.max()) if self.hit_count.numel() else 0
+        return most if most > self.M else 0
+
+    def graphs(self) -> list[Graph]:
+        """Each sequence's ``Graph`` (positions relative to its first real token), read from the slots."""
+        L, B, T, M = self.hit_head.shape
+        valid = torch.arange(M, device=self.hit_count.device) < self.hit_count.clamp_max(M)[..., None]
+        at = torch.nonzero(valid.transpose(0, 1))  # [N, 4] (b, l, t, slot), sequence-major
+        b, l, t, m = at.unbind(1)
+        counts = torch.bincount(b, minlength=B).tolist()
+        head = self.hit_head[l, b, t, m].long()
+        src = self.hit_source[l, b, t, m].long()
+        value = self.hit_value[l, b, t, m]
+        starts = torch.tensor([s for s, _ in self.spans], device=at.device)
+        offs = torch.tensor(self.offsets, device=at.device)
+        hit = torch.stack([l, head, t - starts[b], src + offs[b] - starts[b]], dim=1)  # [N, 4] (layer, head, pos, j)
+        out = []
+        for bi, (hit_b, value_b) in enumerate(zip(hit.split(counts), value.split(counts))):
+            start, n = self.spans[bi]
+            rows = slice(start, start + n)
+            out.append(Graph(L, self.H, n, self.parallel, hit_b, value_b, self.direct[:, 0, bi, rows],
+                             self.ffn[:, bi, rows], None if self.parallel else self.ffn_residual[:, bi, rows]))
+        return out
+
+
+def add_layer(kernel: Kernel, state: BatchState, rec: LayerActivations, block: tuple[int, int, int, int],
+              w_o: torch.Tensor, w_flat: torch.Tensor, budget: int, span_tensors=None) -> None:
+    """Fold layer ``rec.layer`` of batch rows ``first .. stop - 1`` (a grid of ``T_grid`` padded positions
+    from ``off``) into ``state``, in blocks of query rows within ``budget`` elements ``[G, H, C, T_grid]``."""
+    first, stop, off, T_grid = block
+    l, G, H = rec.layer, stop - first, state.H
+    for b in range(first, stop):
+        state.offsets[b] = off
+    bs, rows = slice(first, stop), slice(off, off + T_grid)
+    x, attn_out, out = rec.inputs[bs, rows], rec.attn_out[bs, rows], rec.outputs[bs, rows]
+    heads = kernel.head_outputs(rec.values[bs, :, rows], w_o, w_flat)
+    if state.parallel:
+        y = out.float()  # x^l = x + attn + ffn: one node, parts residual and FFN
+        parts = [x, y - x.float() - attn_out.float()]
+    else:
+        y = x.float() + attn_out.float()  # x^{lA}
+        parts = [x]
+    starts = [state.spans[b][0] - off for b in range(first, stop)]
+    lengths = [state.spans[b][1] for b in range(first, stop)]
+    C = kernel.rows_per_block(G, H, T_grid, budget)
+    for p0 in range(0, T_grid, C):
+        p1 = min(T_grid, p0 + C)
+        scale = None if rec.row_scale is None else rec.row_scale[bs, off + p0 : off + p1]
+        blk = Block(y=y[:, p0:p1], parts=[z[:, p0:p1] for z in parts], probs=rec.block_rows(first, stop, off, p0, p1),
+                    row_scale=scale, heads=heads, p0=p0, starts=starts, lengths=lengths, span_tensors=span_tensors)
+        kernel.block(blk, state.targets(l, first, stop, off, T_grid, p0, p1, len(parts)))
+    if state.parallel:
+        state.ffn[l, bs, rows] = state.direct[l, 1, bs, rows]
+    else:  # x^l = x^{lA} + FFN: a node of two direct parts
+        d = y.shape[-1]
+        block_node = kernel.block_node(out.reshape(G * T_grid, d), y.reshape(G * T_grid, d)).view(2, G, T_grid)
+        state.ffn_residual[l, bs, rows], state.ffn[l, bs, rows] = block_node[0], block_node[1]
+
+
+def check_source(source, T: int) -> tuple[int, list[int]]:
+    """``(query, positions)``: a query position and earlier (or equal) source positions of one sequence."""
+    try:
+        query, positions = source
+        query = int(query)
+        positions = [int(j) for j in positions]
+    except (TypeError, ValueError):
+        raise InputError(f"a source must be a (query, positions) pair of ints; got {source!r}") from None
+    if not 0 <= query < T or not positions or any(not 0 <= j <= query for j in positions):
+        raise InputError(f"a source needs a query position in [0, {T}) and one or more source positions in "
+                         f"[0, query]; got query {query}, positions {positions}")
+    return query, positions
+
+
+# Every position's routes for the whole batch at once while the [L, B, T, T] edge matrices stay this small
+BATCHED_ROUTES_UP_TO = 1 << 28  # elements (512 MiB in half precision)
+
+
+def batched_routes_fit(state: BatchState) -> bool:
+    return state.L * state.B * state.T * state.T <= BATCHED_ROUTES_UP_TO
+
+
+def routes_all(state: BatchState, tau: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Every position's route at ``tau`` for every sequence of the batch in one pass, read from the slots.
+
+    The same rules as ``sparse_routes.routes_of`` (appendix B.2), with the sequences side by side on the
+    padded grid: reached sets ``[B, T, P]`` move down one block per layer through ``[B, T, T]`` edge
+    matrices (a batched matrix product; 0/1 entries, exact in half precision with float32 accumulation).
+    Returns flat (keys ``p * L*H + flat head``, ``p * L + layer``) per sequence, positions relative.
+    """
+    L, B, T, M = state.hit_head.shape
+    H, dev = state.H, state.hit_head.device
+    dt = torch.float16 if dev.type == "cuda" else torch.float32
+    valid = torch.arange(M, device=dev) < state.hit_count.clamp_max(M)[..., None]  # [L, B, T, M]
+    keep = valid & (state.hit_value > tau)
+    l_idx = torch.arange(L, device=dev)[:, None, None, None].expand(L, B, T, M)
+    b_idx = torch.arange(B, device=dev)[None, :, None, None].expand(L, B, T, M)
+    pos = torch.arange(T, device=dev)[None, None, :, None].expand(L, B, T, M)
+    offs = torch.tensor(state.offsets, device=dev)[None, :, None, None]
+    src = (state.hit_source.long() + offs).clamp(0, T - 1)  # grid -> padded positions
+    w = keep.to(dt)
+    E = torch.zeros(L, B, T, T, dtype=dt, device=dev)  # E[l, b, j, pos] = 1: pos keeps a part from j
+    E.index_put_((l_idx, b_idx, src, pos), w, accumulate=True)
+    at_node = torch.zeros(L, B, H, T, dtype=dt, device=dev)  # a head with a kept sub-edge at pos
+    at_node.index_put_((l_idx, b_idx, state.hit_head.long(), pos), w, accumulate=True)
+    res, ffn = state.direct[:, 0], state.ffn  # [L, B, T]
+    self_keep = (res > tau) | (ffn > tau) if state.parallel else res > tau
+    E.diagonal(dim1=2, dim2=3).add_(self_keep.to(dt))
+    E = (E > 0).to(dt)
+    at_node = (at_node > 0).to(dt)
+    ffn_keep = (ffn > tau).to(dt)  # [L, B, T]
+    through = None if state.parallel else ((ffn > tau) | (state.ffn_residual > tau)).to(dt)
+    real = torch.zeros(B, T, dtype=torch.bool, device=dev)
+    for b, (start, n) in enumerate(state.spans):
+        real[b, start : start + n] = True
+    reached = torch.diag_embed(real.to(dt))  # [B, T, P]: prediction P reaches position T atop the last block
+    heads_on = torch.empty(L, B, H, T, dtype=torch.bool, device=dev)
+    ffn_on = torch.empty(L, B, T, dtype=torch.bool, device=dev)
+    for l in range(L - 1, -1, -1):
+        ffn_on[l] = torch.bmm(ffn_keep[l][:, None, :], reached)[:, 0] > 0  # [B, P]
+        M_ = reached if through is None else reached * through[l][:, :, None]  # attention nodes reached
+        heads_on[l] = torch.bmm(at_node[l], M_) > 0  # [B, H, P]
+        reached = (torch.bmm(E[l], M_) > 0).to(dt)  # [B, T, P]
+    return _split(heads_on.permute(1, 3, 0, 2), state.spans, L * H), _split(ffn_on.permute(1, 2, 0), state.spans, L)
+
+
+def _split(on: torch.Tensor, spans: list, width: int) -> list[list[np.ndarray]]:
+    """``[B, P, ...]`` booleans -> per sequence, per real position ``p``, the ascending flat indices set."""
+    B, P = on.shape[:2]
+    flat = on.reshape(B, P, width)
+    idx = torch.nonzero(flat)  # [N, 3] (b, p, value), sorted
+    counts = torch.bincount(idx[:, 0] * P + idx[:, 1], minlength=B * P).view(B, P).cpu().numpy()
+    values = idx[:, 2].cpu().numpy()
+    out, at = [], 0
+    for b, (start, n) in enumerate(spans):
+        c = counts[b]
+        before = int(c[:start].sum())
+        rows = np.split(values[at + before : at + before + int(c[start : start + n].sum())],
+                        np.cumsum(c[start : start + n])[:-1])
+        out.append([r.astype(np.int64) for r in rows])
+        at += int(c.sum())
+    return out
+
+
+def pruned_all(state: BatchState, tau: float, active_above: float) -> list[list[np.ndarray]]:
+    """Per sequence and position, the flat heads whose importance at the position's own attention node, after
+    every part <= tau is dropped and the kept parts are rescaled to sum to 1, exceeds ``active_above``."""
+    L, B, T, M = state.hit_head.shape
+    dev = state.hit_head.device
+    valid = torch.arange(M, device=dev) < state.hit_count.clamp_max(M)[..., None]
+    kept = torch.where(valid & (state.hit_value > tau), state.hit_value, 0.0)  # [L, B, T, M]
+    l_idx = torch.arange(L, device=dev)[:, None, None, None].expand(L, B, T, M)
+    b_idx = torch.arange(B, device=dev)[None, :, None, None].expand(L, B, T, M)
+    pos = torch.arange(T, device=dev)[None, None, :, None].expand(L, B, T, M)
+    kept_heads = torch.zeros(L, B, state.H, T, dtype=torch.float32, device=dev)
+    kept_heads.index_put_((l_idx, b_idx, state.hit_head.long(), pos), kept, accumulate=True)
+    res = state.direct[:, 0]
+    node = kept_heads.sum(2) + res * (res > tau)  # [L, B, T] the node's kept parts
+    if state.parallel:  # the FFN is a part of the same node
+        node = node + state.ffn * (state.ffn > tau)
+    pruned = kept_heads / torch.where(node > 0, node, 1.0)[:, :, None, :]
+    return _split((pruned > active_above).permute(1, 3, 0, 2), state.spans, L * state.H)
