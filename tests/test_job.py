@@ -141,7 +141,7 @@ def test_a_different_config_on_the_same_run_is_refused(tmp_path, tiny_model_dir,
         run_job(JobConfig.from_dict(_config(tmp_path, tiny_model_dir, run_name="same", texts_per_domain=2)))
     with pytest.raises(ConfigError, match="different config"):
         run_job(JobConfig.from_dict(_config(tmp_path, tiny_model_dir, run_name="same", texts_per_domain=3)))
-    assert (tmp_path / "runs" / "same" / "manifest.json").is_file()  # a refused run removes nothing of the first
+    assert (tmp_path / "runs" / "same" / "shards" / "index.json").is_file()  # a refused run removes nothing of the first
 
 
 def test_bad_corpora_fail_before_any_actor_starts(tmp_path, tiny_model_dir, monkeypatch):
