@@ -1,5 +1,5 @@
 # flowray: one command to set up and run the demo, one to set up and run the tests.
-#   make demo   -> virtualenv + install + the main corpus job on the embedded default (local Ray, SmolLM2)
+#   make demo   -> virtualenv + install + one route + the corpus job on the embedded default (local Ray, SmolLM2)
 #   make test   -> virtualenv + install + the test suite (what .ci/run calls)
 #   make lock   -> refresh constraints.txt (the pinned versions every install above uses)
 PYTHON ?= python3
@@ -28,12 +28,12 @@ setup: $(STAMP)
 lock:
 	bash scripts/refresh_constraints.sh
 
-# the main job on the embedded default (local Ray, packaged SmolLM2, corpora every Python install has),
-# then one route of the paper's IOI example; prints where the tables and figures are
+# one route of the paper's IOI example, then the main job on the embedded default (local Ray, packaged
+# SmolLM2, corpora every Python install has); its last lines say where everything is, report.html last
 demo: setup
-	$(BIN)/flowray job run --config default --show-summary
 	$(BIN)/flowray route --model smollm2 --text "When Mary and John went to the store, John gave a drink to" \
 		--tau 0.04 --out runs/default/route.json --plot runs/default/route.png
+	$(BIN)/flowray job run --config default --show-summary
 
 test: setup
 	$(BIN)/python -m pytest -q -rs
@@ -43,10 +43,12 @@ bench: setup
 	$(BIN)/python bench/kernel_cases.py
 	$(BIN)/python bench/job_throughput.py
 
-# the paper's figures 6-11 on SmolLM2: the shared-data job (needs ../shared/data), then every notebook
+# the paper's figures 6-11 on SmolLM2: the shared-data job (its corpora come from a shared/data folder above
+# the checkout or $FLOWRAY_SHARED_DATA; without it the job stops and says what to run instead), then every
+# notebook, writing the figures to out/figures (--figures analysis/figures refreshes the committed ones)
 analysis: setup
 	$(BIN)/flowray job run --config shared_data
 	$(BIN)/python analysis/run_all.py --run runs/shared_data
 
 clean:
-	rm -rf $(VENV) out runs .pytest_cache
+	rm -rf $(VENV) out runs compare-out .pytest_cache

@@ -40,7 +40,7 @@
 import os
 
 RUN = os.environ.get("FLOWRAY_RUN", "runs/shared_data")  # a run directory or a bucket URI
-FIGURES = os.environ.get("FLOWRAY_FIGURES", "analysis/figures")
+FIGURES = os.environ.get("FLOWRAY_FIGURES", "out/figures")
 DOMAIN = None  # None: the run's general domain
 TAU = 0.01  # the paper's; the run's closest tau is used
 TOP_FRACTION = 0.5  # draw only this share of heads, the most important ones (the paper shows the top 50%)

@@ -5,7 +5,7 @@ domain names all come from the run's ``manifest.json`` (and the config it embeds
 unchanged on a SmolLM2 run on a laptop and on a Llama-2-7B run in a bucket. Paths inside a run are joined
 with "/" (never ``pathlib``) so that ``s3://bucket/prefix`` stays a URI; polars reads those directly.
 
-Relative local paths (the notebooks' defaults ``runs/shared_data`` and ``analysis/figures``) are taken
+Relative local paths (the notebooks' defaults ``runs/shared_data`` and ``out/figures``) are taken
 relative to the repository root, so a notebook gives the same answer run from the root or from analysis/.
 Heads are ``(layer, head)`` pairs, 0-based, flat id ``layer * n_heads + head`` as in the job's outputs.
 """

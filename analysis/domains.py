@@ -41,7 +41,7 @@
 import os
 
 RUN = os.environ.get("FLOWRAY_RUN", "runs/shared_data")  # a run directory or a bucket URI
-FIGURES = os.environ.get("FLOWRAY_FIGURES", "analysis/figures")
+FIGURES = os.environ.get("FLOWRAY_FIGURES", "out/figures")
 # None: the general domain, every text domain, and the task domains that are not section 3's IOI /
 # greater-than (addition, subtraction); or an explicit list of domain names
 DOMAINS = None
@@ -115,20 +115,24 @@ common.save_figure(fig, FIGURES, "fig10_domains", dpi=90)
 
 # %%
 others = [d for d in domains if d != general]
-ncols = min(3, max(len(others), 1))
-nrows = max(1, -(-len(others) // ncols))
-diffs = {d: heads[d] - heads[general] for d in others}
-lim = float(np.nanmax(np.abs(np.stack(list(diffs.values()))))) if diffs else 1.0
-fig, axes = plt.subplots(nrows, ncols, figsize=(4.3 * ncols, 2.7 * nrows), squeeze=False)
-for ax, d in zip(axes.ravel(), others):
-    common.plot_head_grid(ax, diffs[d], vmin=-lim, vmax=lim, cmap="RdBu_r", label="difference",
-                          title=f"{d} − {general}")
-    common.mark_heads(ax, specialised[d], colour="black", size=40, lw=1.0, outline=False)
-for ax in axes.ravel()[len(others):]:
-    ax.axis("off")
-fig.suptitle(f"Head importance: domain minus {general} (black rings: specialised) — {run.model_spec}", fontsize=11)
-fig.tight_layout()
-common.save_figure(fig, FIGURES, "fig10_domain_difference", dpi=90)
+if not others:  # a run with one text domain has nothing to subtract: no empty figure
+    print(f"no domain besides {general!r} to compare with: fig10_domain_difference is not drawn")
+else:
+    ncols = min(3, len(others))
+    nrows = -(-len(others) // ncols)
+    diffs = {d: heads[d] - heads[general] for d in others}
+    lim = float(np.nanmax(np.abs(np.stack(list(diffs.values())))))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.3 * ncols, 2.7 * nrows), squeeze=False)
+    for ax, d in zip(axes.ravel(), others):
+        common.plot_head_grid(ax, diffs[d], vmin=-lim, vmax=lim, cmap="RdBu_r", label="difference",
+                              title=f"{d} − {general}")
+        common.mark_heads(ax, specialised[d], colour="black", size=40, lw=1.0, outline=False)
+    for ax in axes.ravel()[len(others):]:
+        ax.axis("off")
+    fig.suptitle(f"Head importance: domain minus {general} (black rings: specialised) — {run.model_spec}",
+                 fontsize=11)
+    fig.tight_layout()
+    common.save_figure(fig, FIGURES, "fig10_domain_difference", dpi=90)
 
 # %% [markdown]
 # ## The most domain-specific heads, with standard errors over texts

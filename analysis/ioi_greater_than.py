@@ -42,7 +42,7 @@
 import os
 
 RUN = os.environ.get("FLOWRAY_RUN", "runs/shared_data")  # a run directory or a bucket URI
-FIGURES = os.environ.get("FLOWRAY_FIGURES", "analysis/figures")
+FIGURES = os.environ.get("FLOWRAY_FIGURES", "out/figures")
 TAU = 0.03  # the paper's; the run's closest tau is used
 ONLY_CORRECT = False  # keep only prompts whose original the model gets right (paired twins follow)
 N_TOP = 8  # heads listed per comparison

@@ -38,7 +38,7 @@
 import os
 
 RUN = os.environ.get("FLOWRAY_RUN", "runs/shared_data")  # a run directory or a bucket URI
-FIGURES = os.environ.get("FLOWRAY_FIGURES", "analysis/figures")
+FIGURES = os.environ.get("FLOWRAY_FIGURES", "out/figures")
 DOMAINS = None  # None: the general domain (the paper uses C4); or a list such as ["c4", "flores_eng"]
 N_POINTS = 3000  # subsample for t-SNE
 PERPLEXITY = 30.0  # capped at (points - 1) / 3

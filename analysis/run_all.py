@@ -1,6 +1,6 @@
 """Execute the analysis notebooks (jupytext percent-format .py files) top to bottom on one run.
 
-    python analysis/run_all.py --run runs/shared_data                     # every notebook
+    python analysis/run_all.py --run runs/shared_data                     # every notebook -> out/figures
     python analysis/run_all.py --run s3://bucket/flowray/llama2-7b-domains --only domains svd_heads
     python analysis/run_all.py --run /tmp/flowray-runs/shared_data --set pos.N_POINTS=1000 --executed out/nb
 
@@ -22,6 +22,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(HERE)
 NOTEBOOKS = ("ioi_greater_than", "pos", "bottom_to_top", "domains", "svd_heads")
+# git-ignored, so a run never overwrites the figures committed in analysis/figures (refresh those on purpose
+# with --figures analysis/figures)
+DEFAULT_FIGURES = "out/figures"
 
 
 class NotebookFailed(RuntimeError):
@@ -52,7 +55,6 @@ def execute_notebook(name: str, *, run: str, figures: str, params: dict | None =
     """Execute ``analysis/<name>.py``; returns the executed notebook (nbformat). Raises NotebookFailed."""
     import jupytext
     import nbformat
-    from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
     nb = jupytext.read(os.path.join(HERE, f"{name}.py"))
@@ -68,10 +70,8 @@ def execute_notebook(name: str, *, run: str, figures: str, params: dict | None =
     env_before = {k: os.environ.get(k) for k in ("FLOWRAY_RUN", "FLOWRAY_FIGURES", "MPLBACKEND")}
     os.environ.update(FLOWRAY_RUN=run, FLOWRAY_FIGURES=figures, MPLBACKEND="module://matplotlib_inline.backend_inline")
     try:
-        client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                                resources={"metadata": {"path": REPO_ROOT}})
         try:
-            client.execute()
+            execute(nb, timeout=timeout)
         except CellExecutionError as exc:
             raise NotebookFailed(f"{name}.py failed:\n{exc}") from None
     finally:
@@ -86,12 +86,33 @@ def execute_notebook(name: str, *, run: str, figures: str, params: dict | None =
     return nb
 
 
+def execute(nb, *, timeout: int = 900) -> None:
+    """Run every cell of ``nb`` in a fresh kernel whose working directory is the repository root.
+
+    The kernel talks to this process over Unix sockets in a private folder, not over TCP: nothing listens
+    on the network, and ipykernel has nothing to warn about (it warns about unencrypted TCP on every start).
+    """
+    import tempfile
+
+    from nbclient import NotebookClient
+    from traitlets.config import Config
+
+    with tempfile.TemporaryDirectory(prefix="flowray-kernel-") as sockets:
+        config = Config()
+        config.KernelManager.transport = "ipc"
+        config.KernelManager.ip = os.path.join(sockets, "kernel")
+        # the client makes (and so shuts down) its own kernel manager, configured here
+        NotebookClient(nb, config=config, timeout=timeout, kernel_name="python3",
+                       resources={"metadata": {"path": REPO_ROOT}}).execute()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default=os.environ.get("FLOWRAY_RUN", "runs/shared_data"),
                     help="run directory (<output>/<run_name>) or bucket URI; default $FLOWRAY_RUN or runs/shared_data")
-    ap.add_argument("--figures", default=os.environ.get("FLOWRAY_FIGURES", "analysis/figures"),
-                    help="where the PNGs go (a folder or a bucket URI); default analysis/figures")
+    ap.add_argument("--figures", default=os.environ.get("FLOWRAY_FIGURES", DEFAULT_FIGURES),
+                    help=f"where the PNGs go (a folder or a bucket URI); default $FLOWRAY_FIGURES or {DEFAULT_FIGURES} "
+                    "(analysis/figures holds the committed ones)")
     ap.add_argument("--only", nargs="+", choices=NOTEBOOKS, help="run only these notebooks")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="NOTEBOOK.NAME=VALUE",
                     help="override a parameters-cell variable, e.g. pos.N_POINTS=1000 (repeatable)")

@@ -39,7 +39,7 @@
 import os
 
 RUN = os.environ.get("FLOWRAY_RUN", "runs/shared_data")  # a run directory or a bucket URI
-FIGURES = os.environ.get("FLOWRAY_FIGURES", "analysis/figures")
+FIGURES = os.environ.get("FLOWRAY_FIGURES", "out/figures")
 DOMAINS = None  # None: every non-English text domain and code (the paper's figure 11); or a list of names
 HEADS_PER_DOMAIN = 2
 N_DIRECTIONS = 2  # top singular directions per head

@@ -4,8 +4,9 @@ Shards of real texts (the C4 sample of the project's shared data when found, els
 topics, cut to ``--max-tokens``) go through ``ShardWorker.__call__`` as a GPU actor runs them: two calls
 at once (``job``: two shards in flight per GPU actor), each reading its shard, tokenising, aligning words,
 tagging, building Arrow rows and committing Parquet files and a marker. The device stage is a stand-in
-that returns statistics of the chosen shape (precomputed once, see ``synthetic_stats``) after sleeping
-``--device-us`` microseconds per prediction, so that the host side is measured alone. Printed per setting:
+(``StubStage``): kernel launches and host waits as the job path issues them, ``--device-us`` microseconds
+of simulated device time per prediction, then statistics of the chosen shape (precomputed once, see
+``synthetic_stats``), so that the host side is measured alone. Printed per setting:
 
 - host microseconds per prediction by step (each thread's CPU time: tokenise, align, POS, rows, the
   device thread's own host work, Parquet encode, sha256 + write + marker);
@@ -16,6 +17,7 @@ that returns statistics of the chosen shape (precomputed once, see ``synthetic_s
 next is submitted: what the worker did before it overlapped), side by side in the same run.
 
     python bench/actor_host.py                        # 7B shape, 0 and 55 us per prediction, one core
+    python bench/actor_host.py --device-us 119        # the job path's device time on an H200 (0.487 s per 8 x 512)
     python bench/actor_host.py --shape smollm2 --texts 32
     python bench/actor_host.py --device cuda          # the real model (random weights, bf16) on a GPU
     python bench/actor_host.py --tiny                 # seconds, on a tiny shape (the test suite runs it)
@@ -98,25 +100,27 @@ class StubStage:
     A batch is ``launches`` kernel launches from this thread, as a forward pass issues them: each holds the
     GIL for ``launch_us`` (the op's Python side) and then releases it once (torch releases it inside every
     op), and queues ``device_us`` x predictions / launches of simulated device time behind the previous
-    kernel. The batch ends by waiting for the device (one synchronisation) and returns statistics of the
-    shape, precomputed per text. The device is busy while its queue holds work; it idles when the launches
-    fall behind, e.g. while other threads hold the GIL.
+    kernel. ``syncs`` times per batch, evenly spaced (the last at its end), the thread waits for the device
+    to drain, as a host read of a device value does. It returns statistics of the shape, precomputed per
+    text. The device is busy while its queue holds work; it idles when the launches fall behind, e.g. while
+    this thread waits for the GIL after a synchronisation.
     """
 
-    def __init__(self, tokenizer, shape: str, lead: int, launches: int, launch_us: float):
+    def __init__(self, tokenizer, shape: str, lead: int, launches: int, launch_us: float, syncs: int):
         cfg = SHAPES[shape]
         self.tokenizer, self.lead = tokenizer, lead
         self.shape = SimpleNamespace(n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
                                      max_positions=None)
         self.startup: dict = {}
         self.device_us, self.launches, self.launch_us = 0.0, launches, launch_us
+        self.sync_every = max(1, launches // max(1, syncs))
         self.busy: list[tuple[float, float]] = []  # (start, end) of the device's busy stretches
         self._pre: dict = {}
 
     def _device(self, predictions: int) -> None:
         kernel = self.device_us * 1e-6 * predictions / self.launches
         free = start = time.perf_counter()  # the device's queue runs dry at ``free``
-        for _ in range(self.launches):
+        for i in range(self.launches):
             until = time.perf_counter() + self.launch_us * 1e-6
             while time.perf_counter() < until:  # the op's Python side, holding the GIL
                 pass
@@ -126,8 +130,9 @@ class StubStage:
                 self.busy.append((start, free))
                 start = now
             free = max(free, now) + kernel
+            if (i + 1) % self.sync_every == 0 or i + 1 == self.launches:  # the host waits for the device
+                time.sleep(max(0.0, free - time.perf_counter()))
         self.busy.append((start, free))
-        time.sleep(max(0.0, free - time.perf_counter()))  # the batch's one synchronisation
 
     def __call__(self, sequences, words, sources) -> list:
         import torch
@@ -294,9 +299,11 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--device", choices=("stub", "cpu", "cuda"), default="stub",
                     help="stub: the simulated device; cpu/cuda: the real model of the shape (random weights)")
     ap.add_argument("--device-us", default="0,55", help="simulated device microseconds per prediction (stub)")
-    ap.add_argument("--launches-per-layer", type=int, default=60,
-                    help="kernel launches per layer of a batch (stub; HF's Llama forward issues ~35 per layer)")
+    # the defaults: the job path on an H200 at the 7B shape, 8 x 512 tokens, ran 4,809 kernels and 71 host
+    # synchronisations per batch (docs/performance.md)
+    ap.add_argument("--launches-per-layer", type=int, default=150, help="kernel launches per layer and batch (stub)")
     ap.add_argument("--launch-us", type=float, default=5.0, help="host microseconds per launch, GIL held (stub)")
+    ap.add_argument("--syncs", type=int, default=71, help="host waits for the device per batch (stub)")
     ap.add_argument("--texts", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=512)
     ap.add_argument("--texts-per-shard", type=int, default=16)
@@ -342,7 +349,7 @@ def main() -> int:
     if args.device == "stub":
         stage = StubStage(tokenizer, args.shape, lead=1,
                           launches=args.launches_per_layer * SHAPES[args.shape]["num_hidden_layers"],
-                          launch_us=args.launch_us)
+                          launch_us=args.launch_us, syncs=args.syncs)
     else:
         stage = ModelStage(config, lm=real_model(args.shape, tokenizer, args.device))
 

@@ -149,6 +149,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="on the CPU (set TRITON_INTERPRET=1): two families")
     ap.add_argument("--all-families", action="store_true")
+    ap.add_argument("--families", default=None, help="comma-separated tiny families to check (default: eight)")
     args = ap.parse_args()
     from tiny_models import CASES, NEW_CASES
 
@@ -159,7 +160,9 @@ def main() -> int:
         raise SystemExit("--tiny runs the Triton programs on the CPU: set TRITON_INTERPRET=1")
     print(f"# {device_name(device)}; torch {torch.__version__}", flush=True)
     names = ["llama-gqa", "neox-parallel"] if args.tiny else CASES + NEW_CASES if args.all_families else REPRESENTATIVE
-    failures = families(device, names) + bf16_path(device, args.tiny)
+    if args.families:
+        names = args.families.split(",")
+    failures = bf16_path(device, args.tiny) + families(device, names)
     print("ALL OK" if not failures else f"FAILED: {', '.join(failures)}")
     return 1 if failures else 0
 

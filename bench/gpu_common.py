@@ -47,6 +47,23 @@ def build(shape: str, device: str, dtype: torch.dtype, context: int = 32768):
     return model.eval()
 
 
+def device_and_dtype(tiny: bool) -> tuple[str, torch.dtype]:
+    """``cuda`` and bfloat16, or (``--tiny``) the CPU in float32; no GPU without --tiny is a clear exit."""
+    if not tiny and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run this on a GPU machine, or pass --tiny for the CPU smoke test")
+    return ("cpu", torch.float32) if tiny else ("cuda", torch.bfloat16)
+
+
+def backends_for(names: str, tiny: bool) -> list[str]:
+    """The backends asked for; on the CPU without Triton's interpreter, the CPU kernel stands in for triton."""
+    import os
+
+    out = [b for b in names.split(",") if b]
+    if tiny and os.environ.get("TRITON_INTERPRET") != "1":
+        out = ["cpu" if b == "triton" else b for b in out]
+    return out
+
+
 def sync(device: str) -> None:
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()

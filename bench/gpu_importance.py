@@ -24,7 +24,7 @@ import os
 import time
 
 import torch
-from gpu_common import build, device_name, peak_gb, row, timed
+from gpu_common import backends_for, build, device_and_dtype, device_name, peak_gb, row, timed
 
 
 def main() -> int:
@@ -38,14 +38,10 @@ def main() -> int:
     args = ap.parse_args()
     import flowray
 
-    device = "cpu" if args.tiny else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run this on a GPU machine, or pass --tiny for the CPU smoke test")
-    dtype = torch.float32 if args.tiny else torch.bfloat16
-    backends = [b for b in args.backends.split(",") if b]
+    device, dtype = device_and_dtype(args.tiny)
+    backends = backends_for(args.backends, args.tiny)
     if args.tiny:
         args.tokens, args.long = min(args.tokens, 64), min(args.long, 128)
-        backends = ["cpu" if b == "triton" and os.environ.get("TRITON_INTERPRET") != "1" else b for b in backends]
     shape = "tiny" if args.tiny else "llama2-7b"
     model = build(shape, device, dtype)
     cfg = model.config

@@ -28,7 +28,8 @@ import os
 import time
 
 import torch
-from gpu_common import build, device_name, launches, peak_gb, row, sync, timed, top_kernels
+from gpu_common import (backends_for, build, device_and_dtype, device_name, launches, peak_gb, row, sync, timed,
+                        top_kernels)
 
 TAUS = (0.01, 0.03, 0.04)
 BATCH = {"llama2-7b": (8, 512), "llama3-8b": (8, 512), "smollm2": (32, 512), "tiny": (3, 48)}
@@ -144,15 +145,9 @@ def main() -> int:
     ap.add_argument("--json", default=os.environ.get("OUT") and os.path.join(os.environ["OUT"], "gpu_job.json"))
     ap.add_argument("--tiny", action="store_true", help="a tiny Llama on the CPU: checks the script, not speed")
     args = ap.parse_args()
-    device = "cpu" if args.tiny else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run this on a GPU machine, or pass --tiny for the CPU smoke test")
-    dtype = torch.float32 if args.tiny else torch.bfloat16
+    device, dtype = device_and_dtype(args.tiny)
     shapes = ["tiny"] if args.tiny else [s for s in args.shapes.split(",") if s]
-    args.backends = [b for b in args.backends.split(",") if b]
-    if args.tiny:
-        args.backends = ["cpu" if b == "triton" and os.environ.get("TRITON_INTERPRET") != "1" else b
-                         for b in args.backends]
+    args.backends = backends_for(args.backends, args.tiny)
     print(f"# {device_name(device)}; torch {torch.__version__}; random weights, {dtype}; taus {TAUS}", flush=True)
     table, longs = [], []
     for i, shape in enumerate(shapes):
@@ -171,9 +166,9 @@ def main() -> int:
     print(row(("shape", "what", "B x T", "seconds", "tokens/s", "vs fwd", "peak GB", "kernels", "syncs"), widths))
     fmt = (lambda v, f: "-" if v is None else format(v, f))
     for r in table:
-        print(row((r["shape"], r["what"], f"{r['batch']}x{r['tokens']}", f"{r['seconds']:.4f}", f"{r['tokens_per_s']:.0f}",
-                   f"{r['ratio']:.3f}x", fmt(r["peak"], ".1f"), fmt(r.get("kernels"), "d"), fmt(r.get("syncs"), "d")),
-                  widths))
+        cells = (r["shape"], r["what"], f"{r['batch']}x{r['tokens']}", f"{r['seconds']:.4f}", f"{r['tokens_per_s']:.0f}",
+                 f"{r['ratio']:.3f}x", fmt(r["peak"], ".1f"), fmt(r.get("kernels"), "d"), fmt(r.get("syncs"), "d"))
+        print(row(cells, widths))
     for r in longs:
         print(f"# one {shapes[0]} text of {r['tokens']} tokens: {fmt(r['seconds'], '.1f')} s, peak "
               f"{fmt(r['peak'], '.1f')} GB {r.get('note', '')}")

@@ -14,7 +14,7 @@ the ``extra`` columns are a method's peak minus the plain forward's peak, next t
 The materialising algorithm of the official implementation (``tests/reference.py::materialising_importances``,
 a ``[T, T, H, d]`` tensor per layer) runs in its own process where it fits in memory.
 
-The issue's targets are checked at the end: flowray at most 1.5x the forward pass at 256 tokens, and at
+The targets are checked at the end: flowray at most 1.5x the forward pass at 256 tokens, and at
 1024 tokens extra peak memory at most the outputs plus 10%.
 
     python bench/importance_speed.py                        # T = 64 128 256 512 1024

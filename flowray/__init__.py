@@ -2,7 +2,7 @@
 
     import flowray
     lm = flowray.load_model("smollm2")
-    ids = lm.tokenizer("When Mary and John went to the store, John gave a drink to", return_tensors="pt").input_ids
+    ids = flowray.encode_text(lm.tokenizer, "When Mary and John went to the store, John gave a drink to")  # BOS first
     imp = flowray.edge_importances(lm, ids)          # one forward pass, every edge
     route = flowray.extract_route(imp, tau=0.04)     # typed graph, JSON / networkx
     flowray.plot_route(route, "route.png")
@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load_model": "flowray.models.loading",
     "LoadedModel": "flowray.models.loading",
+    "encode_text": "flowray.api",
     "edge_importances": "flowray.api",
     "EdgeImportances": "flowray.api",
     "edge_importances_batch": "flowray.api",

@@ -188,16 +188,17 @@ def routes_all(state: BatchState, tau: float) -> tuple[list[KeyRows], list[KeyRo
     pos = torch.arange(T, device=dev)[None, None, :, None].expand(L, B, T, M)
     offs = torch.tensor(state.offsets, device=dev)[None, :, None, None]
     src = (state.hit_source.long() + offs).clamp(0, T - 1)  # grid -> padded positions
-    w = keep.to(dt)
-    E = torch.zeros(L, B, T, T, dtype=dt, device=dev)  # E[l, b, j, pos] = 1: pos keeps a part from j
-    E.index_put_((l_idx, b_idx, src, pos), w, accumulate=True)
-    at_node = torch.zeros(L, B, H, T, dtype=dt, device=dev)  # a head with a kept sub-edge at pos
-    at_node.index_put_((l_idx, b_idx, state.hit_head.long(), pos), w, accumulate=True)
+    one = torch.ones((), dtype=dt, device=dev).expand(L, B, T, M)
+    # every write is a 1 (duplicates agree, so no accumulation); slots not kept go to a spare row, cut off after
+    E = torch.zeros(L, B, T + 1, T, dtype=dt, device=dev)  # E[l, b, j, pos] = 1: pos keeps a part from j
+    E.index_put_((l_idx, b_idx, torch.where(keep, src, T), pos), one)
+    E = E[:, :, :T]
+    at_node = torch.zeros(L, B, H + 1, T, dtype=dt, device=dev)  # a head with a kept sub-edge at pos
+    at_node.index_put_((l_idx, b_idx, torch.where(keep, state.hit_head.long(), H), pos), one)
+    at_node = at_node[:, :, :H]
     res, ffn = state.direct[:, 0], state.ffn  # [L, B, T]
     self_keep = (res > tau) | (ffn > tau) if state.parallel else res > tau
-    E.diagonal(dim1=2, dim2=3).add_(self_keep.to(dt))
-    E = (E > 0).to(dt)
-    at_node = (at_node > 0).to(dt)
+    E.diagonal(dim1=2, dim2=3).copy_(torch.maximum(E.diagonal(dim1=2, dim2=3), self_keep.to(dt)))
     ffn_keep = (ffn > tau).to(dt)  # [L, B, T]
     through = None if state.parallel else ((ffn > tau) | (state.ffn_residual > tau)).to(dt)
     real = torch.zeros(B, T, dtype=torch.bool, device=dev)

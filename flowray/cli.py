@@ -15,7 +15,7 @@ from pathlib import Path
 from flowray.baselines.options import ABLATION_MODES, DEFAULT_KS
 from flowray.cli_common import (add_model_args, add_text_args, check_texts, load_model_from_args, progress,
                                 texts_from_args)
-from flowray.cli_types import positive_int, positive_ints, tau_arg
+from flowray.cli_types import ArgumentParser, positive_int, positive_ints, tau_arg
 from flowray.errors import FlowrayError, InputError, Terminated
 from flowray.explorer.cli import register_cli as register_explore
 from flowray.pipeline.cli import register_cli as register_job
@@ -178,7 +178,8 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
                    help="at most this many prompts per batched statistics call (the headline routes timing), "
                         "and per interleaved measurement chunk (default 25)")
     p.add_argument("--ablation", choices=list(ABLATION_MODES), default="mean")
-    p.add_argument("--out", type=Path, default=Path("compare-out"), help="output directory (report.md, figures)")
+    p.add_argument("--out", type=Path, default=Path("compare-out"),
+                   help="output directory: report.md, summary.json, figures (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -236,7 +237,7 @@ def register_report(subparsers) -> None:
 
 # --- parser ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="flowray", description="Information flow routes for HF causal LMs (Ferrando & Voita, 2024)."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

@@ -7,9 +7,22 @@ CLI, the job config and the library accept exactly the same values.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from flowray.checks import check_tau
 from flowray.errors import InputError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the CLI's error format: one line and status 2, like every other bad input.
+
+    argparse's own ``error`` prints the whole usage block first, which buries the one line that says what
+    was wrong; the line here points at ``--help`` instead. Subparsers inherit the class.
+    """
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message}; see '{self.prog} --help'", file=sys.stderr)
+        sys.exit(2)
 
 
 def tau_arg(value: str) -> float:

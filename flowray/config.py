@@ -352,7 +352,10 @@ def _resolve_data_dir(value, base_dir) -> Path | None:
         if found is None:
             raise ConfigError(
                 "data_dir: 'auto' found no shared/data folder (looked at $FLOWRAY_SHARED_DATA and above the "
-                "working directory); set FLOWRAY_SHARED_DATA=/path/to/shared/data or data_dir: /path"
+                "working directory), where the shared_data config reads C4, FLORES-200 and code samples; set "
+                "FLOWRAY_SHARED_DATA=/path/to/shared/data or data_dir: /path, or run your own corpus instead: "
+                "a copy of flowray/configs/default.yaml with your files under corpora, then `flowray job run "
+                "--config my.yaml` and `python analysis/run_all.py --run runs/<run_name>`"
             )
         return found
     path = Path(value).expanduser()

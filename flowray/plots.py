@@ -55,7 +55,8 @@ def plot_route(route: Route, path: str | Path | None = None, ax=None, *, max_wid
 
     Tokens run along the bottom, layers upwards; grey verticals are the residual streams; attention edges
     join streams with a width proportional to their importance (hover-free: the strongest heads of the
-    widest edges are written beside them); FFNs are squares on the stream, darker when more important.
+    edges between tokens are written on them, strongest first, where they do not overlap); FFNs are squares
+    on the stream, darker when more important.
     """
     plt = pyplot()
     from matplotlib.collections import LineCollection
@@ -89,9 +90,10 @@ def plot_route(route: Route, path: str | Path | None = None, ax=None, *, max_wid
         else:
             att_segs.append([(e.source.position, y0), (e.target.position, y1)])
             att_w.append(e.importance)
-            if e.importance >= 0.15 and e.source.position != e.target.position:
-                heads = ",".join(str(h.head) for h in e.heads[:3])
-                labels.append((e.target.position - 0.1, y1 - 0.15, f"L{e.target.layer}H{heads}"))
+            if e.importance >= LABEL_ABOVE and e.source.position != e.target.position:
+                heads = ",".join(f"H{h.head}" for h in e.heads[:3])
+                xy = ((e.source.position + e.target.position) / 2, (y0 + y1) / 2)  # the edge's midpoint
+                labels.append((e.importance, xy, f"L{e.target.layer}{heads}"))
     if res_segs:
         ax.add_collection(LineCollection(res_segs, linewidths=0.5 + max_width * 0.35 * np.asarray(res_w),
                                          colors="#8c8c8c", zorder=2, capstyle="round"))
@@ -108,14 +110,30 @@ def plot_route(route: Route, path: str | Path | None = None, ax=None, *, max_wid
     node_xy = np.asarray([(n.position, _level(n, parallel)) for n in route.nodes])
     if len(node_xy):
         ax.scatter(node_xy[:, 0], node_xy[:, 1], s=5, c="#3a3a3a", zorder=5)
-    for x, y, text in labels[:40]:  # only the widest edges get head labels
-        ax.text(x, y, text, fontsize=6, ha="right", va="top", color="#08306b", zorder=6)
-
     _route_axes(ax, route, plt, top_level)
     fig.tight_layout()
+    _head_labels(ax, labels)
     if path is not None:
         save_figure(fig, path)
     return fig
+
+
+LABEL_ABOVE = 0.1  # attention edges between two tokens at least this important get their heads written on them
+
+
+def _head_labels(ax, labels: list[tuple[float, tuple[float, float], str]]) -> None:
+    """Write ``(importance, (x, y), text)`` labels at their edges' midpoints, strongest first, leaving out any
+    that would overlap one already written (crowded layers keep their strongest edges' labels)."""
+    renderer = ax.figure.canvas.get_renderer()
+    placed = []
+    for _, (x, y), text in sorted(labels, key=lambda item: -item[0]):
+        t = ax.text(x, y, text, fontsize=6, ha="center", va="center", color="#08306b", zorder=6,
+                    bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8))
+        box = t.get_window_extent(renderer).expanded(1.05, 1.15)
+        if any(box.overlaps(other) for other in placed):
+            t.remove()
+        else:
+            placed.append(box)
 
 
 def _route_axes(ax, route: Route, plt, top_level: float) -> None:
@@ -128,10 +146,8 @@ def _route_axes(ax, route: Route, plt, top_level: float) -> None:
     ax.set_xticklabels([repr(t)[1:-1] if t else str(i) for i, t in enumerate(route.tokens[:T])],
                        rotation=60, ha="right", fontsize=8)
     ax.get_xticklabels()[-1].set_fontweight("bold")
-    step = max(1, L // 10)
-    layer_ticks = list(range(0, L, step))
-    ax.set_yticks([0.0] + [(l + 1.0) if parallel else 2.0 * l + 2.0 for l in layer_ticks])
-    ax.set_yticklabels(["emb"] + [f"L{l}" for l in layer_ticks], fontsize=8)
+    ax.set_yticks([0.0] + [(l + 1.0) if parallel else 2.0 * l + 2.0 for l in range(L)])  # every layer's x^l
+    ax.set_yticklabels(["emb"] + [f"L{l}" for l in range(L)], fontsize=8 if L <= 40 else 6)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
     predicted = route.prediction.get("token")

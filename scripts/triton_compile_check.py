@@ -54,8 +54,8 @@ def _variants():
                                   dh=i32, group=i32, p0=i32, js=i32, je=i32, TF=i32, n_jbw=i32, cap_mid=i32,
                                   cap_big=i32, s_gs=i32, s_vg=i32, s_vh=i32, s_vt=i32, s_ve=i32, s_pg=i32, s_ph=i32,
                                   s_pr=i32, s_pj=i32, s_sg=i32, s_sr=i32),
-               dict(W1=8, W2=64, BP=32, BJ=64 if not exact else 32, DH=128, EC=128 if not exact else 32, BK=4,
-                    HAS_SCALE=False, SPLIT=not exact), 8 if not exact else 4, wt)
+               dict(W1=8, W1P=8, W2=64, BP=16 if not exact else 32, BJ=64 if not exact else 32, DH=128, EC=32, BK=4,
+                    HAS_SCALE=False, SPLIT=not exact), 4, wt)
         for width, pb in ((32, 32), (128, 8)):
             yield ("prox_list", dict(list_ptr="*i64", count_ptr="*i32", cap=i32, prox_ptr="*fp32", probs_ptr=f"*{wt}",
                                      scale_ptr="*fp32", fmax_ptr="*fp32", ft_ptr="*fp32", sy_ptr="*fp32",

@@ -28,8 +28,13 @@ sys.path.insert(0, str(TESTS))  # tiny_models, reference
 
 needs_shared = pytest.mark.skipif(
     not SHARED_DATA.is_dir(),
-    reason=f"needs the project's shared data (real corpora, NLTK tagger data), not found at {SHARED_DATA}; "
+    reason=f"needs the project's shared data folder (C4, FLORES-200 and code samples), not found at {SHARED_DATA}; "
     "set FLOWRAY_SHARED_DATA=/path/to/shared/data")
+
+needs_shared_nltk = pytest.mark.skipif(
+    not (SHARED_DATA / "nltk_data").is_dir(),
+    reason=f"compares flowray's packaged tagger with NLTK's own data on C4 text, from the project's shared data "
+    f"folder, not found at {SHARED_DATA}; set FLOWRAY_SHARED_DATA=/path/to/shared/data")
 
 IOI_PROMPT = "When Mary and John went to the store, John gave a drink to"
 

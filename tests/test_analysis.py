@@ -159,3 +159,44 @@ def test_grid_and_top_heads():
     assert g.shape == (2, 3)
     assert g[0, 2] == 0.5 and g[1, 1] == 0.75 and np.isnan(g[0, 0])
     assert common.top_heads(g, 2) == [(1, 1, 0.75), (0, 2, 0.5)]
+
+
+def test_figures_go_to_an_ignored_folder_unless_asked(tmp_path):
+    """Neither run_all.py nor a notebook run as a script writes over the committed analysis/figures."""
+    import re
+
+    defaults = {"run_all.py": run_all.DEFAULT_FIGURES}
+    for name in run_all.NOTEBOOKS:
+        found = re.search(r'^FIGURES = os\.environ\.get\("FLOWRAY_FIGURES", "([^"]+)"\)', (ANALYSIS / f"{name}.py").read_text(), re.M)
+        assert found, f"{name}.py: no FIGURES parameter"
+        defaults[f"{name}.py"] = found.group(1)
+    for where, folder in defaults.items():
+        ignored = subprocess.run(["git", "check-ignore", "-q", f"{folder}/fig.png"], cwd=REPO, check=False)
+        assert ignored.returncode == 0, f"{where} writes its figures to {folder}/, which git tracks"
+
+
+def test_a_notebook_kernel_starts_without_the_unencrypted_tcp_warning(capfd):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(6 * 7)")])
+    run_all.execute(nb, timeout=60)
+    assert nb.cells[0].outputs[0]["text"] == "42\n"
+    err = capfd.readouterr().err  # the kernel process writes its log to this process's stderr
+    assert "without encryption" not in err and "WARNING" not in err, err
+    assert not _kernels_of(os.getpid()), "the kernel outlived its notebook"
+
+
+def _kernels_of(pid: int) -> list[str]:
+    """Command lines of the running ipykernel processes whose parent is ``pid`` (Linux /proc)."""
+    from pathlib import Path
+
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        if ppid == pid and "ipykernel" in cmd:
+            found.append(cmd)
+    return found

@@ -243,11 +243,13 @@ def tiny_lm(smollm2):
     return LoadedModel(model=model, tokenizer=smollm2.tokenizer, adapter=adapter_for(model), name="tiny-llama")
 
 
-def test_run_comparison_writes_the_report(tiny_lm, tmp_path):
+def test_run_comparison_writes_the_report(tiny_lm, tmp_path, capsys):
     from flowray.baselines import run_comparison, write_report
 
     summary = run_comparison(tiny_lm, n=4, seed=1, out_dir=tmp_path, tau=0.05, ks=(1, 3, 100), random_draws=2,
-                             progress=False, top=3, batch_size=32, reference_n=4)
+                             progress=True, top=3, batch_size=32, reference_n=4)
+    bars = capsys.readouterr().err  # not a terminal here, as in a log file or under `ray job submit`
+    assert "routes + patching + knockout + EAP" in bars and "\x1b[" not in bars, repr(bars[-300:])
     for name in ("report.md", "summary.json", "arrays.npz", "faithfulness.png", "heads_grid.png",
                  "heads_scatter.png", "pairs_example.png"):
         assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size > 0, name
@@ -288,3 +290,17 @@ def test_cli_registers_compare(tmp_path):
     assert args.n == 3 and args.ks == (1, 4) and callable(args.handler)
     with pytest.raises(SystemExit):
         parser.parse_args(["compare", "--ks", "0,x"])
+
+
+def test_compare_output_folder_is_named_in_help_and_ignored_by_git(capsys):
+    import subprocess
+    from pathlib import Path
+
+    from flowray.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    assert "(default: compare-out)" in " ".join(capsys.readouterr().out.split())
+    repo = Path(__file__).resolve().parents[1]
+    ignored = subprocess.run(["git", "check-ignore", "-q", "compare-out/report.md"], cwd=repo, check=False)
+    assert ignored.returncode == 0, "compare's default output folder is not in .gitignore"

@@ -176,3 +176,36 @@ def test_no_traceback_at_process_level(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("flowray: error: text is empty")
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["route", "--text", "hi", "--tau", "2", "--out", "x.json"], "argument --tau: tau must be a number strictly between 0 and 1"),
+    (["route", "--text", "hi", "--tau", "0", "--out", "x.json"], "strictly between 0 and 1; got 0.0"),
+    (["explore", "--text", "hi", "--tau", "1.5", "--out", "x.html"], "strictly between 0 and 1; got 1.5"),
+    (["route", "--text", "hi"], "the following arguments are required: --out"),
+    (["job", "run", "--set"], "argument --set: expected one argument"),
+    ([], "the following arguments are required: command"),
+])
+def test_argument_errors_are_one_line_without_the_usage_block(argv, message, capsys):
+    assert _exit_code(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert "usage:" not in err and "--help" in err  # the way to the full usage, not the usage itself
+
+
+def test_the_demo_ends_by_naming_the_report_page():
+    """`make demo` runs the job last, and the job's closing lines name report.html, the page to open."""
+    import re
+    from pathlib import Path
+
+    from flowray.pipeline.cli import run_listing
+
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    recipe = re.search(r"^demo: setup\n((?:\t.*\n)+)", makefile, re.M).group(1)
+    commands = [c for c in recipe.replace("\\\n", " ").splitlines() if c.strip()]
+    assert "flowray job run" in commands[-1], commands
+    manifest = {"run_name": "default", "elapsed_s": 9.0, "figures": ["figures/activation_map.png"],
+                "counts": {"texts_in": 2, "predictions_written": 30, "error_rows": 0}}
+    lines = run_listing("runs/default", manifest).splitlines()
+    assert "runs/default/report.html" in lines[-1]
+    assert any(line.endswith("runs/default/summary.md") for line in lines)

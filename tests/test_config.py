@@ -135,3 +135,15 @@ def test_content_hash_ignores_resources_but_not_science():
     assert a.content_hash() != _cfg(tau=[0.02]).content_hash()
     assert a.content_hash() != _cfg(max_tokens=17).content_hash()
     assert a.content_hash() != _cfg(prepend_bos=False).content_hash()
+
+
+def test_the_shared_data_config_without_its_folder_says_what_to_run_instead(tmp_path, monkeypatch, capsys):
+    """`make analysis` on a machine without the shared data: one line naming the folder and the own-corpus route."""
+    from flowray.cli import main
+
+    monkeypatch.setenv("FLOWRAY_SHARED_DATA", str(tmp_path / "nothing-here"))
+    assert main(["job", "run", "--config", "shared_data"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "found no shared/data folder" in err, err
+    assert "FLOWRAY_SHARED_DATA=" in err and "flowray job run --config my.yaml" in err
+    assert "python analysis/run_all.py --run runs/<run_name>" in err

@@ -254,6 +254,25 @@ def test_compare_mode_highlights_head_activation_differences(browser, pages, vie
     page.close()
 
 
+_OVERLAP = """(sel) => { const p = document.querySelector('#panel').getBoundingClientRect();
+  return [...document.querySelectorAll(sel)].filter(e => { const r = e.getBoundingClientRect();
+    return r.width && r.left < p.right && p.left < r.right && r.top < p.bottom && p.top < r.bottom; }).length; }"""
+
+
+@pytest.mark.parametrize("width", [1400, 1100])
+def test_the_panel_covers_neither_side_of_a_comparison(browser, pages, views, width):
+    """The help panel (open at first) and a node's panel leave both prompts' heads, predictions and routes visible."""
+    page = Page(browser, pages["compare"], width=width)
+    side_b = ".view:nth-child(2) .head, .view:nth-child(2) .pred, .view:nth-child(2) .text, .view:nth-child(2) .stack"
+    assert page.js("!document.querySelector('#panel').hidden")
+    assert page.js(_OVERLAP, side_b) == 0, "the help panel covers side B"
+    T = views["llama-gqa"][1].imp.n_tokens
+    page.page.mouse.click(*page.js(f"flowray.where(1, {{node: {3 * T + T - 1}}})"))  # side B's x^1 of the last token
+    assert "logit lens" in page.page.inner_text("#panel").lower()
+    assert page.js(_OVERLAP, side_b + ", #diff table") == 0, "a node's panel covers side B or the difference map"
+    page.close()
+
+
 def test_a_tau_change_redraws_in_under_200_ms(browser, tmp_path):
     """Slider input event -> painted frame on a 30-layer x 64-token page, measured and printed."""
     view = _synthetic(30, 9, 64)

@@ -44,9 +44,12 @@ def test_explore_writes_one_self_contained_page(tmp_path, capsys, tiny_dir):
 def test_several_texts_share_one_page_and_two_can_be_compared(tmp_path, capsys, tiny_dir):
     texts = tmp_path / "texts.txt"
     texts.write_text(f"{IOI}\n\n{ABC}\nthe cat sat on the mat\n")
-    code, _, _ = _run(["explore", "--model", str(tiny_dir), "--file", str(texts), "--out", str(tmp_path / "m.html")],
-                      capsys)
+    code, stdout, _ = _run(["explore", "--model", str(tiny_dir), "--file", str(texts), "--out", str(tmp_path / "m.html")],
+                           capsys)
     assert code == 0 and [p["text"] for p in _data(tmp_path / "m.html")["prompts"]] == [IOI, ABC, "the cat sat on the mat"]
+    said = re.findall(r"^text (\d): position (\d+) \(.*\) predicts .* \(p = 0\.\d{3}\)$", stdout, re.M)
+    assert [int(i) for i, _ in said] == [0, 1, 2], stdout  # every text's prediction, not only the first
+    assert [int(p) for _, p in said] == [p["position"] for p in _data(tmp_path / "m.html")["prompts"]]
     code, _, _ = _run(["explore", "--model", str(tiny_dir), "--text", IOI, "--compare", ABC, "--position", "-2",
                        "--out", str(tmp_path / "c.html")], capsys)
     data = _data(tmp_path / "c.html")
@@ -55,7 +58,8 @@ def test_several_texts_share_one_page_and_two_can_be_compared(tmp_path, capsys, 
 
 def _error_line(err: str) -> str:
     line = err.strip().splitlines()[-1]
-    return line.split("error: ", 1)[1]  # argparse names the subcommand ("flowray route: error: ...")
+    message = line.split("error: ", 1)[1]  # argparse names the subcommand ("flowray route: error: ...")
+    return re.sub(r"; see 'flowray \w+ --help'$", "", message)  # ... and points at its own --help
 
 
 # (with --file, route writes a directory of routes and explore one page: an existing file is an error only

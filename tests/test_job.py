@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from flowray.config import JobConfig
-from flowray.errors import ConfigError, InputError
+from flowray.errors import ConfigError, FlowrayError, InputError
 
 pytestmark = pytest.mark.slow
 
@@ -141,6 +141,7 @@ def test_a_different_config_on_the_same_run_is_refused(tmp_path, tiny_model_dir,
         run_job(JobConfig.from_dict(_config(tmp_path, tiny_model_dir, run_name="same", texts_per_domain=2)))
     with pytest.raises(ConfigError, match="different config"):
         run_job(JobConfig.from_dict(_config(tmp_path, tiny_model_dir, run_name="same", texts_per_domain=3)))
+    assert (tmp_path / "runs" / "same" / "shards" / "index.json").is_file()  # a refused run removes nothing of the first
 
 
 def test_bad_corpora_fail_before_any_actor_starts(tmp_path, tiny_model_dir, monkeypatch):
@@ -173,6 +174,10 @@ def test_bad_corpora_fail_before_any_actor_starts(tmp_path, tiny_model_dir, monk
         run_job(JobConfig.from_dict({**cfg, "run_name": "binary"}))
     with pytest.raises(ConfigError, match="cannot write the run directory '/proc/x/t'"):
         run_job(JobConfig.from_dict(_config(tmp_path, tiny_model_dir, output="/proc/x")))
+    with pytest.raises(FlowrayError):
+        run_job(JobConfig.from_dict(_config(tmp_path, tmp_path / "no-model-here", run_name="nomodel")))
+    # none of these runs got to its first shard: no folder is left for a rerun to trip on
+    assert not list((tmp_path / "runs").iterdir())
 
 
 def test_a_jsonl_with_bad_lines_can_skip_them(tmp_path):
@@ -187,15 +192,21 @@ def test_a_jsonl_with_bad_lines_can_skip_them(tmp_path):
         list(iter_documents(validate_source({"kind": "jsonl", "paths": [str(path)]})))
 
 
-def test_impossible_resources_fail_fast_instead_of_waiting(tmp_path, tiny_model_dir, local_ray):
+def test_impossible_resources_fail_fast_instead_of_waiting(tmp_path, tiny_model_dir, local_ray, monkeypatch):
+    from flowray.pipeline import job
     from flowray.pipeline.job import run_job
 
+    def no_prepare(*_a, **_k):
+        raise AssertionError("the corpora were prepared for a pool that cannot start")
+
+    monkeypatch.setattr(job, "prepare", no_prepare)
     t0 = time.time()
     with pytest.raises(ConfigError, match=r"no node of this Ray cluster can run one model actor: each asks for "
                        r"\{CPU: 1, GPU: 1\}.*no autoscaler.*set gpus_per_actor: 0"):
         run_job(JobConfig.from_dict(_config(tmp_path, tiny_model_dir, run_name="gpu", gpus_per_actor=1,
                                             texts_per_domain=2)))
     assert time.time() - t0 < 60
+    assert not (tmp_path / "runs" / "gpu").exists()
 
 
 def test_a_committed_shard_damaged_later_is_redone(tmp_path, tiny_model_dir, local_ray):

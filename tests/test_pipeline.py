@@ -85,14 +85,7 @@ def test_worker_turns_texts_into_one_row_per_prediction(worker):
 
 @pytest.mark.slow
 def test_worker_tags_parts_of_speech(worker):
-    from flowray.errors import MissingDependencyError
-    from flowray.text import universal_tagger
-
-    try:
-        universal_tagger()
-    except MissingDependencyError as exc:
-        pytest.skip(f"NLTK tagger data not found, POS tagging is off: {exc}")
-    assert worker.pos_tagging is not None, "the tagger data is there but the worker turned POS off"
+    assert worker.pos_tagging is not None, "the tagger ships with the package, yet the worker turned POS off"
     preds, _ = worker.process([_doc("a", "The cat sat on the mat.")])
     a = pl.from_arrow(preds).sort("position")
     assert a["pos"].to_list()[:2] == ["DET", "NOUN"]
@@ -199,3 +192,18 @@ def test_storage_writes_whole_files_and_lists_them(tmp_path):
     assert st.read_json("done/a.json") == {"x": 1}
     assert st.read_table("t/x.parquet").column("a").to_pylist() == [1, 2]
     assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "run" / "done").iterdir())
+
+
+@pytest.mark.slow
+def test_encode_text_tokenises_as_the_job_does(worker):
+    """``flowray.encode_text`` is the public way to get the ids a job replica feeds the model: BOS first,
+    ``max_tokens`` text tokens after it."""
+    import flowray
+
+    text = "one two three four five six seven eight nine ten eleven twelve thirteen"  # cut at 12 tokens
+    preds, _ = worker.process([_doc("a", text)])
+    rows = pl.from_arrow(preds).sort("position")
+    ids = flowray.encode_text(worker.tokenizer, text, max_tokens=12)[0].tolist()  # [T]
+    assert ids[0] == worker.bos.token_id and len(ids) == 13
+    assert rows["position"].to_list() == list(range(1, 13))  # the BOS's own prediction is no row
+    assert rows["token_id"].to_list() == ids[1:]

@@ -113,7 +113,7 @@ _option_values = {
        out=_names | st.sampled_from(["/proc/x.json", ".", "afile", "adir", "r.npz", "o.json"]),
        options=st.dictionaries(st.sampled_from(sorted(_option_values)), st.just(None), max_size=3), data=st.data())
 def test_any_cli_options_exit_2_or_reach_the_model_load(monkeypatch, capsys, command, text, out, options, data):
-    monkeypatch.setattr(cli, "_load", lambda args: (_ for _ in ()).throw(_Reached()))
+    monkeypatch.setattr(cli, "load_model_from_args", lambda args: (_ for _ in ()).throw(_Reached()))
     with _in_empty_folder() as folder:
         (folder / "afile").write_text("one text\n")
         (folder / "adir").mkdir()

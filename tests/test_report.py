@@ -59,6 +59,17 @@ def test_summary_markdown_becomes_html():
     assert "<ul><li>one</li><li>two</li></ul>" in out and "<p>plain &lt;b&gt;</p>" in out
 
 
+def test_nested_lists_become_nested_html_lists():
+    """As the summary writes them: a list, a paragraph, then an indented list (the pruned-silence heads)."""
+    md = ("- previous-token heads: L2H1\n- subword-merging heads: none\n\nWith silence after pruning instead:\n"
+          "  - tau = 0.01: L3H2, L1H0\n  - tau = 0.04: none\n\n- a\n  - a.1\n    - a.1.i\n  - a.2\n- b\n")
+    out = markdown_html(md)
+    assert "<ul><li>previous-token heads: L2H1</li><li>subword-merging heads: none</li></ul>" in out
+    assert "<ul><li>tau = 0.01: L3H2, L1H0</li><li>tau = 0.04: none</li></ul>" in out
+    assert "<ul><li>a<ul><li>a.1<ul><li>a.1.i</li></ul></li><li>a.2</li></ul></li><li>b</li></ul>" in out
+    assert "- " not in out  # no item left as literal text
+
+
 def _finished_run(tmp_path) -> Storage:
     """A run as the job leaves it: shards committed, reduced (tables + manifest), then its report written."""
     from test_reduce import _commit, _config, _plan

@@ -6,7 +6,7 @@ import json
 import time
 
 import pytest
-from conftest import SHARED_DATA, needs_shared
+from conftest import SHARED_DATA, needs_shared, needs_shared_nltk
 
 from flowray import text as ftext
 from flowray.errors import InputError, MissingDependencyError
@@ -139,14 +139,13 @@ def test_a_tagger_returning_the_wrong_number_of_tags_is_an_input_error():
 # -------------------------------------------------------------------------------------- POS tags
 
 
-@needs_shared
 def test_simple_sentence_pos(tok):
     text = "The cat sat on the mat."
     _, offsets = encode(tok, text)
     assert align_words(text, offsets).pos == ["DET", "NOUN", "VERB", "ADP", "DET", "NOUN", "."]
 
 
-@needs_shared
+@needs_shared_nltk
 def test_tags_match_nltk_pos_tag_universal(monkeypatch):
     import nltk
 
@@ -158,7 +157,6 @@ def test_tags_match_nltk_pos_tag_universal(monkeypatch):
         assert universal_tagger()(words) == [t for _, t in nltk.pos_tag(words, tagset="universal")]
 
 
-@needs_shared
 def test_every_subword_gets_its_word_tag(tok):
     text = "Unbelievably, the transmogrification happened in 2024."
     pieces, offsets = encode(tok, text)
@@ -263,7 +261,7 @@ def test_the_packaged_files_are_the_nltk_files_small_and_documented():
     assert 5_000_000 < uncompressed < 6_500_000
 
 
-@needs_shared
+@needs_shared_nltk
 def test_the_packaged_tagger_tags_like_the_shared_nltk_data():
     packaged = ftext.UniversalTagger(str(ftext.PACKAGED_TAGGER))
     shared = ftext.UniversalTagger(str(NLTK_DATA))

@@ -22,9 +22,9 @@ from flowray.errors import InputError, MissingDependencyError
 from flowray.kernels import KernelConfig, resolve_backend, select_kernel
 from flowray.stats import prediction_stats_batch
 
-pytest.importorskip("triton", reason="the Triton backend's tests need triton (pip install triton; the dev extra has it)")
+pytest.importorskip("triton", reason="the Triton backend's tests need triton (pip install triton; in the dev extra)")
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                                reason="the Triton programs need a CUDA device or TRITON_INTERPRET=1 (tests/conftest.py)")
+                                reason="the Triton programs need a CUDA device or TRITON_INTERPRET=1 (conftest sets it)")
 DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
 

@@ -45,7 +45,9 @@ def test_installed_versions_match_the_constraints(name):
     try:
         installed = importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
-        pytest.skip(f"{name} is not installed here (constraints only pin what an install pulls in)")
+        # `make lock` writes the file from a fresh install, so every pin is something an install pulls in
+        pytest.fail(f"constraints.txt pins {name}, which `make setup` did not install: nothing here depends on "
+                    "it; refresh the file with `make lock` (or remove the line)")
     # a pin without a local label matches any local build of that release (PEP 440): 2.13.0 ~ 2.13.0+cpu
     assert installed.split("+", 1)[0] == PINS[name], (
         f"{name} {installed} is installed but constraints.txt pins {PINS[name]}; reinstall with "
@@ -95,3 +97,14 @@ def test_load_model_checks_before_anything_loads(monkeypatch):
     monkeypatch.setattr(versions, "installed_version", lambda package: None)
     with pytest.raises(FlowrayError, match="pip install 'transformers>=4.57,<6'"):
         load_model("smollm2")
+
+
+def test_the_licence_is_an_spdx_expression():
+    """setuptools warns on every install about the old ``license = {text = ...}`` table."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    from packaging.licenses import canonicalize_license_expression
+
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())
+    licence = meta["project"]["license"]
+    assert isinstance(licence, str) and canonicalize_license_expression(licence) == licence == "Apache-2.0"
+    assert "setuptools>=77" in meta["build-system"]["requires"]  # the first to read an SPDX string

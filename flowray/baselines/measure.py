@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,6 +169,8 @@ def measure(lm, items: list[Item], answer, wrong, *, tau: float, route_batch: in
     results, eaps, order, n_pairs, n_eap = [], [], [], 0, 0
     chunks = chunks_of(items, route_batch)
     loads = []
+    # the sweeps' bars sit below the chunk bar; outside a terminal they would print cursor-up codes
+    inner = progress and sys.stderr.isatty()
     for c, chunk in enumerate(bar_chunks(chunks, progress)):
         loads.append(load_average())
         clean, twins = [items[i].clean for i in chunk], [items[i].corrupt for i in chunk]
@@ -195,10 +198,10 @@ def measure(lm, items: list[Item], answer, wrong, *, tau: float, route_batch: in
             sub = [chunk[k] for k in idx]  # one token length: the baselines batch without padding
             with phases["patching"]:  # (b)
                 results.append(patching_sweep(hf, adapter, stack(sub, "clean"), stack(sub, "corrupt"), answer[sub],
-                                              wrong[sub], batch_size=batch_size, progress=progress))
+                                              wrong[sub], batch_size=batch_size, progress=inner))
             with phases["knockout"]:  # (c)
                 res = knockout_sweep(hf, adapter, stack(sub, "clean"), answer[sub], wrong[sub],
-                                     batch_size=batch_size, progress=progress)
+                                     batch_size=batch_size, progress=inner)
             with phases["eap"]:  # (d)
                 eaps.append(eap_sweep(hf, adapter, stack(sub, "clean"), stack(sub, "corrupt"), answer[sub], wrong[sub]))
             for row, i in enumerate(sub):

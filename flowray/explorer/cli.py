@@ -62,9 +62,11 @@ def cmd_explore(args) -> int:
                          backend=args.backend, chunk_size=args.chunk_size, prepend_bos=args.prepend_bos)
              for text in progress(texts, len(texts), "prompts")]
     path = write_explorer(views, args.out, compare=args.compare is not None, tau=args.tau, title=args.title)
-    v = views[0]
-    top = v.vocab[int(v.top_ids[v.position, 0])]
-    print(f"position {v.position} ({v.imp.tokens[v.position]!r}) predicts {top!r} "
-          f"(p = {float(v.top_probs[v.position, 0]):.3f}); {len(views)} prompt(s)")
-    print(f"explorer: {path} ({path.stat().st_size / 1e6:.2f} MB, opens offline in any browser)")
+    for i, v in enumerate(views):  # every text's prediction, as the page opens on it
+        top = v.vocab[int(v.top_ids[v.position, 0])]
+        label = f"text {i}: " if len(views) > 1 else ""
+        print(f"{label}position {v.position} ({v.imp.tokens[v.position]!r}) predicts {top!r} "
+              f"(p = {float(v.top_probs[v.position, 0]):.3f})")
+    print(f"explorer: {path} ({len(views)} prompt{'s' if len(views) > 1 else ''}, "
+          f"{path.stat().st_size / 1e6:.2f} MB, opens offline in any browser)")
     return 0

@@ -23,8 +23,32 @@ def _inline(text: str) -> str:
     return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", out)
 
 
+_ITEM = re.compile(r"^( *)- (.*)$")
+
+
+def _list_html(items: list[tuple[int, str]]) -> str:
+    """``(indent, text)`` list items -> nested ``<ul>``: an item indented deeper than the one before it opens a
+    list inside that item; a shallower one closes lists until its own level."""
+    out, levels = [], []  # levels: the indents of the open lists, outermost first
+    for indent, text in items:
+        if not levels or indent > levels[-1]:
+            out.append("<ul>")  # the previous <li>, if any, stays open around it
+            levels.append(indent)
+        else:
+            out.append("</li>")
+            while len(levels) > 1 and indent < levels[-1]:
+                levels.pop()
+                out.append("</ul></li>")
+        out.append(f"<li>{_inline(text)}")
+    out.append("</li>")
+    while levels:
+        levels.pop()
+        out.append("</ul></li>" if levels else "</ul>")
+    return "".join(out)
+
+
 def markdown_html(md: str) -> str:
-    """The subset of Markdown the summary uses: headings, paragraphs, '-' lists and pipe tables."""
+    """The subset of Markdown the summary uses: headings, paragraphs, '-' lists (nested by indent), pipe tables."""
     out, lines, i = [], md.splitlines(), 0
     while i < len(lines):
         line = lines[i]
@@ -42,12 +66,12 @@ def markdown_html(md: str) -> str:
                                              for c in row) + "</tr>" for r, row in enumerate(rows))
             out.append(f"<table>{body}</table>")
             continue
-        elif line.startswith("- "):
+        elif _ITEM.match(line):
             items = []
-            while i < len(lines) and lines[i].startswith("- "):
-                items.append(f"<li>{_inline(lines[i][2:])}</li>")
+            while i < len(lines) and (m := _ITEM.match(lines[i])):
+                items.append((len(m.group(1)), m.group(2)))
                 i += 1
-            out.append(f"<ul>{''.join(items)}</ul>")
+            out.append(_list_html(items))
             continue
         elif line.strip():
             out.append(f"<p>{_inline(line)}</p>")

@@ -26,10 +26,12 @@ _warned: set = set()
 
 
 def _triton_available() -> bool:
+    """Whether triton imports. Our programs are not imported here: ``triton.jit`` reads TRITON_INTERPRET when
+    they are, so that happens only once the Triton kernel is chosen."""
     if importlib.util.find_spec("triton") is None:
         return False
     try:
-        import flowray.kernels.triton_kernel  # noqa: F401  (triton itself, and our programs, import)
+        import triton  # noqa: F401
     except ImportError:  # pragma: no cover - a broken triton install
         return False
     return True

@@ -108,10 +108,13 @@ def _append(mask, count_ptr, list_ptr, cap, flat):
     m32 = mask.to(tl.int32)
     per_row = tl.sum(m32, axis=1)  # [BP]
     n = tl.sum(per_row, axis=0)
-    base = tl.atomic_add(count_ptr, n)
-    slot = base + (tl.cumsum(per_row, axis=0) - per_row)[:, None] + tl.cumsum(m32, axis=1) - 1
-    tl.store(list_ptr + slot, flat, mask=mask & (slot < cap))
-    return mask & (slot >= cap)
+    full = mask & (m32 < 0)  # none
+    if n > 0:  # no atomic for a tile with nothing to list
+        base = tl.atomic_add(count_ptr, n)
+        slot = base + (tl.cumsum(per_row, axis=0) - per_row)[:, None] + tl.cumsum(m32, axis=1) - 1
+        tl.store(list_ptr + slot, flat, mask=mask & (slot < cap))
+        full = mask & (slot >= cap)
+    return full
 
 
 @triton.jit(do_not_specialize=["C", "J", "p0", "js", "je", "TF", "n_jbw", "cap_mid", "cap_big", "s_pg", "s_ph",
@@ -120,8 +123,8 @@ def prox_tiles(gs_ptr, v_ptr, probs_ptr, scale_ptr, fmax_ptr, ft_ptr, y_ptr, sy_
                start_ptr, len_ptr, prox_ptr, count_ptr, mid_ptr, big_ptr,
                H, C, J, d, dh, group, p0, js, je, TF, n_jbw, cap_mid, cap_big,
                s_gs, s_vg, s_vh, s_vt, s_ve, s_pg, s_ph, s_pr, s_pj, s_sg, s_sr,
-               W1: tl.constexpr, W2: tl.constexpr, BP: tl.constexpr, BJ: tl.constexpr, DH: tl.constexpr,
-               EC: tl.constexpr, BK: tl.constexpr, HAS_SCALE: tl.constexpr, SPLIT: tl.constexpr):
+               W1: tl.constexpr, W1P: tl.constexpr, W2: tl.constexpr, BP: tl.constexpr, BJ: tl.constexpr,
+               DH: tl.constexpr, EC: tl.constexpr, BK: tl.constexpr, HAS_SCALE: tl.constexpr, SPLIT: tl.constexpr):
     """Sub-edge proximities of one ``[BP, BJ]`` tile (rows ``r``, sources ``j`` in ``[js, je)``) into
     ``prox`` ``[G, H, C, J]``; sub-edges with more than ``W1`` candidate coordinates get ``lin`` there and
     their flat index in the ``mid`` (at most ``W2`` candidates) or ``big`` list, which ``prox_list`` finishes
@@ -170,15 +173,19 @@ def prox_tiles(gs_ptr, v_ptr, probs_ptr, scale_ptr, fmax_ptr, ft_ptr, y_ptr, sy_
         few = cand & (thr <= bound[:, None])
         # the loop over the W1 smallest coordinates stops at the tile's largest count among `few` sub-edges
         row_thr = tl.max(tl.where(few, thr, 0.0), axis=1)  # [BP]
-        n_tile = 0
-        for q in tl.static_range(W1):
-            below = tl.load(sabs_ptr + d_row + q, mask=(r < C) & (r * 0 + q < d), other=float("inf")) < row_thr
-            n_tile = tl.maximum(n_tile, tl.max(below.to(tl.int32), axis=0) * (q + 1))
+        # the rows' W1 smallest |y| (value, signed value, coordinate) in one load each, not one per step
+        qs = tl.arange(0, W1P)
+        at_q = (r < C)[:, None] & (qs < W1)[None, :] & (qs[None, :] < d)
+        sab_w = tl.load(sabs_ptr + d_row[:, None] + qs[None, :], mask=at_q, other=float("inf"))  # [BP, W1P]
+        sy_w = tl.load(sy_ptr + d_row[:, None] + qs[None, :], mask=at_q, other=0.0)
+        sidx_w = tl.load(sidx_ptr + d_row[:, None] + qs[None, :], mask=at_q, other=0)
+        n_tile = tl.max(tl.sum((sab_w < row_thr[:, None]).to(tl.int32), axis=1), axis=0)
         over = tl.zeros((BP, BJ), dtype=tl.float32)
         f_row = (g * H + h).to(tl.int64) * d
         for q in range(0, n_tile):
-            yq = tl.load(sy_ptr + d_row + q, mask=r < C, other=0.0)  # [BP] y at its q-th smallest |y|
-            kq = tl.load(sidx_ptr + d_row + q, mask=r < C, other=0)
+            pick = qs[None, :] == q
+            yq = tl.sum(tl.where(pick, sy_w, 0.0), axis=1)  # [BP] y at its q-th smallest |y|
+            kq = tl.sum(tl.where(pick, sidx_w, 0), axis=1)
             fq = tl.load(ft_ptr + (f_row + kq)[:, None] * TF + (j - js)[None, :], mask=few, other=0.0)
             sq = tl.where(yq < 0, -1.0, 1.0)
             over += tl.maximum(a * sq[:, None] * fq - tl.abs(yq)[:, None], 0.0)

@@ -44,7 +44,7 @@ class TritonKernel(Kernel):
     def __init__(self, config=None):
         super().__init__(config)
         small = interpreted()  # the interpreter runs one program at a time: small tiles, few programs
-        self.tile = (32, 32) if small else (32, 64)  # BP, BJ of prox_tiles
+        self.tile = (32, 32) if small else (16, 64)  # BP, BJ of prox_tiles (16 rows: no register spills)
         self.gemm = (16, 16, 16) if small else (128, 128, 32)
         self.n_prog = 2 if small else 4 * _sm_count()
 
@@ -68,7 +68,8 @@ class TritonKernel(Kernel):
 
     def sub_edge_block(self, y, probs, heads: HeadOutputs, p0: int = 0, *, out=None) -> torch.Tensor:
         G, H, C, J = probs.shape
-        blk = Block(y=y, parts=[], probs=probs, row_scale=None, heads=heads, p0=p0, starts=[0] * G, lengths=[p0 + C] * G)
+        blk = Block(y=y, parts=[], probs=probs, row_scale=None, heads=heads, p0=p0, starts=[0] * G,
+                    lengths=[p0 + C] * G)
         return self._proximities(blk, out)
 
     def finish_block(self, sub, y, parts, p0: int = 0) -> torch.Tensor:
@@ -157,8 +158,8 @@ class TritonKernel(Kernel):
                 gs, values, probs, sc, fmax, ft, y, sy, sidx, sabs, starts, lengths,
                 prox, counts, mid, big, H, C, J, d, dh, group, blk.p0, js, je, TF, n_jbw, cap_mid, cap_big,
                 gs.stride(0), *values.stride(), *probs.stride(), *sc_strides,
-                W1=W1, W2=W2, BP=BP, BJ=BJ, DH=_pow2(dh), EC=_pow2(dh) if split else min(32, _pow2(dh)), BK=4,
-                HAS_SCALE=scale is not None, SPLIT=split, num_warps=8 if BJ >= 64 and not interpreted() else 4)
+                W1=W1, W1P=_pow2(W1, 1), W2=W2, BP=BP, BJ=BJ, DH=_pow2(dh), EC=min(32, _pow2(dh)), BK=4,
+                HAS_SCALE=scale is not None, SPLIT=split, num_warps=4)
             for k, (lst, cap, width) in enumerate(((mid, cap_mid, 32), (big, cap_big, 128))):
                 jit.prox_list[(self.n_prog,)](
                     lst, counts[k:], cap, prox, probs, sc, fmax, ft, sy, sidx, sabs, H, C, J, d, js,

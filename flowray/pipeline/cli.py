@@ -19,22 +19,31 @@ def _config(args):
 
 def cmd_run(args) -> int:
     from flowray.pipeline.job import run_job
-    from flowray.run_report import FIGURES, SUMMARY
+    from flowray.run_report import SUMMARY
 
     config = _config(args)
     result = run_job(config, restart=args.restart)
-    m = result.manifest
-    c = m["counts"]
-    print(f"\nrun {m['run_name']}: {c['texts_in']} texts, {c['predictions_written']} predictions, "
-          f"{c['error_rows']} error rows ({m['elapsed_s']} s)")
-    print(f"  tables : {result.run_uri}/tables/")
-    print(f"  figures: {', '.join(f'{result.run_uri}/{f}' for f in FIGURES)}")
-    print(f"  summary: {result.run_uri}/{SUMMARY}")
     if args.show_summary:
         from flowray.pipeline.storage import Storage
 
         print("\n" + Storage(result.run_uri).read_bytes(SUMMARY).decode())
+    print(run_listing(result.run_uri, result.manifest))
     return 0
+
+
+def run_listing(run_uri: str, manifest: dict) -> str:
+    """What a finished run wrote, the page to open last (the lines a terminal still shows at the end)."""
+    from flowray.run_report import FIGURES, REPORT_HTML, SUMMARY
+
+    c = manifest["counts"]
+    return "\n".join([
+        f"\nrun {manifest['run_name']}: {c['texts_in']} texts, {c['predictions_written']} predictions, "
+        f"{c['error_rows']} error rows ({manifest['elapsed_s']} s)",
+        f"  tables : {run_uri}/tables/",
+        f"  figures: {', '.join(f'{run_uri}/{f}' for f in FIGURES)}",
+        f"  summary: {run_uri}/{SUMMARY}",
+        f"  report : {run_uri}/{REPORT_HTML}  <- open this page in a browser",
+    ])
 
 
 def cmd_validate(args) -> int:

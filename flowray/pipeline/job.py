@@ -47,30 +47,40 @@ def run_job(config: JobConfig, *, ray_init: dict | None = None, restart: bool = 
     started = time.time()
     storage = Storage(f"{config.output.rstrip('/')}/{config.run_name}")
     log.info("run directory: %s", storage.uri)
-    check_writable(config, storage)
-    with RunLock(storage) as lock:
-        if restart:
-            discard_run(storage)
-        check_same_experiment(config, storage)  # under the lease: nothing else changes what is checked
-        withdraw_outputs(storage)  # the manifest first: none outlives the files it describes
-        tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-        check_weights(config.model)  # the actors load the weights: a broken folder fails here, once
-        index = prepare(config, storage, tokenizer)  # every config/corpus error surfaces here, before Ray
-        storage.write_json("config.json", config.to_dict())
-        remove_unplanned(storage, index["shards"])
-        timings = {"prepare_s": round(time.time() - started, 2)}
-        pending, redone = pending_shards(storage, index["shards"])  # a marker counts only if it proves its files
-        done = len(index["shards"]) - len(pending)
-        log.info("%d shards, %d already done, %d to process (%d redone: their files failed their marker)",
-                 len(index["shards"]), done, len(pending), len(redone))
-        t_map = time.time()
-        if pending:
-            _map_stage(config, storage, pending, index, ray_init=ray_init or {})
-        timings["map_s"] = round(time.time() - t_map, 2)  # actor start-up (model loads) included
-        lock.check()
-        manifest = reduce_run(config, storage, index, started=started, resumed_shards=done, timings=timings,
-                              guard=lock.check)
-        write_report(storage)  # summary.md, figures, report.html: from the files just written, as `flowray report` does
+    new_run = storage.is_empty()
+    mapping = False
+    try:
+        check_writable(config, storage)
+        with RunLock(storage) as lock:
+            if restart:
+                discard_run(storage)
+            check_same_experiment(config, storage)  # under the lease: nothing else changes what is checked
+            withdraw_outputs(storage)  # the manifest first: none outlives the files it describes
+            if config.gpus_per_actor or os.environ.get("RAY_ADDRESS") or _ray_started():
+                _start_ray(config, ray_init or {})  # a request no node can meet fails now, not after prepare
+            tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+            check_weights(config.model)  # the actors load the weights: a broken folder fails here, once
+            index = prepare(config, storage, tokenizer)  # every config/corpus error surfaces here, before the actors
+            storage.write_json("config.json", config.to_dict())
+            remove_unplanned(storage, index["shards"])
+            timings = {"prepare_s": round(time.time() - started, 2)}
+            pending, redone = pending_shards(storage, index["shards"])  # a marker counts only if it proves its files
+            done = len(index["shards"]) - len(pending)
+            log.info("%d shards, %d already done, %d to process (%d redone: their files failed their marker)",
+                     len(index["shards"]), done, len(pending), len(redone))
+            t_map = time.time()
+            mapping = True
+            if pending:
+                _map_stage(config, storage, pending, index, ray_init=ray_init or {})
+            timings["map_s"] = round(time.time() - t_map, 2)  # actor start-up (model loads) included
+            lock.check()
+            manifest = reduce_run(config, storage, index, started=started, resumed_shards=done, timings=timings,
+                                  guard=lock.check)
+            write_report(storage)  # summary.md, figures, report.html: from the files just written, as `flowray report` does
+    except BaseException:
+        if new_run and not mapping:  # failed before its first shard: no folder left for a rerun to trip on
+            storage.delete_all()
+        raise
     return RunResult(run_uri=storage.uri, manifest=manifest)
 
 
@@ -103,9 +113,7 @@ def _connect(config: JobConfig, ray_init: dict) -> None:
 def _map_stage(config: JobConfig, storage: Storage, pending: list[str], index: dict, *, ray_init) -> None:
     import ray
 
-    if not ray.is_initialized():
-        _connect(config, ray_init)
-    check_cluster_resources(config.cpus_per_actor, config.gpus_per_actor)  # fail fast, never wait forever
+    _start_ray(config, ray_init)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
     if (config.min_actors or config.actors) < config.actors:
@@ -154,6 +162,23 @@ def shards_in_flight(config: JobConfig) -> dict:
     if not config.gpus_per_actor:
         return {"max_tasks_in_flight_per_actor": 1}
     return {"max_tasks_in_flight_per_actor": 2, "max_concurrent_calls_per_actor": 2, "enable_true_multi_threading": True}
+
+
+def _ray_started() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+def _start_ray(config: JobConfig, ray_init: dict) -> None:
+    """Start (or join) Ray, then fail fast, never wait forever, when no node can ever host one actor.
+
+    Before prepare when the answer may be no (a GPU request, a cluster, a Ray already running); the
+    embedded Ray gets enough logical CPUs for any CPU-only pool, so it starts at the map stage.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        _connect(config, ray_init)
+    check_cluster_resources(config.cpus_per_actor, config.gpus_per_actor)
 
 
 def ray_init_kwargs(config: JobConfig, extra: dict) -> dict:

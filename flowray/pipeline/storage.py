@@ -169,7 +169,23 @@ class Storage:
             if fs.get_file_info(f"{root}/{rel}").type == pafs.FileType.Directory:
                 fs.delete_dir(f"{root}/{rel}")
 
+    def delete_all(self) -> None:
+        """Remove the run directory and everything in it; best effort (it may never have been created)."""
+        fs, root = self._fs()
+        try:
+            if fs.get_file_info(root).type != pafs.FileType.NotFound:
+                fs.delete_dir(root)
+        except (OSError, pa.ArrowException):
+            pass
+
     # --- reading ---------------------------------------------------------------------------------
+    def is_empty(self) -> bool:
+        """Nothing under the run directory (or no run directory at all)."""
+        fs, root = self._fs()
+        with self._bucket("look up"):
+            selector = pafs.FileSelector(root, allow_not_found=True, recursive=False)
+            return not fs.get_file_info(selector)
+
     def exists(self, rel: str) -> bool:
         fs, root = self._fs()
         with self._bucket("look up", rel):
