@@ -17,7 +17,7 @@ import torch
 from flowray.capture import LayerActivations
 from flowray.errors import InputError
 from flowray.kernels import Block, BlockOut, HitSlots, Kernel
-from flowray.sparse_routes import Graph
+from flowray.sparse_routes import Graph, KeyRows
 
 
 class BatchState:
@@ -170,7 +170,7 @@ def batched_routes_fit(state: BatchState) -> bool:
     return state.L * state.B * state.T * state.T <= BATCHED_ROUTES_UP_TO
 
 
-def routes_all(state: BatchState, tau: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def routes_all(state: BatchState, tau: float) -> tuple[list[KeyRows], list[KeyRows]]:
     """Every position's route at ``tau`` for every sequence of the batch in one pass, read from the slots.
 
     The same rules as ``sparse_routes.routes_of`` (appendix B.2), with the sequences side by side on the
@@ -215,25 +215,25 @@ def routes_all(state: BatchState, tau: float) -> tuple[list[np.ndarray], list[np
     return _split(heads_on.permute(1, 3, 0, 2), state.spans, L * H), _split(ffn_on.permute(1, 2, 0), state.spans, L)
 
 
-def _split(on: torch.Tensor, spans: list, width: int) -> list[list[np.ndarray]]:
-    """``[B, P, ...]`` booleans -> per sequence, per real position ``p``, the ascending flat indices set."""
+def _split(on: torch.Tensor, spans: list, width: int) -> list[KeyRows]:
+    """``[B, P, ...]`` booleans -> per sequence, per real position ``p``, the ascending flat indices set
+    (``KeyRows``: one array and its row offsets, not an array per position)."""
     B, P = on.shape[:2]
     flat = on.reshape(B, P, width)
     idx = torch.nonzero(flat)  # [N, 3] (b, p, value), sorted
     counts = torch.bincount(idx[:, 0] * P + idx[:, 1], minlength=B * P).view(B, P).cpu().numpy()
-    values = idx[:, 2].cpu().numpy()
+    values = idx[:, 2].cpu().numpy().astype(np.int64)
     out, at = [], 0
     for b, (start, n) in enumerate(spans):
         c = counts[b]
         before = int(c[:start].sum())
-        rows = np.split(values[at + before : at + before + int(c[start : start + n].sum())],
-                        np.cumsum(c[start : start + n])[:-1])
-        out.append([r.astype(np.int64) for r in rows])
+        offsets = np.concatenate([[0], np.cumsum(c[start : start + n])]).astype(np.int64)  # [n + 1]
+        out.append(KeyRows.from_offsets(values[at + before : at + before + int(offsets[-1])], offsets))
         at += int(c.sum())
     return out
 
 
-def pruned_all(state: BatchState, tau: float, active_above: float) -> list[list[np.ndarray]]:
+def pruned_all(state: BatchState, tau: float, active_above: float) -> list[KeyRows]:
     """Per sequence and position, the flat heads whose importance at the position's own attention node, after
     every part <= tau is dropped and the kept parts are rescaled to sum to 1, exceeds ``active_above``."""
     L, B, T, M = state.hit_head.shape

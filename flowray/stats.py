@@ -225,8 +225,17 @@ def prediction_stats_padded(
         for tau in taus:
             for b, lists in enumerate(pruned_all(state, tau, active_above)):
                 pruned[b][tau] = lists
-    return [_finish(state, b, taus, input_ids[b, start : start + T], predicted[b, start : start + T], name,
-                    graphs[b], pruned[b], routes[b]) for b, (start, T) in enumerate(spans)]
+    out = [_finish(state, b, taus, input_ids[b, start : start + T], predicted[b, start : start + T], name,
+                   graphs[b], pruned[b], routes[b]) for b, (start, T) in enumerate(spans)]
+    if device.type == "cuda":  # _finish's host copies were started without waiting: one wait for them all
+        torch.cuda.current_stream(device).synchronize()
+    return out
+
+
+def _host(x: torch.Tensor) -> np.ndarray:
+    """``x`` on the host as numpy; from CUDA a non-blocking copy into pinned memory, valid once the stream
+    is synchronised (``prediction_stats_padded`` does it once, before returning)."""
+    return x.to("cpu", non_blocking=True).numpy()
 
 
 def _stream(hf_model, adapter, kernel, state: BatchState, spans, forward_kwargs, shape, predictions: str):
@@ -301,15 +310,15 @@ def _finish(state: BatchState, b: int, taus, token_ids, predicted, name: str, gr
         prev[:, :, 0] = float("nan")
         later = ~state.first[b, rows] & (state.words[b, rows] >= 0)  # later subwords only
         same = torch.where(ok & later[None, None, :], state.same[:, b, :, rows] / safe, nan)
-        prev = prev.permute(2, 0, 1).reshape(T, L * H).cpu().numpy()
-        same = same.permute(2, 0, 1).reshape(T, L * H).cpu().numpy()
+        prev = _host(prev.permute(2, 0, 1).reshape(T, L * H))
+        same = _host(same.permute(2, 0, 1).reshape(T, L * H))
     source = None
     if state.source is not None and int(state.query[b]) >= 0:
-        source = state.source[:, b].reshape(L * H).cpu().numpy()
+        source = _host(state.source[:, b].reshape(L * H))
     return PredictionStats(
         taus=tuple(taus), n_layers=L, n_heads=H, parallel=state.parallel,
-        token_ids=token_ids.cpu().numpy().astype(np.int64), predicted_ids=predicted.cpu().numpy().astype(np.int64),
-        components=components.cpu().numpy(), route_heads=route_heads, route_ffn=route_ffn,
+        token_ids=_host(token_ids.to(torch.int64, copy=True)), predicted_ids=_host(predicted.to(torch.int64, copy=True)),
+        components=_host(components), route_heads=route_heads, route_ffn=route_ffn,
         prev_share=prev, same_word_share=same,
         pruned_heads=pruned,
         source_edges=source, meta={"model": name},

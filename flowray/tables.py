@@ -11,11 +11,14 @@ section 4 vectors: ``L * H`` head importances ``sum_j e^h_{pos,j}`` (layer-major
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
+
+if TYPE_CHECKING:  # polars is imported where the reduce uses it: actors on GPU machines write rows without it
+    import polars as pl
 
 # --- head-role criteria (paper section 4.3) ----------------------------------------------------------
 MAJORITY = 0.5  # "more than half of its influence"
@@ -152,7 +155,12 @@ def _list_column(matrix: np.ndarray, value_type) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(matrix.reshape(-1), type=value_type))
 
 
-def _ragged_column(rows: list[np.ndarray], value_type) -> pa.ListArray:
+def _ragged_column(rows, value_type) -> pa.ListArray:
+    """One list per row; ``rows`` is a list of arrays, or an object with ``offsets`` ``[n + 1]`` and
+    ``values`` (``flowray.sparse_routes.KeyRows``), taken as they are."""
+    if hasattr(rows, "offsets") and hasattr(rows, "values"):
+        values = np.asarray(rows.values, dtype=value_type.to_pandas_dtype())
+        return pa.ListArray.from_arrays(pa.array(rows.offsets.astype(np.int32)), pa.array(values))
     lengths = np.array([len(r) for r in rows], dtype=np.int32)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     flat = np.concatenate(rows) if rows and lengths.sum() else np.zeros(0)
@@ -210,7 +218,7 @@ class TextRows:
             "pos": pa.array(self.pos, pa.string()),
             "next_pos": pa.array(self.next_pos, pa.string()),
             "target": pa.array(self.target.astype(bool)),
-            "component_importance": _list_column(self.components.astype(np.float32), pa.float32()),
+            "component_importance": _list_column(np.asarray(self.components, dtype=np.float32), pa.float32()),
             "prev_token_share": _list_column(self.prev_share, pa.float32()),
             "same_word_share": _list_column(self.same_word_share, pa.float32()),
             "source_edge_importance": pa.array(source, pa.list_(pa.float32())),
@@ -370,6 +378,7 @@ class Accumulator:
         return layers, heads
 
     def tables(self) -> dict[str, pl.DataFrame]:
+        import polars as pl
         layers, heads = self._layer_head()
         LH = self.L * self.H
         act, ffn_act, comp, roles, pos_rows, summary = [], [], [], [], [], []
@@ -415,6 +424,7 @@ class Accumulator:
         """One row per head. ``role`` uses the raw silence (see ``head_roles`` in the README): pruned,
         renormalised importances are either 0 or above tau, so the paper's 0.005% threshold only has a
         meaning for raw ones; the pruned fractions are reported beside it."""
+        import polars as pl
         layers, heads = self._layer_head()
         prev_n, later_n, first_n = c["cases_previous"], c["cases_later_subword"], c["cases_first_subword"]
         prev_frac = c["previous_major"] / max(prev_n, 1)
@@ -442,6 +452,7 @@ class Accumulator:
 
     def _contrastive_edges(self) -> pl.DataFrame:
         """Per head, the source sub-edge importance on each prompt minus on its twin: mean and standard error."""
+        import polars as pl
         layers, heads = self._layer_head()
         frames = []
         for original, twin in self.contrasts:
@@ -467,6 +478,7 @@ class Accumulator:
 
 def specialisation(component: pl.DataFrame, general: str) -> pl.DataFrame:
     """Each domain's mean head importance next to the general domain's; flags specialised heads."""
+    import polars as pl
     heads = component.filter(pl.col("component") == "head").select("domain", "layer", "head", "importance")
     gen = heads.filter(pl.col("domain") == general).select("layer", "head",
                                                             pl.col("importance").alias("general_importance"))

@@ -62,3 +62,50 @@ def test_the_job_throughput_benchmark_runs_in_process_on_two_short_texts():
     job = next(line for line in out if line.startswith("worker, steady state"))
     assert float(fwd.split()[-2]) > 0 and float(job.split()[-2]) > 0  # tokens/s, both measured
     assert 0 < float(job.split()[-1].rstrip("x")) < 10
+
+
+def _actor_host(*args, block=()) -> list[str]:
+    """bench/actor_host.py's output lines; ``block``: top-level packages it must run without."""
+    code = ("import importlib.abc, runpy, sys\n"
+            "class Block(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            f"        if name.split('.')[0] in {set(block)!r}:\n"
+            "            raise ImportError('not on the GPU machines: ' + name)\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "sys.argv = sys.argv[1:]\n"
+            "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(REPO / "bench" / "actor_host.py"), *args],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.splitlines()
+
+
+def _rows(lines: list[str], busy_at_most: float = 100.0) -> dict:
+    header = lines[1].split()
+    assert header[:6] == ["mode", "dev_us", "pred/s", "busy", "idle_us", "B/pred"] and header[-1] == "host_us"
+    rows = {}
+    for line in lines[2:]:
+        if line.startswith("#"):
+            break
+        cells = dict(zip(header, line.split()))
+        steps = [float(cells[k]) for k in header[6:-1]]
+        assert all(v >= 0 for v in steps) and float(cells["pred/s"]) > 0 and float(cells["B/pred"]) > 0
+        assert float(cells["host_us"]) == pytest.approx(sum(steps), abs=0.05 * len(steps))  # the printed steps' sum
+        assert 0 <= float(cells["busy"].rstrip("%")) <= busy_at_most
+        rows[(cells["mode"], cells["dev_us"])] = cells
+    return rows
+
+
+def test_the_actor_host_benchmark_times_every_step_beside_a_stand_in_device():
+    lines = _actor_host("--tiny")
+    assert lines[0].startswith("# actor host: tiny shape (2 layers x 3 heads) on the simulated device")
+    rows = _rows(lines)
+    assert set(rows) == {("overlap", "0"), ("overlap", "55"), ("serial", "0"), ("serial", "55")}
+    assert float(rows[("overlap", "55")]["idle_us"]) >= 0 and float(rows[("overlap", "55")]["encode"]) > 0
+
+
+def test_the_actor_host_benchmark_runs_the_real_model_with_only_what_gpu_machines_have():
+    lines = _actor_host("--tiny", "--device", "cpu", block=("polars", "ray", "datasets", "gguf", "matplotlib"))
+    assert lines[0].startswith("# actor host: tiny shape (2 layers x 3 heads) on the CPU")
+    # busy: the stage alone over the pipeline, two timings of a noisy machine (above 100% at times)
+    assert set(_rows(lines, busy_at_most=float("inf"))) == {("overlap", "-"), ("serial", "-")}

@@ -268,3 +268,74 @@ def test_the_packaged_tagger_tags_like_the_shared_nltk_data():
     with open(SHARED_DATA / "c4_sample" / "c4_en_sample_1000.jsonl") as f:
         words = words_of(json.loads(next(f))["text"])
     assert packaged(words) == shared(words)
+
+
+# ------------------------------------------------------------------------------ texts cut to max_tokens
+
+CUT_TEXTS = [
+    "The quick brown fox jumps over the lazy dog; the farmer, unimpressed, didn't look up from 2024's paper. " * 3,
+    "def f(x):\n        return  x  +  1   # indented, runs of spaces\n\n\n" * 4,
+    "Привет мир, как дела? Всё хорошо. " * 4,
+    "nospacesatallinthislongwordthatgoesonandon" * 3,
+    "  leading spaces,\ttabs\tand trailing ones   ",
+    # long words: a prefix cut inside a word would end in a piece of it
+    " environmental particularly understanding government organization significantly international" * 3,
+]
+
+
+def test_a_cut_text_is_encoded_from_a_prefix_into_the_whole_texts_first_tokens(tok):
+    for text in CUT_TEXTS:
+        full = ftext.encode_kept(tok, text)
+        for need in range(1, len(full[0]) + 2):
+            assert ftext.encode_kept(tok, text, need) == (full[0][:need], full[1][:need]), (text[:20], need)
+    seen = []
+
+    def recording(text, **kw):
+        seen.append(len(text))
+        return tok(text, **kw)
+
+    long_text = CUT_TEXTS[0] * 30
+    ids, offsets = ftext.encode_kept(recording, long_text, 20)
+    assert len(ids) == len(offsets) == 20 and max(seen) < len(long_text) / 20
+
+
+def test_a_tagger_that_reads_two_words_ahead_is_given_the_kept_words_and_two_more():
+    text = " ".join(f"w{i}" for i in range(40))
+    tagger = Recorder()
+    tagger.lookahead = 2
+    offsets = [(0, 2), (2, 5), (5, 8)]  # "w0", " w1", " w2": the tokens kept of a long text
+    tw = align_words(text, offsets, tagger=tagger)
+    assert tagger.calls == [["w0", "w1", "w2", "w3", "w4"]] and tw.pos == ["L2", "L2", "L2"]
+    everything = Recorder()  # a tagger that does not say how far it reads sees every word
+    align_words(text, offsets, tagger=everything)
+    assert len(everything.calls[0]) == 40
+
+
+def test_the_universal_tagger_tags_a_cut_text_as_nltk_tags_the_whole_text(tok):
+    """Its tags equal nltk's PerceptronTagger.tag (the same features, numpy sums) and need only the
+    kept words and two more."""
+    import pydoc_data.topics
+
+    tagger = universal_tagger()
+    for name in ("assignment", "calls", "for", "if"):
+        text = pydoc_data.topics.topics[name][:3000]
+        words = words_of(text)
+        nltk_tags = [t for _, t in tagger._tagger.tag(words)]
+        assert tagger._treebank(words) == nltk_tags
+        _, offsets = encode(tok, text)
+        universal = [tagger._to_universal.get(t, "X") for t in nltk_tags]
+        for keep in range(1, 120):
+            cut = align_words(text, offsets[:keep])
+            whole = align_words(text, offsets[:keep], tagger=lambda w: universal)  # every word, tagged by nltk
+            assert cut.pos == whole.pos, (name, keep)
+
+
+def test_the_dense_scores_pick_the_tag_nltk_picks_ties_included():
+    from nltk.tag.perceptron import AveragedPerceptron
+
+    model = AveragedPerceptron()
+    model.weights = {"a": {"X": 1.0, "Y": 1.0}, "b": {"Z": 0.5, "X": -0.25}, "c": {}}
+    model.classes = {"W", "X", "Y", "Z"}
+    scores = ftext._DenseScores(model)
+    for features in ({"a": 1}, {"b": 1}, {"c": 1}, {"unknown": 1}, {"a": 1, "b": 1}, {"b": 1, "a": 1}, {"a": 2}):
+        assert scores.predict(features) == model.predict(features)[0], features

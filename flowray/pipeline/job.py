@@ -117,8 +117,9 @@ def _map_stage(config: JobConfig, storage: Storage, pending: list[str], index: d
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
     if (config.min_actors or config.actors) < config.actors:
-        # Ray Data grows a pool only above 175% utilisation by default, which one shard in flight per actor
-        # (100% at most) never reaches: the pool would stay at min_actors. 100% = every replica is busy.
+        # Ray Data grows a pool only above 175% utilisation by default, which the shards in flight per actor
+        # (its concurrent calls: 100% at most) never reach: the pool would stay at min_actors. 100% = every
+        # replica is busy.
         ctx.autoscaling_config.actor_pool_util_upscaling_threshold = 1.0
     log.info("Ray prints a `core_worker.cc ... constructor arguments in the object store` line per replica: "
              "expected (Ray Data keeps the workers' settings, the job config and run URI, a few kB and no weights, "
@@ -136,9 +137,8 @@ def _map_stage(config: JobConfig, storage: Storage, pending: list[str], index: d
     ds = ds.map_batches(
         ShardWorker,
         fn_constructor_kwargs=dict(run_uri=storage_uri, config=config, submitted=time.time()),
-        # a shard is a big unit of work: one in flight per actor, so no shard queues behind a busy replica
         compute=ray.data.ActorPoolStrategy(min_size=config.min_actors or config.actors, max_size=config.actors,
-                                           max_tasks_in_flight_per_actor=1),
+                                           **shards_in_flight(config)),
         batch_size=1,
         batch_format="numpy",
         num_cpus=config.cpus_per_actor,
@@ -150,6 +150,18 @@ def _map_stage(config: JobConfig, storage: Storage, pending: list[str], index: d
             raise StorageError(f"shard {row['shard_id']}: {row['fault']}")
         progress.update(row)
     progress.close()
+
+
+def shards_in_flight(config: JobConfig) -> dict:
+    """``ActorPoolStrategy`` arguments: how many shards an actor holds at once.
+
+    A shard is a big unit of work: one per CPU actor, so no shard queues behind a busy replica. A GPU actor
+    takes two calls at once, so that one shard's Parquet encoding and writes (which release the GIL) run
+    while its device computes the next shard's batches (``device.DeviceQueue`` serves the older one first).
+    """
+    if not config.gpus_per_actor:
+        return {"max_tasks_in_flight_per_actor": 1}
+    return {"max_tasks_in_flight_per_actor": 2, "max_concurrent_calls_per_actor": 2, "enable_true_multi_threading": True}
 
 
 def _ray_started() -> bool:
