@@ -26,15 +26,11 @@ _warned: set = set()
 
 
 def _triton_available() -> bool:
-    """Whether triton imports. Our programs are not imported here: ``triton.jit`` reads TRITON_INTERPRET when
-    they are, so that happens only once the Triton kernel is chosen."""
     if importlib.util.find_spec("triton") is None:
         return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:  # pragma: no cover - a broken triton install
-        return False
-    return True
+    from flowray.kernels.triton_available import triton_imports
+
+    return triton_imports()
 
 
 def _numba_available() -> bool:
