@@ -104,6 +104,16 @@ def test_the_actor_host_benchmark_times_every_step_beside_a_stand_in_device():
     assert float(rows[("overlap", "55")]["idle_us"]) >= 0 and float(rows[("overlap", "55")]["encode"]) > 0
 
 
+def test_the_actor_host_benchmark_compares_parquet_layouts_of_the_same_rows():
+    lines = _actor_host("--tiny", "--layouts")
+    assert lines[0].split() == ["layout", "encode_us", "sha256_us", "B/pred", "encode/job"]
+    rows = {line[:36].strip(): line[36:].split() for line in lines[1:] if not line.startswith("#")}
+    assert len(rows) == 9 and rows["job: zstd; floats split, ids delta"][-1] == "1.00"
+    assert all(float(v) > 0 for cells in rows.values() for v in (cells[0], cells[2], cells[3]))
+    # the codecs compress: the job's layout is smaller than the same rows written plain and uncompressed
+    assert float(rows["job: zstd; floats split, ids delta"][2]) < float(rows["uncompressed, plain"][2])
+
+
 def test_the_actor_host_benchmark_runs_the_real_model_with_only_what_gpu_machines_have():
     lines = _actor_host("--tiny", "--device", "cpu", block=("polars", "ray", "datasets", "gguf", "matplotlib"))
     assert lines[0].startswith("# actor host: tiny shape (2 layers x 3 heads) on the CPU")
