@@ -145,3 +145,47 @@ def top_kernels(fn, device: str, n: int = 14) -> list[tuple[str, float, int]]:
                                 else ms + evt.cuda_time_total / 1e3, calls + 1)
     ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:n]
     return [(name[:70], ms, calls) for name, (ms, calls) in ranked]
+
+
+def _merged(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[list[float]] = []
+    for start, end in sorted(spans):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return [(a, b) for a, b in out]
+
+
+def phase_times(fn, device: str) -> list[tuple[str, int, float, float | None]]:
+    """flowray's phases in one call of ``fn`` (its ``flowray.*`` ranges in torch.profiler, and ``call``: the
+    whole call): (name, calls, host ms inside them, ms the device was busy meanwhile; None on the CPU).
+
+    The device runs behind the host, so "busy meanwhile" is the device's work, whoever launched it, that
+    overlaps the phase's host time: a phase with little of it is one where the device waits for the host.
+    """
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    cuda = str(device).startswith("cuda")
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        with record_function("call"):
+            fn()
+            sync(device)
+    busy, ranges = [], []
+    for evt in prof.events():
+        start, end = evt.time_range.start, evt.time_range.end  # microseconds, one clock for host and device
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            if end > start:
+                busy.append((start, end))
+        elif evt.name == "call" or evt.name.startswith("flowray."):
+            ranges.append((evt.name, start, end))
+    busy = _merged(busy)
+    totals: dict = {}
+    for name, start, end in ranges:
+        overlap = sum(max(0.0, min(end, b) - max(start, a)) for a, b in busy)
+        calls, host, dev = totals.get(name, (0, 0.0, 0.0))
+        totals[name] = (calls + 1, host + (end - start) / 1e3, dev + overlap / 1e3)
+    order = dict.fromkeys(name for name, _, _ in sorted(ranges, key=lambda r: r[1]))  # first start first
+    return [(n, *totals[n][:2], totals[n][2] if cuda else None) for n in order]

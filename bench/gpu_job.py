@@ -28,8 +28,8 @@ import os
 import time
 
 import torch
-from gpu_common import (backends_for, build, device_and_dtype, device_name, launches, peak_gb, row, sync, timed,
-                        top_kernels)
+from gpu_common import (backends_for, build, device_and_dtype, device_name, launches, peak_gb, phase_times, row,
+                        sync, timed, top_kernels)
 
 TAUS = (0.01, 0.03, 0.04)
 BATCH = {"llama2-7b": (8, 512), "llama3-8b": (8, 512), "smollm2": (32, 512), "tiny": (3, 48)}
@@ -89,12 +89,20 @@ def bench_shape(shape: str, args, device: str, dtype) -> list[dict]:
         t_last = timed(last, device, args.repeats)
         results.append(dict(shape=shape, what=f"job {args.backends[0]}, last", seconds=t_last, ratio=t_fwd / t_last,
                             peak=None))
-    if args.profile and args.backends and shape == args.shapes.split(",")[0]:
-        total = 0.0
-        for name, ms, calls in top_kernels(lambda: prediction_stats_batch(model, seqs, TAUS, backend=args.backends[0]),
-                                           device):
-            total += ms
+    if args.profile and args.backends and (shape == args.shapes.split(",")[0] or args.tiny):
+        def first():
+            prediction_stats_batch(model, seqs, TAUS, backend=args.backends[0])
+
+        for name, ms, calls in top_kernels(first, device):
             print(f"# profile {shape} job {args.backends[0]}: {ms:8.2f} ms {calls:6d} x {name}", flush=True)
+        # where the host spends a batch and whether the device waits for it meanwhile
+        phases = phase_times(first, device)
+        for name, calls, host, busy in phases:
+            during = "-" if busy is None else f"{busy:8.2f} ms ({busy / host:4.0%})"
+            print(f"# phases {shape} job {args.backends[0]}: {name:<16} {calls:4d} x, host {host:8.2f} ms, "
+                  f"device busy meanwhile {during}", flush=True)
+        next(r for r in results if r["what"] == f"job {args.backends[0]}")["phases"] = [
+            dict(name=n, calls=c, host_ms=h, device_busy_ms=b) for n, c, h, b in phases]
     for r in results:  # as they come: a run stopped at its time limit still shows what it measured
         print(f"# {shape} {r['what']}: {r['seconds']:.4f} s, {r['ratio']:.3f}x forward, kernels {r.get('kernels')}, "
               f"syncs {r.get('syncs')}, peak {r['peak']}", flush=True)
@@ -141,7 +149,8 @@ def main() -> int:
     ap.add_argument("--long", default="4096,8192,16384,32768", help="single-text lengths (first shape)")
     ap.add_argument("--long-limit", type=float, default=150.0, help="seconds for all long texts together")
     ap.add_argument("--no-eap", dest="eap", action="store_false")
-    ap.add_argument("--profile", action="store_true", help="the first shape's costliest device kernels")
+    ap.add_argument("--profile", action="store_true",
+                    help="the first shape's costliest device kernels, and its phases: host time and device busy")
     ap.add_argument("--json", default=os.environ.get("OUT") and os.path.join(os.environ["OUT"], "gpu_job.json"))
     ap.add_argument("--tiny", action="store_true", help="a tiny Llama on the CPU: checks the script, not speed")
     args = ap.parse_args()

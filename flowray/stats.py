@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from flowray.api import _unpack, pad_sequences, padded_forward_inputs
 from flowray.batch_stats import BatchState, add_layer, batched_routes_fit, pruned_all, routes_all
@@ -200,35 +201,41 @@ def prediction_stats_padded(
     kernel = select_kernel(backend, device, config)
     s = adapter.shape
     T_pad = input_ids.shape[1]
+    # the phases are named for profiles (torch.profiler, bench/gpu_job.py --profile); free when none runs
     while True:
         state = BatchState(s.n_layers, s.n_heads, spans, T_pad, s.parallel, min(taus), device, words, sources,
                            config.hits_per_node)
-        predicted = _stream(hf_model, adapter, kernel, state, spans, forward_kwargs, input_ids.shape, predictions)
-        most = state.overflow()  # the one read of the device before the routes
+        with record_function("flowray.forward"):
+            predicted = _stream(hf_model, adapter, kernel, state, spans, forward_kwargs, input_ids.shape, predictions)
+        with record_function("flowray.overflow"):
+            most = state.overflow()  # the one read of the device before the routes
         if not most:
             break
         config = replace(config, hits_per_node=most)  # more parts above tau at a node than slots: redo
         kernel = select_kernel(backend, device, config)
-    batched = predictions == "all" and batched_routes_fit(state)
-    graphs = [None] * len(spans) if batched else state.graphs()  # sparse graphs for the other route passes
-    if predictions == "last":
-        routes = _last_routes(graphs, taus)
-    elif batched:  # every sequence's routes side by side on the padded grid
-        routes = [({}, {}) for _ in spans]
-        for tau in taus:
-            for b, (heads, ffn) in enumerate(zip(*routes_all(state, tau))):
-                routes[b][0][tau], routes[b][1][tau] = heads, ffn
-    else:
-        routes = [None] * len(spans)
+    with record_function("flowray.routes"):
+        batched = predictions == "all" and batched_routes_fit(state)
+        graphs = [None] * len(spans) if batched else state.graphs()  # sparse graphs for the other route passes
+        if predictions == "last":
+            routes = _last_routes(graphs, taus)
+        elif batched:  # every sequence's routes side by side on the padded grid
+            routes = [({}, {}) for _ in spans]
+            for tau in taus:
+                for b, (heads, ffn) in enumerate(zip(*routes_all(state, tau))):
+                    routes[b][0][tau], routes[b][1][tau] = heads, ffn
+        else:
+            routes = [None] * len(spans)
     pruned = [{} for _ in spans]
     if active_above is not None:
-        for tau in taus:
-            for b, lists in enumerate(pruned_all(state, tau, active_above)):
-                pruned[b][tau] = lists
-    out = [_finish(state, b, taus, input_ids[b, start : start + T], predicted[b, start : start + T], name,
-                   graphs[b], pruned[b], routes[b]) for b, (start, T) in enumerate(spans)]
-    if device.type == "cuda":  # _finish's host copies were started without waiting: one wait for them all
-        torch.cuda.current_stream(device).synchronize()
+        with record_function("flowray.pruned"):
+            for tau in taus:
+                for b, lists in enumerate(pruned_all(state, tau, active_above)):
+                    pruned[b][tau] = lists
+    with record_function("flowray.finish"):
+        out = [_finish(state, b, taus, input_ids[b, start : start + T], predicted[b, start : start + T], name,
+                       graphs[b], pruned[b], routes[b]) for b, (start, T) in enumerate(spans)]
+        if device.type == "cuda":  # _finish's host copies were started without waiting: one wait for them all
+            torch.cuda.current_stream(device).synchronize()
     return out
 
 
@@ -251,9 +258,10 @@ def _stream(hf_model, adapter, kernel, state: BatchState, spans, forward_kwargs,
     def consume(rec: LayerActivations) -> None:
         w_o, _bias = adapter.output_projection(layers[rec.layer])  # the bias is in the node, in no edge
         w_o = w_o.detach()
-        w_flat = flat_output_projection(w_o)  # [d, H * dh], once per layer for every block
-        for block in plan:
-            add_layer(kernel, state, rec, block, w_o, w_flat, budget, span_tensors)
+        with record_function("flowray.layer"):
+            w_flat = flat_output_projection(w_o)  # [d, H * dh], once per layer for every block
+            for block in plan:
+                add_layer(kernel, state, rec, block, w_o, w_flat, budget, span_tensors)
 
     top: list[torch.Tensor] = []
     last = None if predictions == "all" else [start + T - 1 for start, T in spans]

@@ -34,7 +34,8 @@ def test_gpu_benchmark_script_runs_its_code_path_on_a_tiny_model():
 def test_gpu_job_benchmark_runs_its_code_path_on_a_tiny_model(tmp_path):
     out = tmp_path / "job.json"
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_job.py"), "--tiny", "--repeats", "1",
-                           "--backends", "cpu,torch", "--json", str(out)], capture_output=True, text=True, timeout=300)
+                           "--backends", "cpu,torch", "--profile", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     import json
 
@@ -47,6 +48,14 @@ def test_gpu_job_benchmark_runs_its_code_path_on_a_tiny_model(tmp_path):
     assert [r["tokens"] for r in result["long"]] == [96, 128] and all(r["seconds"] > 0 for r in result["long"])
     table = proc.stdout[proc.stdout.index("shape "):]
     assert "job cpu" in table and "EAP" in table
+    # --profile: the batch's phases in the order they ran, each timed on the host, nested in the whole call
+    phases = {p["name"]: p for p in result["table"][1]["phases"]}
+    assert list(phases) == ["call", "flowray.forward", "flowray.layer", "flowray.overflow", "flowray.routes",
+                            "flowray.pruned", "flowray.finish"]
+    assert phases["flowray.layer"]["calls"] == 2  # the tiny model's layers
+    assert all(p["host_ms"] > 0 and p["device_busy_ms"] is None for p in phases.values())  # no device on the CPU
+    assert phases["flowray.layer"]["host_ms"] < phases["flowray.forward"]["host_ms"] < phases["call"]["host_ms"]
+    assert "# phases tiny job cpu: flowray.routes" in proc.stdout
 
 
 def test_the_job_throughput_benchmark_runs_in_process_on_two_short_texts():
