@@ -8,6 +8,7 @@ model load and the computation.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -82,3 +83,12 @@ def _probe(folder: Path, what: str) -> None:
     except OSError as exc:
         raise InputError(f"{what}: cannot write into {str(folder)!r} ({exc.strerror or exc}); "
                          "choose a writable location") from None
+
+
+def sha256_file(path: str | Path) -> str:
+    """The sha256 hex digest of a file's bytes, read in blocks (model weights run to gigabytes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 23):
+            h.update(block)
+    return h.hexdigest()

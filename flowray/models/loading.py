@@ -7,7 +7,6 @@ into the weights, so flowray sees one plain model of a supported family (needs `
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -24,6 +23,7 @@ from urllib.parse import urlparse
 import torch
 
 from flowray.errors import InputError, MissingDependencyError, UnknownModelError, UnsupportedArchitectureError
+from flowray.io_checks import sha256_file
 from flowray.models.base import Adapter
 from flowray.models.dtypes import DTYPES
 from flowray.models.families import adapter_class_for, adapter_for
@@ -141,14 +141,6 @@ def _smollm2_local_dir() -> Path:
 _CHECKSUMS = "flowray-checksums.json"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _safetensors_whole(path: Path) -> bool:
     """A safetensors file whose header parses and whose tensors end exactly at the end of the file."""
     try:
@@ -167,7 +159,7 @@ def _write_checksums(folder: Path) -> None:
     try:
         files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
                        and p.name != _CHECKSUMS)
-        tmp.write_text(json.dumps({p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}))
+        tmp.write_text(json.dumps({p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}))
         tmp.rename(folder / _CHECKSUMS)
     except OSError:  # a read-only cache: verified by size only, every time
         tmp.unlink(missing_ok=True)
@@ -193,7 +185,7 @@ def _cache_problem(folder: Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != spec["bytes"]:
             return f"{name} is {path.stat().st_size} bytes, expected {spec['bytes']}"
-        if _sha256(path) != spec["sha256"]:
+        if sha256_file(path) != spec["sha256"]:
             return f"{name} does not match its sha256"
     return None
 

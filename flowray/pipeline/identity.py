@@ -17,20 +17,13 @@ import sysconfig
 from pathlib import Path
 
 from flowray.errors import FlowrayError
+from flowray.io_checks import sha256_file
 
 HASH_LIMIT_BYTES = 256 << 20  # bigger source files are fingerprinted by size and mtime only
 
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def config_changes(old: dict, new: dict) -> list[str]:
@@ -84,7 +77,7 @@ def _source_files(source: dict) -> list[Path]:
 def _file_record(path: Path) -> dict:
     st = path.stat()
     return {"path": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "sha256": _sha256_file(path) if st.st_size <= HASH_LIMIT_BYTES else None}
+            "sha256": sha256_file(path) if st.st_size <= HASH_LIMIT_BYTES else None}
 
 
 def _interpreter(source: dict) -> str | None:
@@ -115,7 +108,7 @@ def _file_changes(domain: str, recorded: list[dict], now: list[Path]) -> list[st
         elif st.st_mtime_ns != rec["mtime_ns"]:
             if rec.get("sha256") is None:
                 out.append(f"corpus {domain!r}: {path} was modified (too big to compare by content)")
-            elif _sha256_file(Path(path)) != rec["sha256"]:
+            elif sha256_file(Path(path)) != rec["sha256"]:
                 out.append(f"corpus {domain!r}: {path} has other content (same size)")
     return out
 
