@@ -201,7 +201,7 @@ def prediction_stats_padded(
     kernel = select_kernel(backend, device, config)
     s = adapter.shape
     T_pad = input_ids.shape[1]
-    # the phases are named for profiles (torch.profiler, bench/gpu_job.py --profile); free when none runs
+    # the phases are named for profiles (torch.profiler, bench/gpu_job.py --profile): ~6 us each without one
     while True:
         state = BatchState(s.n_layers, s.n_heads, spans, T_pad, s.parallel, min(taus), device, words, sources,
                            config.hits_per_node)
