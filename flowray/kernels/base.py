@@ -255,6 +255,17 @@ def head_outputs_dense(values: torch.Tensor, w_o: torch.Tensor) -> torch.Tensor:
     return torch.bmm(v.transpose(0, 1).reshape(H, G * T, dh), w_o).view(H, G, T, d).transpose(0, 1)
 
 
+def float32_head_outputs(values: torch.Tensor, w_o: torch.Tensor, w_flat: torch.Tensor | None, f_max_of
+                         ) -> HeadOutputs:
+    """The CPU and torch backends' ``head_outputs``: everything in float32, ``F`` materialised whole;
+    ``f_max_of(F)``: each source's ``max |F|`` ``[(G,) H, T]``."""
+    check_heads(w_o.shape[0], values.shape[-3])
+    values, w_o = values.float(), w_o.float()
+    F = head_outputs_dense(values, w_o)  # [(G,) H, T, d]
+    w_flat = flat_output_projection(w_o) if w_flat is None else w_flat.float()
+    return HeadOutputs(values=values, w_o=w_o, w_flat=w_flat, F=F, f_max=f_max_of(F))
+
+
 def flat_output_projection(w_o: torch.Tensor) -> torch.Tensor:
     """``[H, dh, d]`` -> ``[d, H * dh]`` contiguous, same dtype (column block h is ``W_O^h^T``)."""
     H, dh, d = w_o.shape

@@ -9,22 +9,22 @@ from __future__ import annotations
 import torch
 
 from flowray.kernels import cpu_loops
-from flowray.kernels.base import HeadOutputs, Kernel, check_heads, flat_output_projection, head_outputs_dense
+from flowray.kernels.base import HeadOutputs, Kernel, float32_head_outputs
+
+
+def _f_max(F: torch.Tensor) -> torch.Tensor:
+    """``max |F|`` over ``d`` by the compiled loops, ``[(G,) H, T]``."""
+    base = F if F.dim() == 3 else F.transpose(0, 1)  # contiguous: [H, T, d] or [H, G, T, d]
+    T, d = F.shape[-2:]
+    f_max = torch.from_numpy(cpu_loops.f_max(base.reshape(-1, T, d).numpy(), torch.get_num_threads()))
+    return f_max.view(base.shape[:-1]) if F.dim() == 3 else f_max.view(base.shape[:-1]).transpose(0, 1)
 
 
 class CpuKernel(Kernel):
     name = "cpu"
 
     def head_outputs(self, values, w_o, w_flat=None) -> HeadOutputs:
-        check_heads(w_o.shape[0], values.shape[-3])
-        values, w_o = values.float(), w_o.float()
-        F = head_outputs_dense(values, w_o)  # [(G,) H, T, d]
-        base = F if F.dim() == 3 else F.transpose(0, 1)  # contiguous: [H, T, d] or [H, G, T, d]
-        T, d = F.shape[-2:]
-        f_max = torch.from_numpy(cpu_loops.f_max(base.reshape(-1, T, d).numpy(), torch.get_num_threads()))
-        f_max = f_max.view(base.shape[:-1]) if F.dim() == 3 else f_max.view(base.shape[:-1]).transpose(0, 1)
-        w_flat = flat_output_projection(w_o) if w_flat is None else w_flat.float()
-        return HeadOutputs(values=values, w_o=w_o, w_flat=w_flat, F=F, f_max=f_max)
+        return float32_head_outputs(values, w_o, w_flat, _f_max)
 
     def sub_edge_block(self, y, probs, heads: HeadOutputs, p0: int = 0, *, out=None) -> torch.Tensor:
         G, H, C, J = probs.shape

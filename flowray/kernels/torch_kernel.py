@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from flowray.kernels.base import HeadOutputs, Kernel, check_heads, flat_output_projection, head_outputs_dense, proximity
+from flowray.kernels.base import HeadOutputs, Kernel, float32_head_outputs, proximity
 
 
 class TorchKernel(Kernel):
     name = "torch"
 
     def head_outputs(self, values, w_o, w_flat=None) -> HeadOutputs:
-        check_heads(w_o.shape[0], values.shape[-3])
-        values, w_o = values.float(), w_o.float()
-        F = head_outputs_dense(values, w_o)  # [(G,) H, T, d]
-        w_flat = flat_output_projection(w_o) if w_flat is None else w_flat.float()
-        return HeadOutputs(values=values, w_o=w_o, w_flat=w_flat, F=F, f_max=F.abs().amax(-1))
+        return float32_head_outputs(values, w_o, w_flat, lambda F: F.abs().amax(-1))
 
     def sub_edge_block(self, y, probs, heads: HeadOutputs, p0: int = 0, *, out=None) -> torch.Tensor:
         G, H, C, J = probs.shape
