@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flowray.batch_stats import LayerRows, span_tensors
 from flowray.capture import LayerActivations, capture_layers
 from flowray.checks import check_weights_loaded
 from flowray.errors import InputError
-from flowray.kernels import Block, BlockOut, KernelConfig, select_kernel
+from flowray.kernels import BlockOut, KernelConfig, select_kernel
 from flowray.kernels.base import flat_output_projection
 from flowray.limits import check_dense_output
 from flowray.models.base import Adapter
@@ -271,17 +272,14 @@ def edge_importances_padded(
     results = [_Buffers(s.n_layers, s.n_heads, T, s.parallel, pinned, zero=not whole) for _, T in spans]
     sink = _HostSink(device)
     layers = adapter.layers()
-    span_tensors = None
-    if kernel.whole_batch:  # made once: a host-to-device copy per layer would wait for the device
-        both = torch.tensor([[start for start, _ in spans], [T for _, T in spans]], dtype=torch.int32)
-        span_tensors = tuple(both.to(device))
+    spans_on_device = span_tensors(spans, device) if kernel.whole_batch else None
 
     def consume(rec: LayerActivations) -> None:
         w_o, _bias = adapter.output_projection(layers[rec.layer])  # the bias is in the node, in no edge
         w_o = w_o.detach()
         w_flat = flat_output_projection(w_o)
         for block in plan:
-            _layer_block(kernel, rec, block, spans, w_o, w_flat, s.parallel, results, sink, budget, span_tensors)
+            _layer_block(kernel, rec, block, spans, w_o, w_flat, s.parallel, results, sink, budget, spans_on_device)
 
     # eval mode for the pass (dropout would change what is decomposed); the caller's mode is restored
     keep = budget if kernel.whole_batch else None
@@ -397,34 +395,21 @@ class _HostSink:
 
 
 def _layer_block(kernel, rec: LayerActivations, block, spans, w_o, w_flat, parallel: bool, results: list,
-                 sink: _HostSink, budget: int, span_tensors=None) -> None:
+                 sink: _HostSink, budget: int, spans_on_device=None) -> None:
     """Importances of layer ``rec.layer`` for batch rows ``first .. stop - 1`` on a grid of ``T_grid``
     padded positions from ``off`` (one sequence's span, or the whole padded batch)."""
     l = rec.layer
     first, stop, off, T_grid = block
     G = stop - first
-    bs, rows = slice(first, stop), slice(off, off + T_grid)
-    x, attn_out, out = rec.inputs[bs, rows], rec.attn_out[bs, rows], rec.outputs[bs, rows]
-    heads = kernel.head_outputs(rec.values[bs, :, rows], w_o, w_flat)
-    if parallel:
-        y = out.float()
-        parts = [x, y - x.float() - attn_out.float()]
-    else:
-        y = x.float() + attn_out.float()  # x^{lA}
-        parts = [x]
-    starts = [spans[b][0] - off for b in range(first, stop)]
-    lengths = [spans[b][1] for b in range(first, stop)]
+    layer = LayerRows(kernel, rec, block, spans, w_o, w_flat, parallel)
+    y, starts, lengths = layer.y, layer.starts, layer.lengths
     H = w_o.shape[0]
     # the CPU kernel takes a sequence in one block and writes straight into the result
     C = T_grid if kernel.name == "cpu" else kernel.rows_per_block(G, H, T_grid, budget)
-    direct = torch.empty(len(parts), G, T_grid, dtype=torch.float32, device=y.device)
-    for p0 in range(0, T_grid, C):
-        p1 = min(T_grid, p0 + C)
+    direct = torch.empty(len(layer.parts), G, T_grid, dtype=torch.float32, device=y.device)
+    for p0, p1, blk in layer.blocks(C, spans_on_device):
         direct_cpu = G == 1 and p0 == 0 and p1 == T_grid and y.device.type == "cpu"
         sub = results[first].attn[l][None] if direct_cpu else torch.empty(G, H, p1 - p0, p1, device=y.device)
-        scale = None if rec.row_scale is None else rec.row_scale[bs, off + p0 : off + p1]
-        blk = Block(y=y[:, p0:p1], parts=[z[:, p0:p1] for z in parts], probs=rec.block_rows(first, stop, off, p0, p1),
-                    row_scale=scale, heads=heads, p0=p0, starts=starts, lengths=lengths, span_tensors=span_tensors)
         kernel.block(blk, BlockOut(direct=direct[:, :, p0:p1], sub=sub))
         if direct_cpu:
             continue
@@ -434,9 +419,7 @@ def _layer_block(kernel, rec: LayerActivations, block, spans, w_o, w_flat, paral
             if lo < hi:
                 sink.put(results[b].attn[l, :, lo - start : hi - start, : hi - start],
                          sub[g, :, lo - p0 : hi - p0, start:hi])
-    if not parallel:
-        d = y.shape[-1]
-        block_node = kernel.block_node(out.reshape(G * T_grid, d), y.reshape(G * T_grid, d)).view(2, G, T_grid)
+    block_node = None if parallel else layer.block_node()
     for g, b in enumerate(range(first, stop)):
         start, T = starts[g], lengths[g]
         own = slice(start, start + T)

@@ -92,11 +92,24 @@ class BatchState:
         most = int(self.hit_count.max()) if self.hit_count.numel() else 0
         return most if most > self.M else 0
 
+    def filled(self, above: float | None = None) -> torch.Tensor:
+        """``[L, B, T, M]``: the slots that hold a hit (with ``above``: a hit whose value exceeds it)."""
+        M = self.M
+        valid = torch.arange(M, device=self.hit_count.device) < self.hit_count.clamp_max(M)[..., None]
+        return valid if above is None else valid & (self.hit_value > above)
+
+    def slot_grid(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each slot's layer, sequence and padded position, as ``[L, B, T, M]`` views (for ``index_put_``)."""
+        L, B, T, M = self.hit_head.shape
+        dev = self.hit_head.device
+        return (torch.arange(L, device=dev)[:, None, None, None].expand(L, B, T, M),
+                torch.arange(B, device=dev)[None, :, None, None].expand(L, B, T, M),
+                torch.arange(T, device=dev)[None, None, :, None].expand(L, B, T, M))
+
     def graphs(self) -> list[Graph]:
         """Each sequence's ``Graph`` (positions relative to its first real token), read from the slots."""
-        L, B, T, M = self.hit_head.shape
-        valid = torch.arange(M, device=self.hit_count.device) < self.hit_count.clamp_max(M)[..., None]
-        at = torch.nonzero(valid.transpose(0, 1))  # [N, 4] (b, l, t, slot), sequence-major
+        L, B, T, _ = self.hit_head.shape
+        at = torch.nonzero(self.filled().transpose(0, 1))  # [N, 4] (b, l, t, slot), sequence-major
         b, l, t, m = at.unbind(1)
         counts = torch.bincount(b, minlength=B).tolist()
         head = self.hit_head[l, b, t, m].long()
@@ -114,38 +127,67 @@ class BatchState:
         return out
 
 
+def span_tensors(spans: list, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sequence's start and length as int32 device tensors, for whole-batch kernels; made once per
+    batch (a host-to-device copy per layer would wait for the device)."""
+    both = torch.tensor([[start for start, _ in spans], [n for _, n in spans]], dtype=torch.int32)
+    return tuple(both.to(device))
+
+
+class LayerRows:
+    """Layer ``rec.layer`` for batch rows ``first .. stop - 1`` on a grid of ``T_grid`` padded positions from
+    ``off`` (``block``): the attention node ``y`` with its direct parts, the head outputs, and each sequence's
+    real positions on the grid (``starts``, ``lengths``)."""
+
+    def __init__(self, kernel: Kernel, rec: LayerActivations, block: tuple[int, int, int, int], spans: list,
+                 w_o: torch.Tensor, w_flat: torch.Tensor, parallel: bool):
+        self.kernel, self.rec = kernel, rec
+        self.first, self.stop, self.off, self.T_grid = first, stop, off, T_grid = block
+        bs, rows = slice(first, stop), slice(off, off + T_grid)
+        x, attn_out, self.out = rec.inputs[bs, rows], rec.attn_out[bs, rows], rec.outputs[bs, rows]
+        self.heads = kernel.head_outputs(rec.values[bs, :, rows], w_o, w_flat)
+        if parallel:
+            self.y = self.out.float()  # x^l = x + attn + ffn: one node, parts residual and FFN
+            self.parts = [x, self.y - x.float() - attn_out.float()]
+        else:
+            self.y = x.float() + attn_out.float()  # x^{lA}
+            self.parts = [x]
+        self.starts = [spans[b][0] - off for b in range(first, stop)]
+        self.lengths = [spans[b][1] for b in range(first, stop)]
+
+    def blocks(self, C: int, span_tensors=None):
+        """``(p0, p1, Block)`` for the grid's query rows in chunks of ``C``."""
+        first, stop, off, rec = self.first, self.stop, self.off, self.rec
+        for p0 in range(0, self.T_grid, C):
+            p1 = min(self.T_grid, p0 + C)
+            scale = None if rec.row_scale is None else rec.row_scale[first:stop, off + p0 : off + p1]
+            yield p0, p1, Block(y=self.y[:, p0:p1], parts=[z[:, p0:p1] for z in self.parts],
+                                probs=rec.block_rows(first, stop, off, p0, p1), row_scale=scale, heads=self.heads,
+                                p0=p0, starts=self.starts, lengths=self.lengths, span_tensors=span_tensors)
+
+    def block_node(self) -> torch.Tensor:
+        """``[2, G, T_grid]``: the FFN's block node ``x^l = x^{lA} + FFN``, its residual and FFN parts."""
+        G, d = self.stop - self.first, self.y.shape[-1]
+        return self.kernel.block_node(self.out.reshape(G * self.T_grid, d),
+                                      self.y.reshape(G * self.T_grid, d)).view(2, G, self.T_grid)
+
+
 def add_layer(kernel: Kernel, state: BatchState, rec: LayerActivations, block: tuple[int, int, int, int],
               w_o: torch.Tensor, w_flat: torch.Tensor, budget: int, span_tensors=None) -> None:
     """Fold layer ``rec.layer`` of batch rows ``first .. stop - 1`` (a grid of ``T_grid`` padded positions
     from ``off``) into ``state``, in blocks of query rows within ``budget`` elements ``[G, H, C, T_grid]``."""
     first, stop, off, T_grid = block
-    l, G, H = rec.layer, stop - first, state.H
+    l = rec.layer
     for b in range(first, stop):
         state.offsets[b] = off
     bs, rows = slice(first, stop), slice(off, off + T_grid)
-    x, attn_out, out = rec.inputs[bs, rows], rec.attn_out[bs, rows], rec.outputs[bs, rows]
-    heads = kernel.head_outputs(rec.values[bs, :, rows], w_o, w_flat)
-    if state.parallel:
-        y = out.float()  # x^l = x + attn + ffn: one node, parts residual and FFN
-        parts = [x, y - x.float() - attn_out.float()]
-    else:
-        y = x.float() + attn_out.float()  # x^{lA}
-        parts = [x]
-    starts = [state.spans[b][0] - off for b in range(first, stop)]
-    lengths = [state.spans[b][1] for b in range(first, stop)]
-    C = kernel.rows_per_block(G, H, T_grid, budget)
-    for p0 in range(0, T_grid, C):
-        p1 = min(T_grid, p0 + C)
-        scale = None if rec.row_scale is None else rec.row_scale[bs, off + p0 : off + p1]
-        blk = Block(y=y[:, p0:p1], parts=[z[:, p0:p1] for z in parts], probs=rec.block_rows(first, stop, off, p0, p1),
-                    row_scale=scale, heads=heads, p0=p0, starts=starts, lengths=lengths, span_tensors=span_tensors)
-        kernel.block(blk, state.targets(l, first, stop, off, T_grid, p0, p1, len(parts)))
+    layer = LayerRows(kernel, rec, block, state.spans, w_o, w_flat, state.parallel)
+    for p0, p1, blk in layer.blocks(kernel.rows_per_block(stop - first, state.H, T_grid, budget), span_tensors):
+        kernel.block(blk, state.targets(l, first, stop, off, T_grid, p0, p1, len(layer.parts)))
     if state.parallel:
         state.ffn[l, bs, rows] = state.direct[l, 1, bs, rows]
     else:  # x^l = x^{lA} + FFN: a node of two direct parts
-        d = y.shape[-1]
-        block_node = kernel.block_node(out.reshape(G * T_grid, d), y.reshape(G * T_grid, d)).view(2, G, T_grid)
-        state.ffn_residual[l, bs, rows], state.ffn[l, bs, rows] = block_node[0], block_node[1]
+        state.ffn_residual[l, bs, rows], state.ffn[l, bs, rows] = layer.block_node()
 
 
 def check_source(source, T: int) -> tuple[int, list[int]]:
@@ -181,11 +223,8 @@ def routes_all(state: BatchState, tau: float) -> tuple[list[KeyRows], list[KeyRo
     L, B, T, M = state.hit_head.shape
     H, dev = state.H, state.hit_head.device
     dt = torch.float16 if dev.type == "cuda" else torch.float32
-    valid = torch.arange(M, device=dev) < state.hit_count.clamp_max(M)[..., None]  # [L, B, T, M]
-    keep = valid & (state.hit_value > tau)
-    l_idx = torch.arange(L, device=dev)[:, None, None, None].expand(L, B, T, M)
-    b_idx = torch.arange(B, device=dev)[None, :, None, None].expand(L, B, T, M)
-    pos = torch.arange(T, device=dev)[None, None, :, None].expand(L, B, T, M)
+    keep = state.filled(above=tau)  # [L, B, T, M]
+    l_idx, b_idx, pos = state.slot_grid()
     offs = torch.tensor(state.offsets, device=dev)[None, :, None, None]
     src = (state.hit_source.long() + offs).clamp(0, T - 1)  # grid -> padded positions
     one = torch.ones((), dtype=dt, device=dev).expand(L, B, T, M)
@@ -236,13 +275,10 @@ def _split(on: torch.Tensor, spans: list, width: int) -> list[KeyRows]:
 def pruned_all(state: BatchState, tau: float, active_above: float) -> list[KeyRows]:
     """Per sequence and position, the flat heads whose importance at the position's own attention node, after
     every part <= tau is dropped and the kept parts are rescaled to sum to 1, exceeds ``active_above``."""
-    L, B, T, M = state.hit_head.shape
+    L, B, T, _ = state.hit_head.shape
     dev = state.hit_head.device
-    valid = torch.arange(M, device=dev) < state.hit_count.clamp_max(M)[..., None]
-    kept = torch.where(valid & (state.hit_value > tau), state.hit_value, 0.0)  # [L, B, T, M]
-    l_idx = torch.arange(L, device=dev)[:, None, None, None].expand(L, B, T, M)
-    b_idx = torch.arange(B, device=dev)[None, :, None, None].expand(L, B, T, M)
-    pos = torch.arange(T, device=dev)[None, None, :, None].expand(L, B, T, M)
+    kept = torch.where(state.filled(above=tau), state.hit_value, 0.0)  # [L, B, T, M]
+    l_idx, b_idx, pos = state.slot_grid()
     kept_heads = torch.zeros(L, B, state.H, T, dtype=torch.float32, device=dev)
     kept_heads.index_put_((l_idx, b_idx, state.hit_head.long(), pos), kept, accumulate=True)
     res = state.direct[:, 0]

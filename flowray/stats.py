@@ -28,7 +28,7 @@ import torch
 from torch.profiler import record_function
 
 from flowray.api import _unpack, pad_sequences, padded_forward_inputs
-from flowray.batch_stats import BatchState, add_layer, batched_routes_fit, pruned_all, routes_all
+from flowray.batch_stats import BatchState, add_layer, batched_routes_fit, pruned_all, routes_all, span_tensors
 from flowray.capture import LayerActivations, capture_layers, predicted_ids
 from flowray.errors import InputError
 from flowray.kernels import KernelConfig, select_kernel
@@ -250,10 +250,7 @@ def _stream(hf_model, adapter, kernel, state: BatchState, spans, forward_kwargs,
     budget = kernel.config.budget(state.head_sum.device)
     plan = kernel.plan(spans, state.H, budget)
     layers = adapter.layers()
-    span_tensors = None
-    if kernel.whole_batch:  # made once here: a host-to-device copy per layer would wait for the device
-        both = torch.tensor([[s for s, _ in spans], [n for _, n in spans]], dtype=torch.int32)
-        span_tensors = tuple(both.to(state.head_sum.device))
+    spans_on_device = span_tensors(spans, state.head_sum.device) if kernel.whole_batch else None
 
     def consume(rec: LayerActivations) -> None:
         w_o, _bias = adapter.output_projection(layers[rec.layer])  # the bias is in the node, in no edge
@@ -261,7 +258,7 @@ def _stream(hf_model, adapter, kernel, state: BatchState, spans, forward_kwargs,
         with record_function("flowray.layer"):
             w_flat = flat_output_projection(w_o)  # [d, H * dh], once per layer for every block
             for block in plan:
-                add_layer(kernel, state, rec, block, w_o, w_flat, budget, span_tensors)
+                add_layer(kernel, state, rec, block, w_o, w_flat, budget, spans_on_device)
 
     top: list[torch.Tensor] = []
     last = None if predictions == "all" else [start + T - 1 for start, T in spans]
