@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     cluster = LocalAutoscalingCluster(head_cpus=2, worker_node_types={"gpu_node": gpu_node})
     print(f"starting a fake autoscaling cluster (head: 2 CPUs; gpu_node: 1 CPU + 1 fake GPU, 1..3 nodes) ...")
     cluster.start(env={"RAY_AUTH_MODE": "token"})
-    env = {**os.environ, "RAY_ADDRESS": cluster.address, "RAY_AUTH_MODE": "token",
+    env = {**os.environ, **cluster.client_env,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     done_dir = out / "autoscale" / "done"
     nodes: dict[str, str | None] = {}

@@ -4,8 +4,9 @@ The head has CPUs only; the worker node type has one CPU and one ``GPU`` resourc
 it. The job asks for ``min_actors: 1``, ``actors: 3``, ``gpus_per_actor: 1``: the autoscaler adds a node
 for the first replica, then more as Ray Data grows the pool, and each replica's model (``device: auto``)
 falls back to the CPU. A replica that has committed a shard is stalled (SIGSTOP) until the pool has grown, so
-that however fast the replicas are, work is left when the nodes arrive. Once three replicas on three nodes
-have committed shards, they resume and one worker node is killed (its raylet and everything on it,
+that however fast the replicas are, work is left when the nodes arrive (a stall ends after 4 minutes, so a
+pool that never grows fails the test with the autoscaler's log rather than hanging it). Once three replicas on
+three nodes have committed shards, they resume and one worker node is killed (its raylet and everything on it,
 SIGKILL); the run must still finish with every text exactly once.
 """
 
@@ -34,6 +35,9 @@ def fake_cluster():
     cluster = LocalAutoscalingCluster(head_cpus=2, worker_node_types={"gpu_node": gpu_node})
     cluster.start(env={"RAY_AUTH_MODE": "token"})
     try:
+        # the job starts on a pool that exists: the min_workers node is up (or the autoscaler says why not)
+        assert cluster.wait_for_workers(1, timeout=180), \
+            f"the fake autoscaler started no worker node in 180 s:\n{cluster.monitor_log_tail()}"
         yield cluster
     finally:
         cluster.stop()
@@ -79,7 +83,7 @@ def test_pool_grows_to_three_nodes_and_survives_losing_one(tmp_path, tiny_model_
            "corpora": [{"domain": "notes", "source": {"kind": "jsonl", "paths": [str(_corpus(tmp_path, n))]}}]}
     cfg_path = tmp_path / "job.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "RAY_ADDRESS": fake_cluster.address, "RAY_AUTH_MODE": "token"}
+    env = {**os.environ, **fake_cluster.client_env}
     log = open(tmp_path / "driver.log", "w")
     driver = subprocess.Popen([sys.executable, "-m", "flowray.cli", "job", "run", "--config", str(cfg_path)],
                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -89,8 +93,12 @@ def test_pool_grows_to_three_nodes_and_survives_losing_one(tmp_path, tiny_model_
     stalled: set[int] = set()
     killed = done_at_kill = None
     deadline = time.time() + 420
+    stall_until = None  # stalled replicas resume after 240 s whatever the pool: a clear failure, not a hang
     try:
         while driver.poll() is None and time.time() < deadline:
+            if stalled and stall_until is not None and time.time() > stall_until:
+                _signal(stalled, signal.SIGCONT)
+                stalled.clear()
             for marker in done_dir.glob("*.json") if done_dir.is_dir() else ():
                 if marker.name in seen:
                     continue
@@ -104,6 +112,7 @@ def test_pool_grows_to_three_nodes_and_survives_losing_one(tmp_path, tiny_model_
                         # the replicas' speed then cannot end the run before the autoscaler adds nodes.
                         _signal([pid], signal.SIGSTOP)
                         stalled.add(pid)
+                        stall_until = stall_until or time.time() + 240
             if killed is None and len({node for node in nodes_of_worker.values() if node}) >= 3:
                 _signal(stalled, signal.SIGCONT)
                 victim = fake_cluster.worker_raylets()[0]
@@ -116,8 +125,9 @@ def test_pool_grows_to_three_nodes_and_survives_losing_one(tmp_path, tiny_model_
             driver.kill()
         log.close()
     output = (tmp_path / "driver.log").read_text()
-    assert driver.returncode == 0, output[-4000:]
-    assert killed is not None, f"the pool never reached 3 replicas on 3 nodes: {nodes_of_worker}\n{output[-3000:]}"
+    assert driver.returncode == 0, f"{output[-4000:]}\n{fake_cluster.monitor_log_tail()}"
+    assert killed is not None, (f"the pool never reached 3 replicas on 3 nodes: {nodes_of_worker}\n{output[-3000:]}\n"
+                                f"{fake_cluster.monitor_log_tail()}")
     assert done_at_kill < n, "the node was lost after the run had finished"
     # three replicas, each on its own fake GPU node, took shards before the node loss
     assert len({node for node in nodes_of_worker.values() if node}) >= 3, nodes_of_worker

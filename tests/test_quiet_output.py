@@ -44,8 +44,8 @@ def test_ray_job_submit_logs_show_flowray_not_ray_notices(tmp_path, tiny_model_d
     from flowray.pipeline.local_cluster import LocalAutoscalingCluster, free_port
 
     head = LocalAutoscalingCluster(head_cpus=2, worker_node_types={}, dashboard_port=free_port())
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
     head.start(env={"RAY_AUTH_MODE": "token"})
+    env = {**os.environ, **head.client_env, "RAY_USAGE_STATS_ENABLED": "0"}
     try:
         proc = subprocess.run(
             [str(os.path.join(os.path.dirname(sys.executable), "ray")), "job", "submit", "--address",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -44,7 +45,11 @@ def free_port() -> int:
 
 
 class LocalAutoscalingCluster:
-    """``start()`` -> ``address`` to ``ray.init`` -> ``worker_nodes()`` / ``kill_node()`` -> ``stop()``."""
+    """``start()`` -> ``address`` to ``ray.init`` -> ``worker_nodes()`` / ``kill_node()`` -> ``stop()``.
+
+    ``start(env={"RAY_AUTH_MODE": "token"})`` gives the cluster a token of its own (in its temp folder);
+    a driver joins with ``{**os.environ, **cluster.client_env}`` (the address, the auth mode, the token path).
+    """
 
     def __init__(self, *, head_cpus: int, worker_node_types: dict, max_workers: int | None = None,
                  idle_timeout_minutes: float = 5, dashboard_port: int | None = None):
@@ -59,6 +64,7 @@ class LocalAutoscalingCluster:
         # the jobs API (`ray job submit`) lives in the dashboard: only when asked for, and on 127.0.0.1 only
         self.dashboard_port = dashboard_port
         self.dashboard_address = f"http://127.0.0.1:{dashboard_port}" if dashboard_port else None
+        self.client_env: dict[str, str] = {"RAY_ADDRESS": self.address}  # what a driver's environment adds
 
     def _config(self) -> dict:
         types = dict(self.worker_node_types)
@@ -79,7 +85,17 @@ class LocalAutoscalingCluster:
             cmd += ["--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
         else:
             cmd += ["--include-dashboard=false"]
-        full_env = {**os.environ, "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1", **(env or {})}
+        env = dict(env or {})
+        if env.get("RAY_AUTH_MODE") == "token":
+            # a token of its own, so that a machine without ~/.ray/auth_token starts it too; the fake worker
+            # nodes inherit it from the head, and drivers get it from ``client_env``
+            token = Path(self.temp_dir) / "auth_token"
+            token.write_text(secrets.token_hex(32))
+            token.chmod(0o600)
+            env["RAY_AUTH_TOKEN_PATH"] = str(token)
+            self.client_env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)})
+        full_env = {**os.environ, "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1", **env}
+        full_env.pop("RAY_AUTH_TOKEN", None)  # the file above is the cluster's token
         subprocess.run(cmd, env=full_env, check=True, capture_output=True, text=True, timeout=180)
         log.info("fake autoscaling cluster up at %s (temp dir %s)", self.address, self.temp_dir)
         return self.address
@@ -112,6 +128,26 @@ class LocalAutoscalingCluster:
             except (psutil.NoSuchProcess, psutil.AccessDenied, IndexError):
                 continue
         return out
+
+    def wait_for_workers(self, n: int, timeout: float) -> bool:
+        """Wait until ``n`` fake worker nodes run (e.g. the ``min_workers`` ones); False after ``timeout`` s."""
+        deadline = time.time() + timeout
+        while len(self.worker_raylets()) < n:
+            if time.time() > deadline:
+                return False
+            time.sleep(0.5)
+        return True
+
+    def monitor_log_tail(self, lines: int = 40) -> str:
+        """The last lines of the autoscaler's logs (``monitor.*``), to say why nodes did not come."""
+        out = []
+        for path in sorted(Path(self.temp_dir).glob("session_latest/logs/monitor.*")):
+            try:
+                text = path.read_text(errors="replace").splitlines()[-lines:]
+            except OSError:
+                continue
+            out.append(f"--- {path.name}\n" + "\n".join(text))
+        return "\n".join(out) or f"no monitor logs under {self.temp_dir}"
 
     def kill_node(self, raylet) -> None:
         """Lose a worker node: its raylet and the workers it started die at once (SIGKILL)."""
