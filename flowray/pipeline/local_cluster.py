@@ -45,7 +45,7 @@ def free_port() -> int:
 
 
 class LocalAutoscalingCluster:
-    """``start()`` -> ``address`` to ``ray.init`` -> ``worker_nodes()`` / ``kill_node()`` -> ``stop()``.
+    """``start()`` -> ``address`` to ``ray.init`` -> ``worker_raylets()`` / ``kill_node()`` -> ``stop()``.
 
     ``start(env={"RAY_AUTH_MODE": "token"})`` gives the cluster a token of its own (in its temp folder);
     a driver joins with ``{**os.environ, **cluster.client_env}`` (the address, the auth mode, the token path).
