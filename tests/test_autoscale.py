@@ -106,7 +106,7 @@ def test_pool_grows_to_three_nodes_and_survives_losing_one(tmp_path, tiny_model_
     stall_until = None  # stalled replicas resume after 240 s whatever the pool: a clear failure, not a hang
     try:
         while driver.poll() is None and time.time() < deadline:
-            if stalled and stall_until is not None and time.time() > stall_until:
+            if stalled and time.time() > stall_until:  # set with the first stall
                 _signal(stalled, signal.SIGCONT)
                 stalled.clear()
             for marker in done_dir.glob("*.json") if done_dir.is_dir() else ():

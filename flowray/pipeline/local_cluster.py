@@ -47,8 +47,8 @@ def free_port() -> int:
 class LocalAutoscalingCluster:
     """``start()`` -> ``address`` to ``ray.init`` -> ``worker_raylets()`` / ``kill_node()`` -> ``stop()``.
 
-    ``start(env={"RAY_AUTH_MODE": "token"})`` gives the cluster a token of its own (in its temp folder);
-    a driver joins with ``{**os.environ, **cluster.client_env}`` (the address, the auth mode, the token path).
+    ``start(env={"RAY_AUTH_MODE": "token"})`` gives the cluster a token of its own; a driver joins with
+    ``{**os.environ, **cluster.client_env}`` (the address, the auth mode, the token).
     """
 
     def __init__(self, *, head_cpus: int, worker_node_types: dict, max_workers: int | None = None,
@@ -87,15 +87,12 @@ class LocalAutoscalingCluster:
             cmd += ["--include-dashboard=false"]
         env = dict(env or {})
         if env.get("RAY_AUTH_MODE") == "token":
-            # a token of its own, so that a machine without ~/.ray/auth_token starts it too; the fake worker
-            # nodes inherit it from the head, and drivers get it from ``client_env``
-            token = Path(self.temp_dir) / "auth_token"
-            token.write_text(secrets.token_hex(32))
-            token.chmod(0o600)
-            env["RAY_AUTH_TOKEN_PATH"] = str(token)
-            self.client_env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)})
+            # a token of its own, so that a machine without ~/.ray/auth_token starts it too: Ray reads
+            # RAY_AUTH_TOKEN before any token file; the fake worker nodes inherit it from the head, and
+            # drivers get it from ``client_env``
+            env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+            self.client_env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": env["RAY_AUTH_TOKEN"]})
         full_env = {**os.environ, "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1", **env}
-        full_env.pop("RAY_AUTH_TOKEN", None)  # the file above is the cluster's token
         subprocess.run(cmd, env=full_env, check=True, capture_output=True, text=True, timeout=180)
         log.info("fake autoscaling cluster up at %s (temp dir %s)", self.address, self.temp_dir)
         return self.address
