@@ -204,54 +204,83 @@ def check_source(source, T: int) -> tuple[int, list[int]]:
     return query, positions
 
 
-# Every position's routes for the whole batch at once while the [L, B, T, T] edge matrices stay this small
+# Every position's routes for the whole batch at once while the edge matrices of one tau, ``[L, B, T + H, T]``,
+# stay this small; several taus go side by side while they fit together
 BATCHED_ROUTES_UP_TO = 1 << 28  # elements (512 MiB in half precision)
 
 
+def _route_rows(state: BatchState) -> int:
+    return state.L * state.B * (state.T + state.H + 2) * state.T
+
+
 def batched_routes_fit(state: BatchState) -> bool:
-    return state.L * state.B * state.T * state.T <= BATCHED_ROUTES_UP_TO
+    return _route_rows(state) <= BATCHED_ROUTES_UP_TO
 
 
-def routes_all(state: BatchState, tau: float) -> tuple[list[KeyRows], list[KeyRows]]:
-    """Every position's route at ``tau`` for every sequence of the batch in one pass, read from the slots.
+def routes_all(state: BatchState, taus) -> dict[float, tuple[list[KeyRows], list[KeyRows]]]:
+    """Every position's route at each tau for every sequence of the batch, read from the slots.
 
-    The same rules as ``sparse_routes.routes_of`` (appendix B.2), with the sequences side by side on the
-    padded grid: reached sets ``[B, T, P]`` move down one block per layer through ``[B, T, T]`` edge
-    matrices (a batched matrix product; 0/1 entries, exact in half precision with float32 accumulation).
-    Returns flat (keys ``p * L*H + flat head``, ``p * L + layer``) per sequence, positions relative.
+    The same rules as ``sparse_routes.routes_of`` (appendix B.2), with the sequences and the taus side by
+    side on the padded grid (as many taus at once as ``BATCHED_ROUTES_UP_TO`` allows). Returns, per tau,
+    flat (keys ``p * L*H + flat head``, ``p * L + layer``) per sequence, positions relative.
+    """
+    out: dict = {}
+    group = max(1, BATCHED_ROUTES_UP_TO // _route_rows(state))
+    taus = list(taus)
+    for i in range(0, len(taus), group):
+        out.update(_routes_group(state, taus[i : i + group]))
+    return out
+
+
+def _routes_group(state: BatchState, taus: list) -> dict[float, tuple[list[KeyRows], list[KeyRows]]]:
+    """``routes_all`` for ``K`` taus at once: three device operations per layer for all of them.
+
+    One matrix per layer, tau and sequence, ``A [1 + H + T, T]`` over the positions ``pos`` of its nodes:
+    row 0 the FFN edge kept at ``pos``, rows ``1 + h`` a kept sub-edge of head ``h``, rows ``1 + H + j`` a
+    kept part from position ``j`` (the diagonal: the residual, or a parallel block's FFN); columns of nodes
+    that pass on nothing below (``through``) are zero in all but row 0. Reached sets ``[K B, T, P]`` move down
+    one block per layer as ``A reached`` (a batched matrix product; 0/1 entries, exact in half precision
+    with float32 accumulation, any positive count clamped to 1).
     """
     L, B, T, M = state.hit_head.shape
-    H, dev = state.H, state.hit_head.device
+    H, K, dev = state.H, len(taus), state.hit_head.device
+    R = 1 + H + T  # rows in use; row R takes the slots not kept and is never read
     dt = torch.float16 if dev.type == "cuda" else torch.float32
-    keep = state.filled(above=tau)  # [L, B, T, M]
     l_idx, b_idx, pos = state.slot_grid()
     offs = torch.tensor(state.offsets, device=dev)[None, :, None, None]
-    src = (state.hit_source.long() + offs).clamp(0, T - 1)  # grid -> padded positions
+    src_row = 1 + H + (state.hit_source.long() + offs).clamp(0, T - 1)  # grid -> padded positions -> rows
+    head_row = 1 + state.hit_head.long()
     one = torch.ones((), dtype=dt, device=dev).expand(L, B, T, M)
-    # every write is a 1 (duplicates agree, so no accumulation); slots not kept go to a spare row, cut off after
-    E = torch.zeros(L, B, T + 1, T, dtype=dt, device=dev)  # E[l, b, j, pos] = 1: pos keeps a part from j
-    E.index_put_((l_idx, b_idx, torch.where(keep, src, T), pos), one)
-    E = E[:, :, :T]
-    at_node = torch.zeros(L, B, H + 1, T, dtype=dt, device=dev)  # a head with a kept sub-edge at pos
-    at_node.index_put_((l_idx, b_idx, torch.where(keep, state.hit_head.long(), H), pos), one)
-    at_node = at_node[:, :, :H]
     res, ffn = state.direct[:, 0], state.ffn  # [L, B, T]
-    self_keep = (res > tau) | (ffn > tau) if state.parallel else res > tau
-    E.diagonal(dim1=2, dim2=3).copy_(torch.maximum(E.diagonal(dim1=2, dim2=3), self_keep.to(dt)))
-    ffn_keep = (ffn > tau).to(dt)  # [L, B, T]
-    through = None if state.parallel else ((ffn > tau) | (state.ffn_residual > tau)).to(dt)
-    real = torch.zeros(B, T, dtype=torch.bool, device=dev)
+    A = torch.zeros(L, K, B, R + 1, T, dtype=dt, device=dev)
+    for k, tau in enumerate(taus):
+        keep = state.filled(above=tau)  # [L, B, T, M]
+        a = A[:, k]  # every write is a 1 (duplicates agree, so no accumulation)
+        a.index_put_((l_idx, b_idx, torch.where(keep, src_row, R), pos), one)
+        a.index_put_((l_idx, b_idx, torch.where(keep, head_row, R), pos), one)
+        self_keep = (res > tau) | (ffn > tau) if state.parallel else res > tau
+        diag = a[:, :, 1 + H : R].diagonal(dim1=2, dim2=3)
+        diag.copy_(torch.maximum(diag, self_keep.to(dt)))
+        if not state.parallel:  # x^{lA} is reached only through the FFN's block node's kept parts
+            a[:, :, 1:R] *= ((ffn > tau) | (state.ffn_residual > tau)).to(dt)[:, :, None, :]
+        a[:, :, 0] = (ffn > tau).to(dt)
+    A = A.view(L, K * B, R + 1, T)[:, :, :R]
+    real = torch.zeros(B, T, dtype=dt, device=dev)
     for b, (start, n) in enumerate(state.spans):
-        real[b, start : start + n] = True
-    reached = torch.diag_embed(real.to(dt))  # [B, T, P]: prediction P reaches position T atop the last block
-    heads_on = torch.empty(L, B, H, T, dtype=torch.bool, device=dev)
-    ffn_on = torch.empty(L, B, T, dtype=torch.bool, device=dev)
+        real[b, start : start + n] = 1
+    reached = torch.diag_embed(real).repeat(K, 1, 1)  # [K B, T, P]: prediction P reaches position T atop
+    on = torch.empty(L, K * B, 1 + H, T, dtype=torch.bool, device=dev)  # FFN, then heads, per prediction P
+    prods = torch.empty(2, K * B, R, T, dtype=dt, device=dev)  # by turns: a product never writes its input
     for l in range(L - 1, -1, -1):
-        ffn_on[l] = torch.bmm(ffn_keep[l][:, None, :], reached)[:, 0] > 0  # [B, P]
-        M_ = reached if through is None else reached * through[l][:, :, None]  # attention nodes reached
-        heads_on[l] = torch.bmm(at_node[l], M_) > 0  # [B, H, P]
-        reached = (torch.bmm(E[l], M_) > 0).to(dt)  # [B, T, P]
-    return _split(heads_on.permute(1, 3, 0, 2), state.spans, L * H), _split(ffn_on.permute(1, 2, 0), state.spans, L)
+        prod = torch.bmm(A[l], reached, out=prods[l % 2])
+        torch.gt(prod[:, : 1 + H], 0, out=on[l])
+        reached = prod[:, 1 + H :].clamp_max_(1)  # [K B, T, P]
+    out = {}
+    for k, tau in enumerate(taus):
+        part = on[:, k * B : (k + 1) * B]  # [L, B, 1 + H, P]
+        out[tau] = (_split(part[:, :, 1:].permute(1, 3, 0, 2), state.spans, L * H),
+                    _split(part[:, :, 0].permute(1, 2, 0), state.spans, L))
+    return out
 
 
 def _split(on: torch.Tensor, spans: list, width: int) -> list[KeyRows]:
@@ -259,9 +288,10 @@ def _split(on: torch.Tensor, spans: list, width: int) -> list[KeyRows]:
     (``KeyRows``: one array and its row offsets, not an array per position)."""
     B, P = on.shape[:2]
     flat = on.reshape(B, P, width)
-    idx = torch.nonzero(flat)  # [N, 3] (b, p, value), sorted
-    counts = torch.bincount(idx[:, 0] * P + idx[:, 1], minlength=B * P).view(B, P).cpu().numpy()
-    values = idx[:, 2].cpu().numpy().astype(np.int64)
+    idx = torch.nonzero(flat)  # [N, 3] (b, p, value), sorted; the host waits for its size
+    counts = torch.bincount(idx[:, 0] * P + idx[:, 1], minlength=B * P)
+    both = torch.cat([counts, idx[:, 2]]).cpu().numpy().astype(np.int64, copy=False)  # one copy, one wait
+    counts, values = both[: B * P].reshape(B, P), both[B * P :]
     out, at = [], 0
     for b, (start, n) in enumerate(spans):
         c = counts[b]

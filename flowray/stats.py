@@ -220,8 +220,8 @@ def prediction_stats_padded(
             routes = _last_routes(graphs, taus)
         elif batched:  # every sequence's routes side by side on the padded grid
             routes = [({}, {}) for _ in spans]
-            for tau in taus:
-                for b, (heads, ffn) in enumerate(zip(*routes_all(state, tau))):
+            for tau, (heads_b, ffn_b) in routes_all(state, taus).items():
+                for b, (heads, ffn) in enumerate(zip(heads_b, ffn_b)):
                     routes[b][0][tau], routes[b][1][tau] = heads, ffn
         else:
             routes = [None] * len(spans)

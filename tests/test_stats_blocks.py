@@ -110,3 +110,25 @@ def test_head_outputs_of_a_batch_are_each_sequences_own():
         torch.testing.assert_close(batch.F[g], one.F, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(batch.f_max[g], one.f_max, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(head_outputs(values[g], w_o), one.F)
+
+
+@pytest.mark.parametrize("case", ["llama-gqa", "neox-parallel"])
+@pytest.mark.parametrize("taus_at_once", [0, 1, 2])
+def test_routes_of_taus_side_by_side_in_groups_or_from_the_sparse_graphs(monkeypatch, case, taus_at_once):
+    """The batched route pass takes as many taus at once as its memory bound allows (here 1 or 2 of 3, so
+    the last group is short); below one tau's matrices the routes come from each sequence's sparse graph."""
+    import flowray.batch_stats as batch_stats
+
+    model = tiny_model(case, seed=3)
+    gen = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(0, VOCAB, (1, T), generator=gen) for T in (9, 17, 4)]
+    dense = edge_importances_batch(model, seqs)
+    calls = []
+    real = batch_stats._routes_group
+    monkeypatch.setattr(batch_stats, "_routes_group", lambda state, taus: calls.append(len(taus)) or real(state, taus))
+    L, H = model.config.num_hidden_layers, model.config.num_attention_heads
+    one_tau = L * len(seqs) * (17 + H + 2) * 17
+    monkeypatch.setattr(batch_stats, "BATCHED_ROUTES_UP_TO", max(1, one_tau * taus_at_once))
+    got = prediction_stats_batch(model, seqs, TAUS)
+    assert calls == {0: [], 1: [1, 1, 1], 2: [2, 1]}[taus_at_once]
+    assert sum(_assert_equal_to_dense(d, s, None, TAUS) for d, s in zip(dense, got)) > 0
