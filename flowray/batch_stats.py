@@ -205,27 +205,32 @@ def check_source(source, T: int) -> tuple[int, list[int]]:
 
 
 # Every position's routes for the whole batch at once while the edge matrices of one tau, ``[L, B, T + H, T]``,
-# stay this small; several taus go side by side while they fit together
-BATCHED_ROUTES_UP_TO = 1 << 28  # elements (512 MiB in half precision)
+# fit in this many bytes; several taus go side by side while they fit together
+BATCHED_ROUTES_BYTES = 3 << 29  # 1.5 GiB: 3 taus of SmolLM2 at 32 x 512 tokens in half precision
 
 
-def _route_rows(state: BatchState) -> int:
-    return state.L * state.B * (state.T + state.H + 2) * state.T
+def _route_dtype(device) -> torch.dtype:
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def _route_bytes(state: BatchState) -> int:
+    size = torch.empty((), dtype=_route_dtype(state.hit_head.device)).element_size()
+    return state.L * state.B * (state.T + state.H + 2) * state.T * size
 
 
 def batched_routes_fit(state: BatchState) -> bool:
-    return _route_rows(state) <= BATCHED_ROUTES_UP_TO
+    return _route_bytes(state) <= BATCHED_ROUTES_BYTES
 
 
 def routes_all(state: BatchState, taus) -> dict[float, tuple[list[KeyRows], list[KeyRows]]]:
     """Every position's route at each tau for every sequence of the batch, read from the slots.
 
     The same rules as ``sparse_routes.routes_of`` (appendix B.2), with the sequences and the taus side by
-    side on the padded grid (as many taus at once as ``BATCHED_ROUTES_UP_TO`` allows). Returns, per tau,
+    side on the padded grid (as many taus at once as ``BATCHED_ROUTES_BYTES`` allows). Returns, per tau,
     flat (keys ``p * L*H + flat head``, ``p * L + layer``) per sequence, positions relative.
     """
     out: dict = {}
-    group = max(1, BATCHED_ROUTES_UP_TO // _route_rows(state))
+    group = max(1, BATCHED_ROUTES_BYTES // _route_bytes(state))
     taus = list(taus)
     for i in range(0, len(taus), group):
         out.update(_routes_group(state, taus[i : i + group]))
@@ -245,7 +250,7 @@ def _routes_group(state: BatchState, taus: list) -> dict[float, tuple[list[KeyRo
     L, B, T, M = state.hit_head.shape
     H, K, dev = state.H, len(taus), state.hit_head.device
     R = 1 + H + T  # rows in use; row R takes the slots not kept and is never read
-    dt = torch.float16 if dev.type == "cuda" else torch.float32
+    dt = _route_dtype(dev)
     l_idx, b_idx, pos = state.slot_grid()
     offs = torch.tensor(state.offsets, device=dev)[None, :, None, None]
     src_row = 1 + H + (state.hit_source.long() + offs).clamp(0, T - 1)  # grid -> padded positions -> rows

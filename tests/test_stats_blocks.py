@@ -127,8 +127,8 @@ def test_routes_of_taus_side_by_side_in_groups_or_from_the_sparse_graphs(monkeyp
     real = batch_stats._routes_group
     monkeypatch.setattr(batch_stats, "_routes_group", lambda state, taus: calls.append(len(taus)) or real(state, taus))
     L, H = model.config.num_hidden_layers, model.config.num_attention_heads
-    one_tau = L * len(seqs) * (17 + H + 2) * 17
-    monkeypatch.setattr(batch_stats, "BATCHED_ROUTES_UP_TO", max(1, one_tau * taus_at_once))
+    one_tau = L * len(seqs) * (17 + H + 2) * 17 * 4  # float32 on the CPU
+    monkeypatch.setattr(batch_stats, "BATCHED_ROUTES_BYTES", max(1, one_tau * taus_at_once))
     got = prediction_stats_batch(model, seqs, TAUS)
     assert calls == {0: [], 1: [1, 1, 1], 2: [2, 1]}[taus_at_once]
     assert sum(_assert_equal_to_dense(d, s, None, TAUS) for d, s in zip(dense, got)) > 0
