@@ -54,8 +54,18 @@ def _first(output):
 
 CAPTURE_IMPLEMENTATION = "flowray_capture"  # the name registered with transformers' AttentionInterface
 # rows of queries per chunk: a chunk's scores are [B, H, C, p1] for its last row p1, so chunks skip the
-# masked upper triangle (half the work of a full [T, T] product at long contexts)
+# masked upper triangle (half the work of a full [T, T] product at long contexts); on a CPU a chunk stays in
+# cache. On a GPU chunks are as large as _GPU_CHUNK_SCORES float32 scores allow (512 MiB): each chunk costs
+# ~10 kernel launches, and a whole 8 x 512-token batch of a 7B model is one chunk
 _ROW_CHUNK = 128
+_GPU_CHUNK_SCORES = 1 << 27
+
+
+def _row_chunk(device: torch.device, B: int, H: int, T: int) -> int:
+    """Query rows per chunk of the capture's attention for ``B`` sequences of ``T`` tokens and ``H`` heads."""
+    if device.type != "cuda":
+        return _ROW_CHUNK
+    return max(_ROW_CHUNK, _GPU_CHUNK_SCORES // max(1, B * H * T))
 # capture_layers(rows=True) still keeps a layer's weights when they have at most this many elements
 # (64 MiB of float32): below it recomputing rows costs more than holding them
 KEEP_WEIGHTS_UP_TO = 1 << 24
@@ -159,8 +169,9 @@ def _capture_attention(
                 _scratch.probs = probs
     out = torch.empty(B, T, H, dh, dtype=query.dtype, device=query.device)
     q_all = (query * scaling).view(B, H_kv, g, T, dh)
-    for p0 in range(0, T, _ROW_CHUNK):
-        p1 = min(T, p0 + _ROW_CHUNK)
+    rows_per_chunk = _row_chunk(query.device, B, H, T)
+    for p0 in range(0, T, rows_per_chunk):
+        p1 = min(T, p0 + rows_per_chunk)
         C = p1 - p0
         weights = _chunk_weights(q_all, key, attention_mask, p0, p1, low, softcap).to(query.dtype)  # [B, H, C, p1]
         if probs is not None:

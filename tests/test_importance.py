@@ -275,6 +275,18 @@ def test_half_precision_activations_with_float32_accumulation(dtype):
             np.testing.assert_allclose(got.direct.double(), want.direct, atol=1e-3, rtol=0, err_msg=backend)
 
 
+def test_the_capture_attention_takes_larger_row_chunks_on_a_gpu():
+    """~10 kernel launches per chunk: a GPU takes a whole 7B batch of 8 x 512 tokens (or SmolLM2's of 32 x 512)
+    in one chunk, a 32k-token 7B text in chunks of 128 rows (scores within 512 MiB); a CPU always 128 rows."""
+    from flowray.capture import _row_chunk
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert _row_chunk(cuda, 8, 32, 512) >= 512 and _row_chunk(cuda, 32, 9, 512) >= 512
+    assert _row_chunk(cuda, 8, 32, 1024) == 512
+    assert 8 * 32 * 1024 * _row_chunk(cuda, 8, 32, 1024) * 4 <= 512 << 20
+    assert _row_chunk(cuda, 1, 32, 32768) == 128 and _row_chunk(cpu, 8, 32, 512) == 128
+
+
 @pytest.mark.parametrize("case", ["gpt2", "opt", "llama-gqa", "mistral", "qwen2", "neox-parallel"])
 @pytest.mark.parametrize("chunk", [4, 128])
 def test_capture_attention_equals_transformers_eager(monkeypatch, case, chunk):
