@@ -66,6 +66,8 @@ def _row_chunk(device: torch.device, B: int, H: int, T: int) -> int:
     if device.type != "cuda":
         return _ROW_CHUNK
     return max(_ROW_CHUNK, _GPU_CHUNK_SCORES // max(1, B * H * T))
+
+
 # capture_layers(rows=True) still keeps a layer's weights when they have at most this many elements
 # (64 MiB of float32): below it recomputing rows costs more than holding them
 KEEP_WEIGHTS_UP_TO = 1 << 24
