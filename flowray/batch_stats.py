@@ -10,6 +10,7 @@ for the device: the host reads the results once, after the forward pass (``graph
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -18,6 +19,18 @@ from flowray.capture import LayerActivations
 from flowray.errors import InputError
 from flowray.kernels import Block, BlockOut, HitSlots, Kernel
 from flowray.sparse_routes import Graph, KeyRows
+
+
+class Hits(NamedTuple):
+    """``N`` sub-edges above the smallest tau: each one's layer, sequence, padded position, head, source
+    position (padded) and importance, ``[N]`` each."""
+
+    layer: torch.Tensor
+    seq: torch.Tensor
+    pos: torch.Tensor
+    head: torch.Tensor
+    source: torch.Tensor
+    value: torch.Tensor
 
 
 class BatchState:
@@ -98,13 +111,13 @@ class BatchState:
         valid = torch.arange(M, device=self.hit_count.device) < self.hit_count.clamp_max(M)[..., None]
         return valid if above is None else valid & (self.hit_value > above)
 
-    def slot_grid(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Each slot's layer, sequence and padded position, as ``[L, B, T, M]`` views (for ``index_put_``)."""
-        L, B, T, M = self.hit_head.shape
-        dev = self.hit_head.device
-        return (torch.arange(L, device=dev)[:, None, None, None].expand(L, B, T, M),
-                torch.arange(B, device=dev)[None, :, None, None].expand(L, B, T, M),
-                torch.arange(T, device=dev)[None, None, :, None].expand(L, B, T, M))
+    def hits(self) -> Hits:
+        """The filled slots as flat tensors in slot order (layer, sequence, position, slot): one read of the
+        device for their number. For the passes after the forward pass, which read only these."""
+        l, b, t, m = torch.nonzero(self.filled()).unbind(1)
+        offs = torch.tensor(self.offsets, device=l.device)
+        source = (self.hit_source[l, b, t, m].long() + offs[b]).clamp(0, self.T - 1)  # grid -> padded positions
+        return Hits(l, b, t, self.hit_head[l, b, t, m].long(), source, self.hit_value[l, b, t, m])
 
     def graphs(self) -> list[Graph]:
         """Each sequence's ``Graph`` (positions relative to its first real token), read from the slots."""
@@ -222,22 +235,23 @@ def batched_routes_fit(state: BatchState) -> bool:
     return _route_bytes(state) <= BATCHED_ROUTES_BYTES
 
 
-def routes_all(state: BatchState, taus) -> dict[float, tuple[list[KeyRows], list[KeyRows]]]:
+def routes_all(state: BatchState, taus, hits: Hits) -> dict[float, tuple[list[KeyRows], list[KeyRows]]]:
     """Every position's route at each tau for every sequence of the batch, read from the slots.
 
     The same rules as ``sparse_routes.routes_of`` (appendix B.2), with the sequences and the taus side by
     side on the padded grid (as many taus at once as ``BATCHED_ROUTES_BYTES`` allows). Returns, per tau,
-    flat (keys ``p * L*H + flat head``, ``p * L + layer``) per sequence, positions relative.
+    flat (keys ``p * L*H + flat head``, ``p * L + layer``) per sequence, positions relative. ``hits``:
+    ``state.hits()``.
     """
     out: dict = {}
     group = max(1, BATCHED_ROUTES_BYTES // _route_bytes(state))
     taus = list(taus)
     for i in range(0, len(taus), group):
-        out.update(_routes_group(state, taus[i : i + group]))
+        out.update(_routes_group(state, taus[i : i + group], hits))
     return out
 
 
-def _routes_group(state: BatchState, taus: list) -> dict[float, tuple[list[KeyRows], list[KeyRows]]]:
+def _routes_group(state: BatchState, taus: list, hits: Hits) -> dict[float, tuple[list[KeyRows], list[KeyRows]]]:
     """``routes_all`` for ``K`` taus at once: three device operations per layer for all of them.
 
     One matrix per layer, tau and sequence, ``A [1 + H + T, T]`` over the positions ``pos`` of its nodes:
@@ -247,27 +261,27 @@ def _routes_group(state: BatchState, taus: list) -> dict[float, tuple[list[KeyRo
     one block per layer as ``A reached`` (a batched matrix product; 0/1 entries, exact in half precision
     with float32 accumulation, any positive count clamped to 1).
     """
-    L, B, T, M = state.hit_head.shape
+    L, B, T, _ = state.hit_head.shape
     H, K, dev = state.H, len(taus), state.hit_head.device
-    R = 1 + H + T  # rows in use; row R takes the slots not kept and is never read
+    R = 1 + H + T  # rows in use; row R takes the hits not kept and is never read
     dt = _route_dtype(dev)
-    l_idx, b_idx, pos = state.slot_grid()
-    offs = torch.tensor(state.offsets, device=dev)[None, :, None, None]
-    src_row = 1 + H + (state.hit_source.long() + offs).clamp(0, T - 1)  # grid -> padded positions -> rows
-    head_row = 1 + state.hit_head.long()
-    one = torch.ones((), dtype=dt, device=dev).expand(L, B, T, M)
+    l, b, t = hits.layer, hits.seq, hits.pos
+    src_row, head_row = 1 + H + hits.source, 1 + hits.head
+    one = torch.ones((), dtype=dt, device=dev).expand(len(l))
     res, ffn = state.direct[:, 0], state.ffn  # [L, B, T]
     A = torch.zeros(L, K, B, R + 1, T, dtype=dt, device=dev)
     for k, tau in enumerate(taus):
-        keep = state.filled(above=tau)  # [L, B, T, M]
+        keep = hits.value > tau
+        self_keep = (res > tau) | (ffn > tau) if state.parallel else res > tau  # [L, B, T]
+        if not state.parallel:  # x^{lA} is reached only through the FFN's block node's kept parts
+            through = (ffn > tau) | (state.ffn_residual > tau)
+            keep &= through[l, b, t]
+            self_keep &= through
         a = A[:, k]  # every write is a 1 (duplicates agree, so no accumulation)
-        a.index_put_((l_idx, b_idx, torch.where(keep, src_row, R), pos), one)
-        a.index_put_((l_idx, b_idx, torch.where(keep, head_row, R), pos), one)
-        self_keep = (res > tau) | (ffn > tau) if state.parallel else res > tau
+        a.index_put_((l, b, torch.where(keep, src_row, R), t), one)
+        a.index_put_((l, b, torch.where(keep, head_row, R), t), one)
         diag = a[:, :, 1 + H : R].diagonal(dim1=2, dim2=3)
         diag.copy_(torch.maximum(diag, self_keep.to(dt)))
-        if not state.parallel:  # x^{lA} is reached only through the FFN's block node's kept parts
-            a[:, :, 1:R] *= ((ffn > tau) | (state.ffn_residual > tau)).to(dt)[:, :, None, :]
         a[:, :, 0] = (ffn > tau).to(dt)
     A = A.view(L, K * B, R + 1, T)[:, :, :R]
     real = torch.zeros(B, T, dtype=dt, device=dev)
@@ -307,15 +321,14 @@ def _split(on: torch.Tensor, spans: list, width: int) -> list[KeyRows]:
     return out
 
 
-def pruned_all(state: BatchState, tau: float, active_above: float) -> list[KeyRows]:
+def pruned_all(state: BatchState, tau: float, active_above: float, hits: Hits) -> list[KeyRows]:
     """Per sequence and position, the flat heads whose importance at the position's own attention node, after
-    every part <= tau is dropped and the kept parts are rescaled to sum to 1, exceeds ``active_above``."""
+    every part <= tau is dropped and the kept parts are rescaled to sum to 1, exceeds ``active_above``.
+    ``hits``: ``state.hits()``."""
     L, B, T, _ = state.hit_head.shape
-    dev = state.hit_head.device
-    kept = torch.where(state.filled(above=tau), state.hit_value, 0.0)  # [L, B, T, M]
-    l_idx, b_idx, pos = state.slot_grid()
-    kept_heads = torch.zeros(L, B, state.H, T, dtype=torch.float32, device=dev)
-    kept_heads.index_put_((l_idx, b_idx, state.hit_head.long(), pos), kept, accumulate=True)
+    kept_heads = torch.zeros(L, B, state.H, T, dtype=torch.float32, device=state.hit_head.device)
+    kept = torch.where(hits.value > tau, hits.value, 0.0)
+    kept_heads.index_put_((hits.layer, hits.seq, hits.head, hits.pos), kept, accumulate=True)
     res = state.direct[:, 0]
     node = kept_heads.sum(2) + res * (res > tau)  # [L, B, T] the node's kept parts
     if state.parallel:  # the FFN is a part of the same node

@@ -215,12 +215,13 @@ def prediction_stats_padded(
         kernel = select_kernel(backend, device, config)
     with record_function("flowray.routes"):
         batched = predictions == "all" and batched_routes_fit(state)
+        hits = state.hits() if batched or active_above is not None else None  # the slots in use, once
         graphs = [None] * len(spans) if batched else state.graphs()  # sparse graphs for the other route passes
         if predictions == "last":
             routes = _last_routes(graphs, taus)
         elif batched:  # every sequence's routes side by side on the padded grid
             routes = [({}, {}) for _ in spans]
-            for tau, (heads_b, ffn_b) in routes_all(state, taus).items():
+            for tau, (heads_b, ffn_b) in routes_all(state, taus, hits).items():
                 for b, (heads, ffn) in enumerate(zip(heads_b, ffn_b)):
                     routes[b][0][tau], routes[b][1][tau] = heads, ffn
         else:
@@ -229,7 +230,7 @@ def prediction_stats_padded(
     if active_above is not None:
         with record_function("flowray.pruned"):
             for tau in taus:
-                for b, lists in enumerate(pruned_all(state, tau, active_above)):
+                for b, lists in enumerate(pruned_all(state, tau, active_above, hits)):
                     pruned[b][tau] = lists
     with record_function("flowray.finish"):
         out = [_finish(state, b, taus, input_ids[b, start : start + T], predicted[b, start : start + T], name,

@@ -125,7 +125,8 @@ def test_routes_of_taus_side_by_side_in_groups_or_from_the_sparse_graphs(monkeyp
     dense = edge_importances_batch(model, seqs)
     calls = []
     real = batch_stats._routes_group
-    monkeypatch.setattr(batch_stats, "_routes_group", lambda state, taus: calls.append(len(taus)) or real(state, taus))
+    monkeypatch.setattr(batch_stats, "_routes_group",
+                        lambda state, taus, hits: calls.append(len(taus)) or real(state, taus, hits))
     L, H = model.config.num_hidden_layers, model.config.num_attention_heads
     one_tau = L * len(seqs) * (17 + H + 2) * 17 * 4  # float32 on the CPU
     monkeypatch.setattr(batch_stats, "BATCHED_ROUTES_BYTES", max(1, one_tau * taus_at_once))
