@@ -133,3 +133,17 @@ def test_routes_of_taus_side_by_side_in_groups_or_from_the_sparse_graphs(monkeyp
     got = prediction_stats_batch(model, seqs, TAUS)
     assert calls == {0: [], 1: [1, 1, 1], 2: [2, 1]}[taus_at_once]
     assert sum(_assert_equal_to_dense(d, s, None, TAUS) for d, s in zip(dense, got)) > 0
+
+
+def test_routes_at_large_taus_stop_at_block_nodes_that_pass_nothing_on():
+    """Above tau = 0.5 both parts of an FFN's block node can fall at or below tau: the route stops there,
+    and the batched pass must not reach the attention node below it."""
+    model = tiny_model("llama-gqa", seed=3)
+    gen = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(0, VOCAB, (1, T), generator=gen) for T in (15, 8, 21)]
+    dense = edge_importances_batch(model, seqs)
+    stopped = sum(int(((d.ffn <= 0.55) & (d.ffn_residual <= 0.55)).sum()) for d in dense)
+    assert stopped > 0, "no block node stops a route at this tau: the test would not test it"
+    taus = (0.3, 0.55, 0.7)
+    got = prediction_stats_batch(model, seqs, taus)
+    assert sum(_assert_equal_to_dense(d, s, None, taus) for d, s in zip(dense, got)) > 0
