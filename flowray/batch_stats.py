@@ -265,9 +265,9 @@ def _routes_group(state: BatchState, taus: list, hits: Hits) -> dict[float, tupl
     H, K, dev = state.H, len(taus), state.hit_head.device
     R = 1 + H + T  # rows in use; row R takes the hits not kept and is never read
     dt = _route_dtype(dev)
-    l, b, t = hits.layer, hits.seq, hits.pos
+    hl, hb, hp = hits.layer, hits.seq, hits.pos
     src_row, head_row = 1 + H + hits.source, 1 + hits.head
-    one = torch.ones((), dtype=dt, device=dev).expand(len(l))
+    one = torch.ones((), dtype=dt, device=dev).expand(len(hl))
     res, ffn = state.direct[:, 0], state.ffn  # [L, B, T]
     A = torch.zeros(L, K, B, R + 1, T, dtype=dt, device=dev)
     for k, tau in enumerate(taus):
@@ -275,11 +275,11 @@ def _routes_group(state: BatchState, taus: list, hits: Hits) -> dict[float, tupl
         self_keep = (res > tau) | (ffn > tau) if state.parallel else res > tau  # [L, B, T]
         if not state.parallel:  # x^{lA} is reached only through the FFN's block node's kept parts
             through = (ffn > tau) | (state.ffn_residual > tau)
-            keep &= through[l, b, t]
+            keep &= through[hl, hb, hp]
             self_keep &= through
         a = A[:, k]  # every write is a 1 (duplicates agree, so no accumulation)
-        a.index_put_((l, b, torch.where(keep, src_row, R), t), one)
-        a.index_put_((l, b, torch.where(keep, head_row, R), t), one)
+        a.index_put_((hl, hb, torch.where(keep, src_row, R), hp), one)
+        a.index_put_((hl, hb, torch.where(keep, head_row, R), hp), one)
         diag = a[:, :, 1 + H : R].diagonal(dim1=2, dim2=3)
         diag.copy_(torch.maximum(diag, self_keep.to(dt)))
         a[:, :, 0] = (ffn > tau).to(dt)
