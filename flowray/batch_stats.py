@@ -119,18 +119,16 @@ class BatchState:
         source = (self.hit_source[l, b, t, m].long() + offs[b]).clamp(0, self.T - 1)  # grid -> padded positions
         return Hits(l, b, t, self.hit_head[l, b, t, m].long(), source, self.hit_value[l, b, t, m])
 
-    def graphs(self) -> list[Graph]:
-        """Each sequence's ``Graph`` (positions relative to its first real token), read from the slots."""
-        L, B, T, _ = self.hit_head.shape
-        at = torch.nonzero(self.filled().transpose(0, 1))  # [N, 4] (b, l, t, slot), sequence-major
-        b, l, t, m = at.unbind(1)
+    def graphs(self, hits: Hits) -> list[Graph]:
+        """Each sequence's ``Graph`` (positions relative to its first real token), from ``self.hits()``."""
+        L, B = self.L, self.B
+        order = torch.argsort(hits.seq, stable=True)  # sequence-major, (layer, position, slot) within each
+        b = hits.seq[order]
         counts = torch.bincount(b, minlength=B).tolist()
-        head = self.hit_head[l, b, t, m].long()
-        src = self.hit_source[l, b, t, m].long()
-        value = self.hit_value[l, b, t, m]
-        starts = torch.tensor([s for s, _ in self.spans], device=at.device)
-        offs = torch.tensor(self.offsets, device=at.device)
-        hit = torch.stack([l, head, t - starts[b], src + offs[b] - starts[b]], dim=1)  # [N, 4] (layer, head, pos, j)
+        starts = torch.tensor([s for s, _ in self.spans], device=b.device)[b]
+        value = hits.value[order]
+        hit = torch.stack([hits.layer[order], hits.head[order], hits.pos[order] - starts, hits.source[order] - starts],
+                          dim=1)  # [N, 4] (layer, head, pos, j)
         out = []
         for bi, (hit_b, value_b) in enumerate(zip(hit.split(counts), value.split(counts))):
             start, n = self.spans[bi]
@@ -227,7 +225,7 @@ def _route_dtype(device) -> torch.dtype:
 
 
 def _route_bytes(state: BatchState) -> int:
-    size = torch.empty((), dtype=_route_dtype(state.hit_head.device)).element_size()
+    size = torch.finfo(_route_dtype(state.hit_head.device)).bits // 8
     return state.L * state.B * (state.T + state.H + 2) * state.T * size
 
 

@@ -215,8 +215,8 @@ def prediction_stats_padded(
         kernel = select_kernel(backend, device, config)
     with record_function("flowray.routes"):
         batched = predictions == "all" and batched_routes_fit(state)
-        hits = state.hits() if batched or active_above is not None else None  # the slots in use, once
-        graphs = [None] * len(spans) if batched else state.graphs()  # sparse graphs for the other route passes
+        hits = state.hits()  # the slots in use, read once for every pass below
+        graphs = [None] * len(spans) if batched else state.graphs(hits)  # sparse graphs for the other route passes
         if predictions == "last":
             routes = _last_routes(graphs, taus)
         elif batched:  # every sequence's routes side by side on the padded grid
