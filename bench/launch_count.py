@@ -69,7 +69,7 @@ class Counter(TorchDispatchMode):
         self.waits: collections.Counter = collections.Counter()
         self.launches: collections.Counter = collections.Counter()
         self.paused = 0
-        self.forward_started = False  # host reads before it read the inputs, which a GPU run holds on the host
+        self.forward_started = False  # until then host reads read the inputs, which a GPU run holds on the host
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -83,7 +83,7 @@ class Counter(TorchDispatchMode):
             self._wait(where)
         return out
 
-    def host_read(self, kind: str) -> None:
+    def host_read(self) -> None:
         if not self.paused:
             self._wait(_where(3))
 
@@ -99,10 +99,10 @@ class Hooks:
         self.saved: list = []
 
     def __enter__(self):
-        def reader(name, real):
+        def reader(real):
             def read(t, *a, **k):
                 if self.counter is not None:
-                    self.counter.host_read(name)
+                    self.counter.host_read()
                 return real(t, *a, **k)
             return read
 
@@ -111,13 +111,13 @@ class Hooks:
                 target = a[0] if a else k.get("device")
                 if (self.counter is not None and isinstance(target, (str, torch.device))
                         and torch.device(target).type == "cpu" and not k.get("non_blocking", False)):
-                    self.counter.host_read("to")
+                    self.counter.host_read()
                 return real(t, *a, **k)
             return move
 
         for name in HOST_READS:
-            self._patch(torch.Tensor, name, reader(name, getattr(torch.Tensor, name)))
-        self._patch(torch.Tensor, "cpu", reader("cpu", torch.Tensor.cpu))
+            self._patch(torch.Tensor, name, reader(getattr(torch.Tensor, name)))
+        self._patch(torch.Tensor, "cpu", reader(torch.Tensor.cpu))
         self._patch(torch.Tensor, "to", to(torch.Tensor.to))
         try:
             from triton.runtime.interpreter import InterpretedFunction

@@ -56,7 +56,7 @@ CAPTURE_IMPLEMENTATION = "flowray_capture"  # the name registered with transform
 # rows of queries per chunk: a chunk's scores are [B, H, C, p1] for its last row p1, so chunks skip the
 # masked upper triangle (half the work of a full [T, T] product at long contexts); on a CPU a chunk stays in
 # cache. On a GPU chunks are as large as _GPU_CHUNK_SCORES float32 scores allow (512 MiB): each chunk costs
-# ~10 kernel launches, and a whole 8 x 512-token batch of a 7B model is one chunk
+# about 11 kernel launches, and a whole 8 x 512-token batch of a 7B model is one chunk
 _ROW_CHUNK = 128
 _GPU_CHUNK_SCORES = 1 << 27
 

@@ -276,7 +276,7 @@ def test_half_precision_activations_with_float32_accumulation(dtype):
 
 
 def test_the_capture_attention_takes_larger_row_chunks_on_a_gpu():
-    """~10 kernel launches per chunk: a GPU takes a whole 7B batch of 8 x 512 tokens (or SmolLM2's of 32 x 512)
+    """About 11 kernel launches per chunk: a GPU takes a whole 7B batch of 8 x 512 tokens (or SmolLM2's of 32 x 512)
     in one chunk, a 32k-token 7B text in chunks of 128 rows (scores within 512 MiB); a CPU always 128 rows."""
     from flowray.capture import _row_chunk
 
