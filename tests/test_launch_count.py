@@ -55,7 +55,7 @@ def test_the_counter_sees_a_wait_and_extra_work_inside_a_layer(monkeypatch, coun
     assert after["ops"][line] == before["ops"].get(line, 0) + 2
 
 
-def test_the_script_prints_its_counts(tmp_path, capsys):
+def test_the_script_prints_its_counts(tmp_path, capsys, monkeypatch):
     out = tmp_path / "counts.json"
     assert launch_count.main(["--layers", "1,2", "--heads", "2", "--top", "3", "--json", str(out)]) == 0
     text = capsys.readouterr().out
@@ -68,3 +68,9 @@ def test_the_script_prints_its_counts(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         launch_count.main(["--layers", "3,2"])
     assert exc.value.code == 2
+    assert "--layers takes two depths, smaller first, e.g. 2,6; got '3,2'" in capsys.readouterr().err
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(SystemExit) as exc:
+        launch_count.main(["--backend", "triton"])
+    assert exc.value.code == 2
+    assert "through Triton's interpreter: leave TRITON_INTERPRET unset or set it to 1" in capsys.readouterr().err
