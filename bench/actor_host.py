@@ -1,8 +1,8 @@
 """The actor's host side alone: the real map-stage worker with its device stage replaced by a stand-in.
 
 Shards of real texts (the C4 sample of the project's shared data when found, else Python's documentation
-topics, cut to ``--max-tokens``) go through ``ShardWorker.__call__`` as a GPU actor runs them: two calls
-at once (``job``: two shards in flight per GPU actor), each reading its shard, tokenising, aligning words,
+topics, cut to ``--max-tokens``) go through ``ShardWorker.__call__`` as a GPU actor runs them: several calls
+at once (``worker.SHARDS_IN_FLIGHT`` shards per GPU actor), each reading its shard, tokenising, aligning words,
 tagging, building Arrow rows and committing Parquet files and a marker. The device stage is a stand-in
 (``StubStage``): kernel launches and host waits as the job path issues them, ``--device-us`` microseconds
 of simulated device time per prediction, then statistics of the chosen shape (precomputed once, see
@@ -14,7 +14,8 @@ of simulated device time per prediction, then statistics of the chosen shape (pr
   with the device's idle time per prediction: the host work on the critical path.
 
 ``serial`` runs the same worker with no overlap (one call at a time, each batch waited for before the
-next is submitted: what the worker did before it overlapped), side by side in the same run.
+next is submitted: what the worker did before it overlapped), side by side in the same run; ``--calls 2,4``
+adds a row per number of shards in flight (``overlap:2``, ``overlap:4``).
 
     python bench/actor_host.py                        # 7B shape, 0 and 55 us per prediction, one core
     python bench/actor_host.py --device-us 119        # the job path's device time on an H200 (0.487 s per 8 x 512)
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
 import queue
@@ -48,7 +48,8 @@ from types import SimpleNamespace
 import numpy as np
 import pyarrow as pa
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # flowray from this checkout, installed or not
+# flowray from this checkout, installed or not; the Parquet layouts' timing beside this script
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 TAUS = (0.01, 0.03, 0.04)
 SHAPES = {  # LlamaConfig fields; the stand-in reads only the layers and heads
@@ -295,73 +296,10 @@ def device_alone(worker, docs_by_shard: list[list[dict]]) -> float:
     return time.perf_counter() - t0
 
 
-def layouts(schema: pa.Schema) -> dict[str, dict]:
-    """``pyarrow.parquet.write_table`` options: the job's layout (``commit.parquet_layout``) and others."""
-    from flowray.pipeline.commit import parquet_layout
-
-    job = parquet_layout(schema)
-    floats = [leaf for leaf, enc in job["column_encoding"].items() if enc == "BYTE_STREAM_SPLIT"]
-    leaves = [*job["use_dictionary"], *job["column_encoding"]]
-
-    def floats_as(codec):
-        return {**job, "compression": {**dict.fromkeys(leaves, "zstd"), **dict.fromkeys(floats, codec)}}
-
-    return {"job: zstd; floats split, ids delta": job, "job, floats lz4": floats_as("lz4"),
-            "job, floats snappy": floats_as("snappy"), "job, floats uncompressed": floats_as("none"),
-            "zstd, pyarrow's defaults": {"compression": "zstd"},
-            "uncompressed, plain": {"compression": "none", "use_dictionary": False, "write_statistics": False}}
-
-
-def _same_rows(a: pa.Table, b: pa.Table) -> bool:
-    """Equal tables, NaN equal to NaN (shares are NaN where undefined)."""
-    for name in b.column_names:
-        x, y = a.column(name).combine_chunks(), b.column(name).combine_chunks()
-        if pa.types.is_list(y.type) and pa.types.is_floating(y.type.value_type):
-            if not (x.type == y.type and x.value_lengths().equals(y.value_lengths()) and np.array_equal(
-                    x.flatten().to_numpy(zero_copy_only=False), y.flatten().to_numpy(zero_copy_only=False),
-                    equal_nan=True)):
-                return False
-        elif not x.equals(y):
-            return False
-    return a.schema.equals(b.schema) and a.num_rows == b.num_rows
-
-
-def time_layouts(tables: list[pa.Table], repeats: int) -> None:
-    """CPU microseconds per prediction to encode ``tables`` (and sha256 them) in each layout, and the whole
-    table's encode split by column group in the job's layout; best of ``repeats``, interleaved. Every layout
-    must read back as the table written."""
-    import pyarrow.parquet as pq
-
-    n = sum(t.num_rows for t in tables)
-    groups = {"floats": lambda f: pa.types.is_list(f.type) and pa.types.is_floating(f.type.value_type),
-              "route ids": lambda f: pa.types.is_list(f.type) and not pa.types.is_floating(f.type.value_type),
-              "scalars": lambda f: not pa.types.is_list(f.type)}
-    cases = {name: (tables, opts) for name, opts in layouts(tables[0].schema).items()}
-    for group, keep in groups.items():
-        parts = [t.select([f.name for f in t.schema if keep(f)]) for t in tables]
-        cases[f"job layout, {group} only"] = (parts, layouts(parts[0].schema)["job: zstd; floats split, ids delta"])
-    best: dict = {}
-    for rep in range(repeats):
-        for name, (parts, opts) in cases.items():
-            t0, size, hashed = time.thread_time(), 0, 0.0
-            for t in parts:
-                buf = io.BytesIO()
-                pq.write_table(t, buf, **opts)
-                data = buf.getvalue()
-                if rep == 0 and not _same_rows(pq.read_table(pa.BufferReader(data)), t):  # untimed
-                    raise AssertionError(f"{name}: the table read back differs from the one written")
-                h0 = time.thread_time()
-                hashlib.sha256(data).hexdigest()
-                hashed += time.thread_time() - h0
-                size += len(data)
-            encode = time.thread_time() - t0 - hashed
-            if name not in best or encode < best[name][0]:
-                best[name] = (encode, hashed, size)
-    job = best["job: zstd; floats split, ids delta"][0]
-    print(f"{'layout':<36} {'encode_us':>9} {'sha256_us':>9} {'B/pred':>7} {'encode/job':>10}")
-    for name, (encode, hashed, size) in best.items():
-        print(f"{name:<36} {1e6 * encode / n:>9.2f} {1e6 * hashed / n:>9.2f} {size / n:>7.0f} {encode / job:>10.2f}")
-    print(f"# {n} predictions in {len(tables)} shards; CPU time of one thread, best of {repeats} interleaved repeats")
+def _counts(text: str) -> list[int]:
+    if not all(c.isdigit() and int(c) > 0 for c in text.split(",")):
+        raise argparse.ArgumentTypeError(f"expected positive whole numbers separated by commas, e.g. 2,4; got {text!r}")
+    return [int(c) for c in text.split(",")]
 
 
 def _args() -> argparse.Namespace:
@@ -379,7 +317,7 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--max-tokens", type=int, default=512)
     ap.add_argument("--texts-per-shard", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--calls", type=int, default=2, help="shards in flight per actor (the job's GPU actors: 2)")
+    ap.add_argument("--calls", type=_counts, default=[], help="shards in flight per actor, e.g. 2,4 (default: a GPU actor's)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cores", type=int, default=1, help="CPU cores this process may use (0: all)")
     ap.add_argument("--tokenizer", choices=("auto", "smollm2", "bpe"), default="auto")
@@ -442,10 +380,13 @@ def main() -> int:
         docs_by_shard.append(docs)
     worker = BenchShardWorker(run_uri=str(run), config=config)
     device_us = [float(u) for u in args.device_us.split(",")] if args.device == "stub" else [None]
-    modes = {"overlap": (args.calls, worker_module.AHEAD), "serial": (1, 0)}
-    run_once(worker, storage, shard_ids, args.calls, stage)  # warm-up: caches, statistics, first-call costs
+    calls = args.calls or [worker_module.SHARDS_IN_FLIGHT]
+    modes = {("overlap" if len(calls) == 1 else f"overlap:{c}"): (c, worker_module.AHEAD) for c in calls}
+    modes["serial"] = (1, 0)
+    run_once(worker, storage, shard_ids, max(calls), stage)  # warm-up: caches, statistics, first-call costs
     if args.layouts:
         import pyarrow.parquet as pq
+        from parquet_layouts import time_layouts
 
         time_layouts([pq.read_table(run / "predictions" / f"{sid}.parquet") for sid in shard_ids],
                      max(args.repeats, 5))
@@ -461,7 +402,7 @@ def main() -> int:
                 try:
                     r = run_once(worker, storage, shard_ids, calls, stage)
                 finally:
-                    worker_module.AHEAD = modes["overlap"][1]
+                    worker_module.AHEAD = modes[next(iter(modes))][1]
                 if us is None:
                     r["busy"] = device_alone(worker.flow, docs_by_shard) / r["wall"]
                 results.setdefault((mode, us), []).append(r)
@@ -483,12 +424,12 @@ def _print(args, results: dict, source: str, tok_name: str, texts: list) -> None
           f"medians of {args.repeats} interleaved repeats")
     med = (lambda rs, f: statistics.median(f(r) for r in rs))
     head = " ".join(f"{s:>11}" for s in STEPS)
-    print(f"{'mode':<8} {'dev_us':>6} {'pred/s':>8} {'busy':>6} {'idle_us':>7} {'B/pred':>7} {head} {'host_us':>8}")
+    print(f"{'mode':<9} {'dev_us':>6} {'pred/s':>8} {'busy':>6} {'idle_us':>7} {'B/pred':>7} {head} {'host_us':>8}")
     for (mode, us), rs in results.items():
         steps = " ".join(f"{med(rs, lambda r, k=k: r['us'][k]):>11.2f}" for k in STEPS)
         total = med(rs, lambda r: sum(r["us"].values()))
         idle = f"{med(rs, lambda r: r['idle_us']):>7.1f}" if "idle_us" in rs[0] else f"{'-':>7}"
-        print(f"{mode:<8} {'-' if us is None else f'{us:g}':>6} {med(rs, lambda r: r['predictions'] / r['wall']):>8.0f} "
+        print(f"{mode:<9} {'-' if us is None else f'{us:g}':>6} {med(rs, lambda r: r['predictions'] / r['wall']):>8.0f} "
               f"{med(rs, lambda r: r['busy']):>6.1%} {idle} {med(rs, lambda r: r['bytes']):>7.0f} {steps} {total:>8.2f}")
     print("# host_us: CPU microseconds per prediction by step, summed over threads; idle_us: the device's idle "
           "time per prediction between its first and last batch (the host work on the critical path); busy: "

@@ -106,11 +106,15 @@ def _rows(lines: list[str], busy_at_most: float = 100.0) -> dict:
 
 
 def test_the_actor_host_benchmark_times_every_step_beside_a_stand_in_device():
-    lines = _actor_host("--tiny")
+    lines = _actor_host("--tiny", "--calls", "1,3")
     assert lines[0].startswith("# actor host: tiny shape (2 layers x 3 heads) on the simulated device")
     rows = _rows(lines)
-    assert set(rows) == {("overlap", "0"), ("overlap", "55"), ("serial", "0"), ("serial", "55")}
-    assert float(rows[("overlap", "55")]["idle_us"]) >= 0 and float(rows[("overlap", "55")]["encode"]) > 0
+    assert set(rows) == {(mode, us) for mode in ("overlap:1", "overlap:3", "serial") for us in ("0", "55")}
+    assert float(rows[("overlap:3", "55")]["idle_us"]) >= 0 and float(rows[("overlap:3", "55")]["encode"]) > 0
+    bad = subprocess.run([sys.executable, str(REPO / "bench" / "actor_host.py"), "--calls", "2,x"],
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert bad.returncode == 2 and "expected positive whole numbers separated by commas, e.g. 2,4; got '2,x'" \
+        in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_the_actor_host_benchmark_compares_parquet_layouts_of_the_same_rows():

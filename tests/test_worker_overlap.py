@@ -213,3 +213,31 @@ def test_committed_files_use_the_column_layout_and_read_back_unchanged(worker, t
     buf = io.BytesIO()
     pq.write_table(preds, buf, compression="zstd")
     assert path.stat().st_size < len(buf.getvalue())  # smaller than zstd with dictionaries everywhere
+
+
+def test_shards_in_flight_on_one_worker_give_the_rows_each_gives_alone(worker, tiny_model_dir):
+    """A GPU replica's concurrent calls (``SHARDS_IN_FLIGHT`` shards, one device thread, shared token and
+    tokenizer caches): every shard's tables equal the ones it gets on its own."""
+    from flowray.pipeline.job import shards_in_flight
+    from flowray.pipeline.worker import SHARDS_IN_FLIGHT
+
+    gpu = _config(tiny_model_dir, gpus_per_actor=1)
+    assert shards_in_flight(gpu)["max_concurrent_calls_per_actor"] == SHARDS_IN_FLIGHT > 1
+    assert shards_in_flight(_config(tiny_model_dir)) == {"max_tasks_in_flight_per_actor": 1}
+    docs = _docs()
+    shards = [[{**d, "shard_id": f"d-{s:05d}"} for d in docs[s::SHARDS_IN_FLIGHT]] for s in range(SHARDS_IN_FLIGHT)]
+    alone = [worker.process(shard) for shard in shards]
+    together: list = [None] * len(shards)
+    start = threading.Barrier(len(shards))
+
+    def call(s):
+        start.wait()
+        together[s] = worker.process(shards[s])
+
+    threads = [threading.Thread(target=call, args=(s,)) for s in range(len(shards))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for (preds, errors), (preds1, errors1) in zip(together, alone):
+        assert preds.num_rows > 0 and _same_columns(preds, preds1) == [] and errors.equals(errors1)

@@ -77,8 +77,8 @@ class ModelStage:
 
 class DeviceQueue:
     """One thread that runs submitted calls one at a time, lowest ``order`` first (e.g. ``(shard, batch)``),
-    so that with two shards in flight the older one finishes first and the newer one's batches fill the
-    device while the older one writes its files."""
+    so that with several shards in flight the oldest finishes first and the newer ones' batches fill the
+    device while the oldest writes its files."""
 
     def __init__(self, name: str = "flowray-device"):
         self._name = name

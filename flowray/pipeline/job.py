@@ -156,12 +156,16 @@ def shards_in_flight(config: JobConfig) -> dict:
     """``ActorPoolStrategy`` arguments: how many shards an actor holds at once.
 
     A shard is a big unit of work: one per CPU actor, so no shard queues behind a busy replica. A GPU actor
-    takes two calls at once, so that one shard's Parquet encoding and writes (which release the GIL) run
-    while its device computes the next shard's batches (``device.DeviceQueue`` serves the older one first).
+    takes ``worker.SHARDS_IN_FLIGHT`` calls at once, so that one shard's Parquet encoding and writes (which
+    release the GIL) run while its device computes the other shards' batches (``device.DeviceQueue`` serves
+    the oldest first).
     """
     if not config.gpus_per_actor:
         return {"max_tasks_in_flight_per_actor": 1}
-    return {"max_tasks_in_flight_per_actor": 2, "max_concurrent_calls_per_actor": 2, "enable_true_multi_threading": True}
+    from flowray.pipeline.worker import SHARDS_IN_FLIGHT
+
+    return {"max_tasks_in_flight_per_actor": SHARDS_IN_FLIGHT, "max_concurrent_calls_per_actor": SHARDS_IN_FLIGHT,
+            "enable_true_multi_threading": True}
 
 
 def _ray_started() -> bool:

@@ -5,8 +5,8 @@ and a unit test calls it directly. Its device batches run on a thread of their o
 while the calling thread tokenises and aligns the next batches and tags and builds the rows of finished
 ones. ``ShardWorker`` is what the Ray actor pool runs: one shard per call, outputs written whole by the
 worker itself, then a ``done/<shard>.json`` marker — the commit point resume relies on. A GPU actor takes
-two calls at once (see ``job``): one shard's Parquet encoding and writes, which release the GIL, overlap
-the next shard's forward passes.
+``SHARDS_IN_FLIGHT`` calls at once (see ``job``): one shard's Parquet encoding and writes, which release the
+GIL, overlap the other shards' forward passes.
 """
 
 from __future__ import annotations
@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 # Device batches submitted ahead of the one whose rows are being built: one runs while the next waits, so
 # the device never waits for the host between two batches of a shard.
 AHEAD = 2
+# Shards a GPU actor holds at once (its concurrent calls). A shard's tail after its last batch (rows, Parquet
+# encoding, checksums, writes, then tokenising the next shard) costs more host time per prediction than one
+# other shard's batches take on the device (~65 vs 55 us at the 7B shape), so with two in flight the device
+# waits for it; with four, three shards' batches cover it (bench/actor_host.py --calls 2,4).
+SHARDS_IN_FLIGHT = 4
 
 
 @dataclass
