@@ -11,7 +11,8 @@ of simulated device time per prediction, then statistics of the chosen shape (pr
 - host microseconds per prediction by step (each thread's CPU time: tokenise, align, POS, rows, the
   device thread's own host work, Parquet encode, sha256 + write + marker);
 - predictions/s, and the fraction of the steady state (first to last device batch) the device is busy,
-  with the device's idle time per prediction: the host work on the critical path.
+  with the device's idle time per prediction: the host work on the critical path; ``run``: the device's
+  share of the whole run's wall time, start and end included.
 
 ``serial`` runs the same worker with no overlap (one call at a time, each batch waited for before the
 next is submitted: what the worker did before it overlapped), side by side in the same run; ``--calls 2,4``
@@ -279,7 +280,8 @@ def run_once(worker, storage, shard_ids: list[str], calls: int, stage) -> dict:
     if busy:
         window = busy[-1][1] - busy[0][0]
         device = sum(e - s for s, e in busy)
-        out.update(busy=device / window if window > 0 else 1.0, idle_us=1e6 * max(window - device, 0.0) / n)
+        out.update(busy=device / window if window > 0 else 1.0, idle_us=1e6 * max(window - device, 0.0) / n,
+                   run=device / wall)
     return out
 
 
@@ -404,7 +406,7 @@ def main() -> int:
                 finally:
                     worker_module.AHEAD = modes[next(iter(modes))][1]
                 if us is None:
-                    r["busy"] = device_alone(worker.flow, docs_by_shard) / r["wall"]
+                    r["busy"] = r["run"] = device_alone(worker.flow, docs_by_shard) / r["wall"]
                 results.setdefault((mode, us), []).append(r)
     shutil.rmtree(run, ignore_errors=True)
     _print(args, results, source, tok_name, texts)
@@ -424,17 +426,21 @@ def _print(args, results: dict, source: str, tok_name: str, texts: list) -> None
           f"medians of {args.repeats} interleaved repeats")
     med = (lambda rs, f: statistics.median(f(r) for r in rs))
     head = " ".join(f"{s:>11}" for s in STEPS)
-    print(f"{'mode':<9} {'dev_us':>6} {'pred/s':>8} {'busy':>6} {'idle_us':>7} {'B/pred':>7} {head} {'host_us':>8}")
+    print(f"{'mode':<9} {'dev_us':>6} {'pred/s':>8} {'busy':>6} {'run':>6} {'idle_us':>7} {'B/pred':>7} {head} "
+          f"{'host_us':>8}")
     for (mode, us), rs in results.items():
         steps = " ".join(f"{med(rs, lambda r, k=k: r['us'][k]):>11.2f}" for k in STEPS)
         total = med(rs, lambda r: sum(r["us"].values()))
         idle = f"{med(rs, lambda r: r['idle_us']):>7.1f}" if "idle_us" in rs[0] else f"{'-':>7}"
-        print(f"{mode:<9} {'-' if us is None else f'{us:g}':>6} {med(rs, lambda r: r['predictions'] / r['wall']):>8.0f} "
-              f"{med(rs, lambda r: r['busy']):>6.1%} {idle} {med(rs, lambda r: r['bytes']):>7.0f} {steps} {total:>8.2f}")
+        rate, busy, run = (med(rs, f) for f in (lambda r: r["predictions"] / r["wall"], lambda r: r["busy"],
+                                                 lambda r: r["run"]))
+        print(f"{mode:<9} {'-' if us is None else f'{us:g}':>6} {rate:>8.0f} {busy:>6.1%} {run:>6.1%} {idle} "
+              f"{med(rs, lambda r: r['bytes']):>7.0f} {steps} {total:>8.2f}")
     print("# host_us: CPU microseconds per prediction by step, summed over threads; idle_us: the device's idle "
           "time per prediction between its first and last batch (the host work on the critical path); busy: "
-          + ("the device's share of that time" if args.device == "stub" else
-             "the batches' time through the stage alone over the pipeline's wall time"))
+          + ("the device's share of that time; run: its share of the whole run's wall time"
+             if args.device == "stub" else
+             "the batches' time through the stage alone over the pipeline's wall time (run: the same)"))
 
 
 if __name__ == "__main__":

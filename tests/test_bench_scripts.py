@@ -91,16 +91,16 @@ def _actor_host(*args, block=()) -> list[str]:
 
 def _rows(lines: list[str], busy_at_most: float = 100.0) -> dict:
     header = lines[1].split()
-    assert header[:6] == ["mode", "dev_us", "pred/s", "busy", "idle_us", "B/pred"] and header[-1] == "host_us"
+    assert header[:7] == ["mode", "dev_us", "pred/s", "busy", "run", "idle_us", "B/pred"] and header[-1] == "host_us"
     rows = {}
     for line in lines[2:]:
         if line.startswith("#"):
             break
         cells = dict(zip(header, line.split()))
-        steps = [float(cells[k]) for k in header[6:-1]]
+        steps = [float(cells[k]) for k in header[7:-1]]
         assert all(v >= 0 for v in steps) and float(cells["pred/s"]) > 0 and float(cells["B/pred"]) > 0
         assert float(cells["host_us"]) == pytest.approx(sum(steps), abs=0.05 * len(steps))  # the printed steps' sum
-        assert 0 <= float(cells["busy"].rstrip("%")) <= busy_at_most
+        assert all(0 <= float(cells[k].rstrip("%")) <= busy_at_most for k in ("busy", "run"))
         rows[(cells["mode"], cells["dev_us"])] = cells
     return rows
 
