@@ -132,3 +132,30 @@ def test_the_actor_host_benchmark_runs_the_real_model_with_only_what_gpu_machine
     assert lines[0].startswith("# actor host: tiny shape (2 layers x 3 heads) on the CPU")
     # busy: the stage alone over the pipeline, two timings of a noisy machine (above 100% at times)
     assert set(_rows(lines, busy_at_most=float("inf"))) == {("overlap", "-"), ("serial", "-")}
+
+
+def test_the_gpu_session_runs_every_gpu_benchmark_in_one_call(tmp_path):
+    """bench/gpu_session.sh --tiny: the same four steps as on a GPU machine, each script's output in its
+    file, a summary line per step; a step that fails is counted in the exit status and the rest still run."""
+    import json
+    import os
+
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_session.sh"), "--tiny", str(tmp_path / "ok")],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = (tmp_path / "ok" / "summary.txt").read_text().splitlines()
+    assert [line.split()[:2] for line in summary] == [[step, "ok"] for step in ("job", "importance", "check", "actor")]
+    assert "device: no CUDA device" in (tmp_path / "ok" / "device.txt").read_text()
+    assert [r["what"] for r in json.loads((tmp_path / "ok" / "job.json").read_text())["table"]][:3] == \
+        ["forward", "job cpu", "job torch"]
+    assert (tmp_path / "ok" / "check.txt").read_text().rstrip().endswith("ALL OK")
+    assert "# actor host: tiny shape" in (tmp_path / "ok" / "actor.txt").read_text()
+    assert (tmp_path / "ok" / "importance.json").is_file()
+
+    broken = subprocess.run(["bash", str(REPO / "bench" / "gpu_session.sh"), str(tmp_path / "bad")],
+                            capture_output=True, text=True, timeout=120, env={**env, "PYTHON": "false"})
+    assert broken.returncode == 4
+    lines = (tmp_path / "bad" / "summary.txt").read_text().splitlines()
+    assert [line.split()[0] for line in lines] == ["job", "importance", "check", "actor"]
+    assert all("failed (exit 1)" in line for line in lines)

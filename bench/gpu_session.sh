@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Every GPU benchmark docs/performance.md quotes, in one call on a GPU machine (at most 9 min 30 s):
+#
+#     bash bench/gpu_session.sh [OUT_DIR]         # default: $OUT when set, else gpu-session/
+#     bash bench/gpu_session.sh --tiny OUT_DIR    # the same scripts on tiny models on the CPU: a check
+#
+# The steps run in order of what they are worth, each under its own time limit: the job path's table with
+# its kernel profile (bench/gpu_job.py), the dense API (bench/gpu_importance.py), exactness against the
+# torch backend (bench/gpu_check.py), a replica's host side with the real model (bench/actor_host.py).
+# Each writes OUT_DIR/<step>.txt (and <step>.json where the script writes one); OUT_DIR/device.txt names
+# the device and the versions, and OUT_DIR/summary.txt has a line per step. A step that fails or runs
+# out of time says so there and the next one still runs; the exit status is the number of such steps.
+# It needs only what the GPU machines have: python3 with torch, transformers, triton, numpy and pyarrow
+# (PYTHON names another interpreter).
+set -u
+tiny=""
+if [ "${1:-}" = "--tiny" ]; then
+    tiny=1
+    shift
+fi
+out=${1:-${OUT:-gpu-session}}
+py=${PYTHON:-python3}
+here=$(cd "$(dirname "$0")" && pwd)
+mkdir -p "$out" || exit 2
+: >"$out/summary.txt"
+export PYTHONUNBUFFERED=1
+failed=0
+
+step() {  # step NAME SECONDS SCRIPT [ARGS...]
+    local name=$1 limit=$2 t0=$SECONDS rc why
+    shift 2
+    timeout --kill-after=10 "$limit" "$py" "$@" >"$out/$name.txt" 2>&1
+    rc=$?
+    case $rc in
+        0) why="ok" ;;
+        124 | 137) why="stopped at its limit of $limit s" ;;
+        *) why="failed (exit $rc)" ;;
+    esac
+    [ "$rc" -ne 0 ] && failed=$((failed + 1))
+    printf '%-10s %-32s %4d s  %s\n' "$name" "$why" $((SECONDS - t0)) "$out/$name.txt" | tee -a "$out/summary.txt"
+}
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+    "$py" -c 'import sys, torch, transformers
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| transformers", transformers.__version__)
+print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device")
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError as exc:
+    print("no triton:", exc)'
+} >"$out/device.txt" 2>&1
+cat "$out/device.txt"
+
+if [ -n "$tiny" ]; then
+    export TRITON_INTERPRET=1
+    step job 240 "$here/gpu_job.py" --tiny --repeats 1 --backends cpu,torch --json "$out/job.json"
+    step importance 240 "$here/gpu_importance.py" --tiny --repeats 1 --backends cpu,torch --json "$out/importance.json"
+    step check 240 "$here/gpu_check.py" --tiny --families llama-gqa
+    step actor 240 "$here/actor_host.py" --tiny --device cpu
+else
+    step job 360 "$here/gpu_job.py" --profile --json "$out/job.json"
+    step importance 60 "$here/gpu_importance.py" --long 0 --repeats 5 --backends triton --json "$out/importance.json"
+    step check 45 "$here/gpu_check.py" --families llama-gqa,gemma2
+    step actor 60 "$here/actor_host.py" --device cuda --cores 0 --texts 64 --repeats 1
+fi
+exit "$failed"
