@@ -383,7 +383,8 @@ def main() -> int:
     worker = BenchShardWorker(run_uri=str(run), config=config)
     device_us = [float(u) for u in args.device_us.split(",")] if args.device == "stub" else [None]
     calls = args.calls or [worker_module.SHARDS_IN_FLIGHT]
-    modes = {("overlap" if len(calls) == 1 else f"overlap:{c}"): (c, worker_module.AHEAD) for c in calls}
+    ahead = worker_module.AHEAD  # the job's; serial mode sets 0 for its runs
+    modes = {("overlap" if len(calls) == 1 else f"overlap:{c}"): (c, ahead) for c in calls}
     modes["serial"] = (1, 0)
     run_once(worker, storage, shard_ids, max(calls), stage)  # warm-up: caches, statistics, first-call costs
     if args.layouts:
@@ -396,15 +397,15 @@ def main() -> int:
         return 0
     results: dict = {}
     for _ in range(args.repeats):  # interleaved: the machine's drift hits every setting alike
-        for mode, (calls, ahead) in modes.items():
+        for mode, (n_calls, mode_ahead) in modes.items():
             for us in device_us:
                 if us is not None:
                     stage.device_us = us
-                worker_module.AHEAD = ahead
+                worker_module.AHEAD = mode_ahead
                 try:
-                    r = run_once(worker, storage, shard_ids, calls, stage)
+                    r = run_once(worker, storage, shard_ids, n_calls, stage)
                 finally:
-                    worker_module.AHEAD = modes[next(iter(modes))][1]
+                    worker_module.AHEAD = ahead
                 if us is None:
                     r["busy"] = r["run"] = device_alone(worker.flow, docs_by_shard) / r["wall"]
                 results.setdefault((mode, us), []).append(r)

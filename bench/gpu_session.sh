@@ -18,6 +18,10 @@ if [ "${1:-}" = "--tiny" ]; then
     tiny=1
     shift
 fi
+case ${1:-} in
+    -*) echo "gpu_session.sh: unknown option '$1'; expected [--tiny] [OUT_DIR], e.g. bash bench/gpu_session.sh --tiny out" >&2
+        exit 2 ;;
+esac
 out=${1:-${OUT:-gpu-session}}
 py=${PYTHON:-python3}
 here=$(cd "$(dirname "$0")" && pwd)

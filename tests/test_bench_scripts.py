@@ -159,3 +159,8 @@ def test_the_gpu_session_runs_every_gpu_benchmark_in_one_call(tmp_path):
     lines = (tmp_path / "bad" / "summary.txt").read_text().splitlines()
     assert [line.split()[0] for line in lines] == ["job", "importance", "check", "actor"]
     assert all("failed (exit 1)" in line for line in lines)
+
+    typo = subprocess.run(["bash", str(REPO / "bench" / "gpu_session.sh"), "--tinny"], capture_output=True, text=True,
+                          timeout=60, env=env, cwd=tmp_path)
+    assert typo.returncode == 2 and "unknown option '--tinny'; expected [--tiny] [OUT_DIR]" in typo.stderr
+    assert not (tmp_path / "--tinny").exists() and not (tmp_path / "gpu-session").exists()
