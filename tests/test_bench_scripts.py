@@ -140,7 +140,8 @@ def test_the_gpu_session_runs_every_gpu_benchmark_in_one_call(tmp_path):
     import json
     import os
 
-    env = {**os.environ, "PYTHON": sys.executable}
+    (tmp_path / "no-wheels").mkdir()
+    env = {**os.environ, "PYTHON": sys.executable, "WHEELS": str(tmp_path / "no-wheels")}
     proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_session.sh"), "--tiny", str(tmp_path / "ok")],
                           capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -158,9 +159,63 @@ def test_the_gpu_session_runs_every_gpu_benchmark_in_one_call(tmp_path):
     assert broken.returncode == 4
     lines = (tmp_path / "bad" / "summary.txt").read_text().splitlines()
     assert [line.split()[0] for line in lines] == ["job", "importance", "check", "actor"]
-    assert all("failed (exit 1)" in line for line in lines)
+    assert all("failed (exit 1)" in line for line in lines[:3])
+    assert "failed (cannot import nltk)" in lines[3] and "bash bench/gpu_wheels.sh" in lines[3]
 
     typo = subprocess.run(["bash", str(REPO / "bench" / "gpu_session.sh"), "--tinny"], capture_output=True, text=True,
                           timeout=60, env=env, cwd=tmp_path)
     assert typo.returncode == 2 and "unknown option '--tinny'; expected [--tiny] [OUT_DIR]" in typo.stderr
     assert not (tmp_path / "--tinny").exists() and not (tmp_path / "gpu-session").exists()
+    unknown = subprocess.run(["bash", str(REPO / "bench" / "gpu_session.sh"), "--tiny", str(tmp_path / "x")],
+                             capture_output=True, text=True, timeout=60, env={**env, "STEPS": "job,actr"})
+    assert unknown.returncode == 2 and "unknown step 'actr' in STEPS" in unknown.stderr
+
+
+def _wheel(folder: Path, name: str, version: str, init: str) -> Path:
+    """A minimal pure-Python wheel of one package ``name`` whose ``__init__.py`` is ``init``."""
+    import zipfile
+
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    info = f"{name}-{version}.dist-info"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"{name}/__init__.py", init)
+        z.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{info}/RECORD", f"{name}/__init__.py,,\n{info}/METADATA,,\n{info}/WHEEL,,\n{info}/RECORD,,\n")
+    return path
+
+
+def test_the_gpu_session_brings_the_packages_the_gpu_image_lacks_as_wheels(tmp_path):
+    """The GPU machines' Python has no nltk: without it the actor step fails at once, saying how to bring
+    it; wheels in WHEELS (bench/gpu_wheels.sh fetches them) are installed apart and come first on the path."""
+    import os
+
+    hidden = tmp_path / "hidden"  # an nltk that does not import stands for the image's missing one
+    (hidden / "nltk").mkdir(parents=True)
+    (hidden / "nltk" / "__init__.py").write_text("raise ImportError('not on this machine')\n")
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    env = {**os.environ, "PYTHON": sys.executable, "STEPS": "actor", "WHEELS": str(wheels),
+           "PYTHONPATH": str(hidden)}
+    script = str(REPO / "bench" / "gpu_session.sh")
+
+    missing = subprocess.run(["bash", script, "--tiny", str(tmp_path / "missing")], capture_output=True, text=True,
+                             timeout=120, env=env)
+    assert missing.returncode == 1, missing.stdout + missing.stderr
+    summary = (tmp_path / "missing" / "summary.txt").read_text().splitlines()
+    assert len(summary) == 1 and summary[0].split()[:4] == ["actor", "failed", "(cannot", "import"]
+    assert "fetch its wheels with bash bench/gpu_wheels.sh, then carry .whl" in summary[0]
+    assert "no nltk: not on this machine" in (tmp_path / "missing" / "device.txt").read_text()
+    assert not (tmp_path / "missing" / "actor.txt").exists()  # the step never started
+
+    _wheel(wheels, "nltk", "0.0.1", "__version__ = '0.0.1'\n")  # imports, but has no tagger: the step fails
+    brought = subprocess.run(["bash", script, "--tiny", str(tmp_path / "brought")], capture_output=True, text=True,
+                             timeout=300, env=env)
+    assert brought.returncode == 1, brought.stdout + brought.stderr
+    assert "wheels installed for this session: nltk-0.0.1-py3-none-any.whl" in brought.stdout
+    assert "nltk 0.0.1" in (tmp_path / "brought" / "device.txt").read_text()  # the wheel's, before PYTHONPATH's
+    assert "failed (exit 1)" in (tmp_path / "brought" / "summary.txt").read_text()
+    assert "No module named 'nltk.tag'" in (tmp_path / "brought" / "actor.txt").read_text()
+    from importlib.metadata import version
+
+    assert version("nltk") != "0.0.1"  # nothing was installed into the interpreter's own environment
