@@ -219,3 +219,58 @@ def test_the_gpu_session_brings_the_packages_the_gpu_image_lacks_as_wheels(tmp_p
     from importlib.metadata import version
 
     assert version("nltk") != "0.0.1"  # nothing was installed into the interpreter's own environment
+
+
+def _no_interpreter() -> dict:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def test_every_triton_program_compiles_for_a_gpu_on_a_machine_without_one(tmp_path):
+    """bench/triton_compile.py: the GPU path's launches recorded on the CPU, each compiled for sm_90 by
+    Triton's own compiler, its registers and occupancy read from the cubin."""
+    import json
+
+    out = tmp_path / "compile.json"
+    script = str(REPO / "bench" / "triton_compile.py")
+    proc = subprocess.run([sys.executable, script, "--shapes", "tiny", "--json", str(out)], capture_output=True,
+                          text=True, timeout=600, env=_no_interpreter())
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["arch"] == 90 and report["failures"] == []
+    programs = {r["program"] for r in report["programs"]}
+    assert programs == {"head_outputs_t", "sign_gemm", "prox_tiles", "prox_list", "finish_rows", "direct_rows"}
+    for r in report["programs"]:
+        assert 0 < r["regs"] <= 255 and 0 < r["warps_per_sm"] <= 64 and r["warps"] in (1, 2, 4, 8, 16), r
+    tiles = next(r for r in report["programs"] if r["program"] == "prox_tiles")
+    assert tiles["constants"]["SPLIT"] is True and tiles["constants"]["BP"] == 16  # the GPU's tiles, not the interpreter's
+    assert f"# {len(report['programs'])} programs compiled, 0 failed" in proc.stdout
+
+    wider = subprocess.run([sys.executable, script, "--shapes", "tiny", "--set", "prox_tiles:BJ=32,num_warps=2"],
+                           capture_output=True, text=True, timeout=600, env=_no_interpreter())
+    assert wider.returncode == 0, wider.stderr[-2000:]
+    row = next(line.split() for line in wider.stdout.splitlines() if line.split()[1:2] == ["prox_tiles"])
+    assert row[3] == "2" and "BJ=32" in row and "BP=16" in row  # warps, then the changed and the kept tiles
+    typo = subprocess.run([sys.executable, script, "--shapes", "tiny", "--set", "prox_tiles:BX=32"],
+                          capture_output=True, text=True, timeout=600, env=_no_interpreter())
+    assert typo.returncode == 2 and "['BX'] is not among its constants" in typo.stderr
+
+    bad = subprocess.run([sys.executable, script, "--shapes", "tiny,huge"], capture_output=True, text=True,
+                         timeout=120, env=_no_interpreter())
+    assert bad.returncode == 2 and "unknown shape(s) ['huge']" in bad.stderr
+    interp = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120,
+                            env={**_no_interpreter(), "TRITON_INTERPRET": "1"})
+    assert interp.returncode == 2 and "unset it" in interp.stderr and "Traceback" not in interp.stderr
+
+
+def test_a_triton_program_that_does_not_compile_is_reported(tmp_path):
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import triton_compile as tc\n"
+            "name, fn, args, kw = next(x for x in tc.record('tiny') if x[0] == 'prox_tiles')\n"
+            "rows, failures = tc.compile_all([(name, fn, args, {**kw, 'BP': 3})], 90)\n"
+            "print(len(rows), len(failures)); print(failures[0])\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(REPO / "bench")], capture_output=True, text=True,
+                          timeout=600, env=_no_interpreter())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    counts, failure = proc.stdout.splitlines()[:2]
+    assert counts == "0 1" and failure.startswith("prox_tiles {") and "'BP': 3" in failure
