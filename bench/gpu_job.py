@@ -17,6 +17,7 @@ SmolLM2 at 32 x 512; one 32k-token 7B text under 40 GB.
 
     python bench/gpu_job.py                                  # every shape, then 4k..32k tokens
     python bench/gpu_job.py --shapes llama2-7b --long ''     # one shape, no long texts
+    python bench/gpu_job.py --long '' --tiles 16x32:64,16x64:32   # prox_tiles and head_outputs_t's tiles too
     python bench/gpu_job.py --tiny                           # the same code on a tiny model on the CPU
 """
 
@@ -82,6 +83,18 @@ def bench_shape(shape: str, args, device: str, dtype) -> list[dict]:
                             peak=peak_gb(job, device), kernels=k_job, syncs=s_job,
                             host_kb_per_prediction=sum(s.host_bytes for s in out["stats"]) / tokens / 1e3,
                             wall_incl_warmup=time.perf_counter() - t0))
+    if args.tiles and args.backends and args.backends[0] == "triton":  # other tiles, side by side
+        from flowray.kernels import KernelConfig
+
+        for tile, head in args.tiles:
+            config = KernelConfig(triton_tile=tile, triton_head_block=head)
+
+            def variant(config=config):
+                prediction_stats_batch(model, seqs, TAUS, backend="triton", kernel_config=config)
+
+            t_var = timed(variant, device, args.repeats)
+            results.append(dict(shape=shape, what=f"job triton, tiles {tile[0]}x{tile[1]}/{head}", seconds=t_var,
+                                ratio=t_fwd / t_var, peak=None))
     if args.backends and args.backends[0] != "torch":  # routes of the last position only: what the rest costs
         def last(backend=args.backends[0]):
             prediction_stats_batch(model, seqs, TAUS, backend=backend, predictions="last")
@@ -153,7 +166,11 @@ def main() -> int:
                     help="the first shape's costliest device kernels, and its phases: host time and device busy")
     ap.add_argument("--json", default=os.environ.get("OUT") and os.path.join(os.environ["OUT"], "gpu_job.json"))
     ap.add_argument("--tiny", action="store_true", help="a tiny Llama on the CPU: checks the script, not speed")
+    ap.add_argument("--tiles", default="", type=str,
+                    help="the Triton job path again with other tiles, e.g. 16x32:64,16x64:32 (prox_tiles' "
+                         "rows x sources : head_outputs_t's sources; the default is 16x64:64)")
     args = ap.parse_args()
+    args.tiles = _tiles(args.tiles, ap)
     device, dtype = device_and_dtype(args.tiny)
     shapes = ["tiny"] if args.tiny else [s for s in args.shapes.split(",") if s]
     args.backends = backends_for(args.backends, args.tiny)
@@ -184,6 +201,23 @@ def main() -> int:
     if args.json:
         _save(args.json, device, table, longs)
     return 0
+
+
+def _tiles(text: str, ap) -> list[tuple[tuple[int, int], int]]:
+    """``"16x32:64,16x64:32"`` -> ``[((16, 32), 64), ((16, 64), 32)]``; powers of two of at least 16."""
+    out = []
+    for item in filter(None, text.split(",")):
+        try:
+            tile, head = item.split(":")
+            bp, bj = (int(n) for n in tile.split("x"))
+            values = ((bp, bj), int(head))
+        except ValueError:
+            values = None
+        if values is None or any(n < 16 or n & (n - 1) for n in (bp, bj, values[1])):
+            ap.error(f"--tiles {item!r}: expected ROWSxSOURCES:HEAD_SOURCES in powers of two of at least 16, "
+                     "e.g. 16x32:64")
+        out.append(values)
+    return out
 
 
 def _save(path: str, device: str, table: list, longs: list) -> None:

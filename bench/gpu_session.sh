@@ -103,7 +103,7 @@ if [ -n "$tiny" ]; then
     want check && step check 240 "$here/gpu_check.py" --tiny --families llama-gqa
     want actor && needs actor nltk && step actor 240 "$here/actor_host.py" --tiny --device cpu
 else
-    want job && step job 360 "$here/gpu_job.py" --profile --json "$out/job.json"
+    want job && step job 360 "$here/gpu_job.py" --profile --tiles 16x32:64,16x64:32 --json "$out/job.json"
     want importance && step importance 60 "$here/gpu_importance.py" --long 0 --repeats 5 --backends triton \
         --json "$out/importance.json"
     want check && step check 45 "$here/gpu_check.py" --families llama-gqa,gemma2

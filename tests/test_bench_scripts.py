@@ -274,3 +274,26 @@ def test_a_triton_program_that_does_not_compile_is_reported(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     counts, failure = proc.stdout.splitlines()[:2]
     assert counts == "0 1" and failure.startswith("prox_tiles {") and "'BP': 3" in failure
+
+
+def test_gpu_job_tiles_are_checked_before_anything_runs():
+    for bad in ("16x24:64", "16x32", "16x32:8", "axb:16"):
+        proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_job.py"), "--tiny", "--tiles", bad],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and f"--tiles {bad!r}: expected ROWSxSOURCES:HEAD_SOURCES" in proc.stderr, bad
+
+
+def test_gpu_job_times_other_triton_tiles_side_by_side(tmp_path):
+    """--tiles: the Triton job path again per tile setting, a row each (run by the interpreter here)."""
+    import json
+    import os
+
+    out = tmp_path / "job.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_job.py"), "--tiny", "--repeats", "1",
+                           "--backends", "triton", "--tiles", "16x16:16", "--no-eap", "--long", "", "--json",
+                           str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["what"]: r for r in json.loads(out.read_text())["table"]}
+    assert {"forward", "job triton", "job triton, tiles 16x16/16"} <= set(rows)
+    assert rows["job triton, tiles 16x16/16"]["seconds"] > 0

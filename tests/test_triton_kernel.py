@@ -54,7 +54,8 @@ def test_sub_edges_of_random_tensors_of_odd_sizes(seed):
     scale = y.double().abs().sum(-1)[:, None, :, None] + 1e-12  # errors relative to the node's l1 norm
     base = KernelConfig()
     for config in (base, replace(base, tile_coords=1, list_coords=2), replace(base, list_share=1 << 40),
-                   replace(base, tile_coords=2, list_coords=3, f_budget=G * H * d * 16)):
+                   replace(base, tile_coords=2, list_coords=3, f_budget=G * H * d * 16),
+                   replace(base, triton_tile=(16, 16), triton_head_block=16)):
         kernel = select_kernel("triton", DEVICE, config)
         got = kernel.sub_edge_block(y, probs, kernel.head_outputs(values, w_o), 0).double()
         assert float(((got - ref).abs() / scale).max()) < 1e-5, config
@@ -120,6 +121,12 @@ def test_rare_paths_and_a_hit_slot_overflow_give_the_same_statistics(monkeypatch
     got = prediction_stats_batch(model, seqs, TAUS, backend="triton", kernel_config=config)
     assert overflows[0] > 1 and overflows[-1] == 0, "one slot per node must overflow, then the redo must fit"
     assert sum(_assert_equal_to_dense(d, s, None, TAUS) for d, s in zip(dense, got)) > 0
+
+
+def test_tiles_that_are_not_powers_of_two_are_a_clear_error():
+    for bad in (dict(triton_tile=(16, 24)), dict(triton_tile=(8, 64)), dict(triton_head_block=48)):
+        with pytest.raises(InputError, match=r"Triton tiles must be powers of two of at least 16"):
+            select_kernel("triton", DEVICE, KernelConfig(**bad))
 
 
 def test_half_precision_products_the_gpu_path_relies_on_are_exact():

@@ -33,6 +33,10 @@ class KernelConfig:
         computes the rest itself, over all coordinates), only slower.
     hits_per_node: slots per node for the sub-edges above the smallest tau (None: ``floor(1 / tau) + 1``,
         an upper bound since a node's importances sum to 1; an overflow is detected and redone).
+    triton_tile / triton_head_block: Triton, half-precision models: the ``(rows, sources)`` of a
+        ``prox_tiles`` program and the sources of a ``head_outputs_t`` program (None: 16 x 64 and 64 on a GPU,
+        small ones under the interpreter); powers of two. ``bench/triton_compile.py`` shows what each
+        costs in registers and occupancy, ``bench/gpu_job.py --tiles`` what it costs in time.
     """
 
     element_budget: int | None = None
@@ -46,6 +50,8 @@ class KernelConfig:
     list_share: int = 4  # Triton: the sub-edge lists hold 1/list_share (and 1/(4 list_share)) of a block's pairs
     cpu_budget: int = 1 << 22
     gpu_budget: int = 1 << 28
+    triton_tile: tuple[int, int] | None = None
+    triton_head_block: int | None = None
 
     def budget(self, device: torch.device) -> int:
         if self.element_budget is not None:

@@ -44,7 +44,13 @@ class TritonKernel(Kernel):
     def __init__(self, config=None):
         super().__init__(config)
         small = interpreted()  # the interpreter runs one program at a time: small tiles, few programs
-        self.tile = (32, 32) if small else (16, 64)  # BP, BJ of prox_tiles (16 rows: no register spills)
+        tile, head = self.config.triton_tile, self.config.triton_head_block
+        for n in (*(tile or ()), *([head] if head else [])):
+            if n < 16 or n & (n - 1):
+                raise InputError(f"Triton tiles must be powers of two of at least 16; got tile {tile}, "
+                                 f"head block {head}")
+        self.tile = tile or ((32, 32) if small else (16, 64))  # BP, BJ of prox_tiles (16 rows: no spills)
+        self.head_block = head or 64  # sources per head_outputs_t program, half precision
         self.gemm = (16, 16, 16) if small else (128, 128, 32)
         self.n_prog = 2 if small else 4 * _sm_count()
 
@@ -105,7 +111,7 @@ class TritonKernel(Kernel):
         ft = torch.empty(G, H, d, TF, dtype=torch.float32, device=values.device)
         fmax = torch.empty(G, H, TF, dtype=torch.float32, device=values.device)
         exact = self._exact(values, w_flat)
-        BT = 32 if exact else 64  # float32 products hold more registers
+        BT = 32 if exact else self.head_block  # float32 products hold more registers
         jit.head_outputs_t[(triton.cdiv(TF, BT), H, G)](
             values, w_flat, ft, fmax, H, d, dh, H // values.shape[1], t0, TF, T, *values.stride(),
             *w_flat.stride(), BT=BT, BK=BT, DH=_pow2(dh), STORE=True, EXACT=exact)
